@@ -1,0 +1,279 @@
+"""Database access: engines for PostgreSQL and DuckDB, identifier quoting, CDM detection.
+
+Every stage takes an open :class:`sqlalchemy.Connection`; this module is where
+URLs become connections and where driver errors become :class:`DatabaseError`
+with a message that is safe to show (no driver text, which can echo values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from omopfl.config import SiteConfig, check_identifier
+from omopfl.errors import CdmError, ConfigError, DatabaseError
+
+__all__ = [
+    "make_engine",
+    "site_engine",
+    "connect",
+    "quote_identifier",
+    "qualified",
+    "dialect_name",
+    "schema_exists",
+    "existing_tables",
+    "detect_cdm_version",
+    "CdmInfo",
+    "inspect_cdm",
+    "describe_driver_error",
+]
+
+SQL_DIR = Path(__file__).parent / "sql"
+
+
+def quote_identifier(name: str) -> str:
+    """Quote an identifier after checking it against the allow-list pattern."""
+    check_identifier(name, "identifier")
+    return f'"{name}"'
+
+
+def qualified(schema: str, table: str) -> str:
+    """Return ``"schema"."table"`` with both parts checked and quoted."""
+    return f"{quote_identifier(schema)}.{quote_identifier(table)}"
+
+
+def describe_driver_error(exc: BaseException) -> str:
+    """Classify a driver error into a short reason that never echoes driver text."""
+    text = str(getattr(exc, "orig", exc)).lower()
+    for needle, reason in (
+        ("password authentication failed", "authentication failed"),
+        ("authentication", "authentication failed"),
+        ("connection refused", "connection refused"),
+        ("could not translate host name", "unknown host"),
+        ("name or service not known", "unknown host"),
+        ("timeout", "connection timed out"),
+        ("timed out", "connection timed out"),
+        ("does not exist", "object does not exist"),
+        ("permission denied", "permission denied"),
+        ("could not set lock", "database file is locked by another process"),
+        ("conflicting lock", "database file is locked by another process"),
+        ("io error", "cannot open database file"),
+        ("syntax error", "SQL syntax error"),
+        ("duplicate key", "duplicate key"),
+    ):
+        if needle in text:
+            return reason
+    return type(getattr(exc, "orig", exc)).__name__
+
+
+def make_engine(url: str, *, what: str = "database") -> sa.Engine:
+    """Create an engine for a PostgreSQL or DuckDB URL.
+
+    ``postgresql://`` is taken as psycopg2 (the product's named driver) unless a
+    driver is given explicitly.  DuckDB files are created on first use.
+    """
+    try:
+        parsed = sa.engine.make_url(url)
+    except Exception:
+        raise ConfigError(f"{what}: URL is not a valid SQLAlchemy URL (e.g. postgresql://user@host/db)") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    if backend == "duckdb":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        return sa.create_engine(parsed)
+    raise ConfigError(f"{what}: unsupported database '{backend}'; use postgresql:// or duckdb:///")
+
+
+def site_engine(site: SiteConfig) -> sa.Engine:
+    """Engine for a site's database (URL from the environment variable its adapter names)."""
+    return make_engine(site.database_url(), what=f"site {site.name} ({site.url_env})")
+
+
+@contextmanager
+def connect(engine: sa.Engine, *, what: str = "database") -> Iterator[sa.Connection]:
+    """Open a connection, mapping driver errors to one-line DatabaseError."""
+    try:
+        conn = engine.connect()
+    except sa.exc.DBAPIError as exc:
+        raise DatabaseError(f"cannot connect to {what}: {describe_driver_error(exc)}; check the URL, server and credentials") from None
+    try:
+        yield conn
+    except sa.exc.DBAPIError as exc:
+        raise DatabaseError(f"{what}: statement failed ({describe_driver_error(exc)})") from None
+    finally:
+        conn.close()
+
+
+def dialect_name(conn: sa.Connection) -> str:
+    """``"postgresql"`` or ``"duckdb"``."""
+    return conn.dialect.name
+
+
+def schema_exists(conn: sa.Connection, schema: str) -> bool:
+    check_identifier(schema, "schema")
+    row = conn.execute(
+        sa.text("SELECT count(*) FROM information_schema.schemata WHERE lower(schema_name) = lower(:s)"),
+        {"s": schema},
+    ).scalar_one()
+    return bool(row)
+
+
+def existing_tables(conn: sa.Connection, schema: str) -> set[str]:
+    """Lower-cased names of the tables and views in a schema."""
+    check_identifier(schema, "schema")
+    rows = conn.execute(
+        sa.text("SELECT table_name FROM information_schema.tables WHERE lower(table_schema) = lower(:s)"),
+        {"s": schema},
+    ).scalars()
+    return {r.lower() for r in rows}
+
+
+def table_columns_in_db(conn: sa.Connection, schema: str, table: str) -> set[str]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE lower(table_schema) = lower(:s) AND lower(table_name) = lower(:t)"
+        ),
+        {"s": schema, "t": table},
+    ).scalars()
+    return {r.lower() for r in rows}
+
+
+def detect_cdm_version(conn: sa.Connection, cdm_schema: str) -> str:
+    """Return "5.4" or "5.3" for the CDM in ``cdm_schema``.
+
+    Reads ``cdm_source.cdm_version`` when it is filled in, and falls back on the
+    columns that differ between versions (``visit_occurrence.admitted_from_concept_id``
+    in 5.4, ``admitting_source_concept_id`` in 5.3).
+    """
+    tables = existing_tables(conn, cdm_schema)
+    if "cdm_source" in tables:
+        try:
+            value = conn.execute(
+                sa.text(f"SELECT cdm_version FROM {qualified(cdm_schema, 'cdm_source')} LIMIT 1")
+            ).scalar()
+        except sa.exc.DBAPIError:
+            conn.rollback()
+            value = None
+        if value:
+            text = str(value).strip().lower().lstrip("v")
+            if text.startswith("5.4"):
+                return "5.4"
+            if text.startswith("5.3"):
+                return "5.3"
+    if "visit_occurrence" in tables:
+        columns = table_columns_in_db(conn, cdm_schema, "visit_occurrence")
+        if "admitted_from_concept_id" in columns:
+            return "5.4"
+        if "admitting_source_concept_id" in columns:
+            return "5.3"
+    raise CdmError(f"schema {cdm_schema}: cannot tell the CDM version (no cdm_source.cdm_version, no visit_occurrence)")
+
+
+@dataclass
+class CdmInfo:
+    """What is in a site's CDM schema."""
+
+    version: str
+    tables: set[str] = field(default_factory=set)
+    missing: list[str] = field(default_factory=list)
+
+
+def inspect_cdm(conn: sa.Connection, site: SiteConfig) -> CdmInfo:
+    """Check that the site's schemas hold an OMOP CDM, and return its version and tables.
+
+    Raises
+    ------
+    CdmError
+        When the CDM schema is absent or holds no CDM tables.
+    """
+    from omopfl.cdm import CLINICAL_TABLES, VOCABULARY_TABLES
+
+    where = f"{site.source}: " if site.source else ""
+    if not schema_exists(conn, site.cdm_schema):
+        raise CdmError(f"{where}[database] cdm_schema {site.cdm_schema} does not exist in the database; check the adapter")
+    tables = existing_tables(conn, site.cdm_schema)
+    if site.vocabulary_schema != site.cdm_schema:
+        if not schema_exists(conn, site.vocabulary_schema):
+            raise CdmError(
+                f"{where}[database] vocabulary_schema {site.vocabulary_schema} does not exist; check the adapter"
+            )
+        vocab_tables = existing_tables(conn, site.vocabulary_schema)
+    else:
+        vocab_tables = tables
+    if "person" not in tables or "observation_period" not in tables:
+        raise CdmError(
+            f"{where}schema {site.cdm_schema} has no OMOP CDM (person and observation_period tables missing); "
+            "load a CDM or fix [database] cdm_schema"
+        )
+    version = detect_cdm_version(conn, site.cdm_schema)
+    missing = [t for t in CLINICAL_TABLES if t not in tables]
+    missing += [t for t in VOCABULARY_TABLES if t not in vocab_tables]
+    return CdmInfo(version=version, tables=tables | vocab_tables, missing=missing)
+
+
+def _raw_connection(conn: sa.Connection):  # noqa: ANN202 - driver-specific object
+    return conn.connection.driver_connection
+
+
+def bulk_insert(conn: sa.Connection, schema: str, table: str, frame) -> int:  # noqa: ANN001 - pandas.DataFrame
+    """Append a DataFrame to ``schema.table`` with the backend's bulk path.
+
+    PostgreSQL uses ``COPY ... FROM STDIN`` (CSV) through the open connection's
+    transaction; DuckDB inserts from the registered frame.  Column names of the
+    frame must be a subset of the table's; floats holding whole numbers for an
+    integer column are written as integers.  Returns the number of rows written.
+    """
+    import io
+
+    import pandas as pd
+
+    if len(frame) == 0:
+        return 0
+    target = qualified(schema, table)
+    columns = list(frame.columns)
+    for name in columns:
+        check_identifier(name, f"column of {table}")
+    try:
+        from omopfl.cdm import table_columns
+
+        int_columns = {c.name for c in table_columns(table) if c.type == "int"}
+    except KeyError:
+        int_columns = set()
+    frame = frame.copy(deep=False)
+    for name in columns:
+        if name in int_columns and pd.api.types.is_float_dtype(frame[name].dtype):
+            frame[name] = frame[name].astype("Int64")
+    column_list = ", ".join(quote_identifier(c) for c in columns)
+    if conn.dialect.name == "postgresql":
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False, header=False, date_format="%Y-%m-%d %H:%M:%S", na_rep="")
+        buffer.seek(0)
+        raw = _raw_connection(conn)
+        sql = f"COPY {target} ({column_list}) FROM STDIN WITH (FORMAT csv, NULL '')"
+        if hasattr(raw, "cursor") and hasattr(raw.cursor(), "copy_expert"):
+            with raw.cursor() as cursor:
+                cursor.copy_expert(sql, buffer)
+        else:  # psycopg 3
+            with raw.cursor() as cursor, cursor.copy(sql) as copy:
+                while chunk := buffer.read(1 << 20):
+                    copy.write(chunk)
+        return len(frame)
+    if conn.dialect.name == "duckdb":
+        raw = _raw_connection(conn)
+        view = f"omopfl_bulk_{table}"
+        raw.register(view, frame)
+        try:
+            raw.execute(f"INSERT INTO {target} ({column_list}) SELECT {column_list} FROM {view}")
+        finally:
+            raw.unregister(view)
+        return len(frame)
+    raise DatabaseError(f"bulk insert not supported on {conn.dialect.name}")

@@ -1,0 +1,86 @@
+"""Shared fixtures: every database test runs on embedded DuckDB and on a real PostgreSQL.
+
+PostgreSQL comes from ``OMOPFL_TEST_PG_URL`` (a superuser URL; ``scripts/with-postgres.sh``
+starts a throwaway server and sets it).  Without it, PostgreSQL cases are skipped
+locally but fail in CI (``CI=true``), so a green CI always means both backends ran.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from omopfl.db import make_engine
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+PG_ADMIN_URL = os.environ.get("OMOPFL_TEST_PG_URL", "")
+
+
+@dataclass
+class Backend:
+    """A fresh, empty database on one backend."""
+
+    name: str  # "duckdb" or "postgresql"
+    url: str
+    engine: sa.Engine
+
+    def new_url(self, tmp_path: Path, tag: str) -> str:
+        """URL of another fresh database on the same backend (e.g. one per synthetic site)."""
+        if self.name == "duckdb":
+            return f"duckdb:///{tmp_path / f'{tag}.duckdb'}"
+        return _create_pg_database(tag)
+
+
+def _create_pg_database(tag: str) -> str:
+    name = f"t_{tag}_{uuid.uuid4().hex[:10]}".lower()
+    admin = make_engine(PG_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return str(sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    if not PG_ADMIN_URL:
+        if os.environ.get("CI"):
+            pytest.fail("OMOPFL_TEST_PG_URL is not set in CI: run the tests through scripts/test.sh")
+        pytest.skip("PostgreSQL not available: set OMOPFL_TEST_PG_URL or run scripts/test.sh")
+    return PG_ADMIN_URL
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A fresh empty database, once on DuckDB and once on PostgreSQL."""
+    if request.param == "duckdb":
+        url = f"duckdb:///{tmp_path / 'test.duckdb'}"
+    else:
+        request.getfixturevalue("pg_admin_url")
+        url = _create_pg_database("db")
+    engine = make_engine(url)
+    try:
+        yield Backend(request.param, url, engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture()
+def duckdb_backend(tmp_path: Path) -> Iterator[Backend]:
+    url = f"duckdb:///{tmp_path / 'test.duckdb'}"
+    engine = make_engine(url)
+    yield Backend("duckdb", url, engine)
+    engine.dispose()
+
+
+@pytest.fixture()
+def pg_backend(pg_admin_url: str) -> Iterator[Backend]:
+    url = _create_pg_database("db")
+    engine = make_engine(url)
+    yield Backend("postgresql", url, engine)
+    engine.dispose()
