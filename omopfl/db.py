@@ -103,7 +103,8 @@ def connect(engine: sa.Engine, *, what: str = "database") -> Iterator[sa.Connect
     try:
         conn = engine.connect()
     except sa.exc.DBAPIError as exc:
-        raise DatabaseError(f"cannot connect to {what}: {describe_driver_error(exc)}; check the URL, server and credentials") from None
+        reason = describe_driver_error(exc)
+        raise DatabaseError(f"cannot connect to {what}: {reason}; check the URL, server and credentials") from None
     try:
         yield conn
     except sa.exc.DBAPIError as exc:
@@ -199,7 +200,9 @@ def inspect_cdm(conn: sa.Connection, site: SiteConfig) -> CdmInfo:
 
     where = f"{site.source}: " if site.source else ""
     if not schema_exists(conn, site.cdm_schema):
-        raise CdmError(f"{where}[database] cdm_schema {site.cdm_schema} does not exist in the database; check the adapter")
+        raise CdmError(
+            f"{where}[database] cdm_schema {site.cdm_schema} does not exist in the database; check the adapter"
+        )
     tables = existing_tables(conn, site.cdm_schema)
     if site.vocabulary_schema != site.cdm_schema:
         if not schema_exists(conn, site.vocabulary_schema):
@@ -220,11 +223,11 @@ def inspect_cdm(conn: sa.Connection, site: SiteConfig) -> CdmInfo:
     return CdmInfo(version=version, tables=tables | vocab_tables, missing=missing)
 
 
-def _raw_connection(conn: sa.Connection):  # noqa: ANN202 - driver-specific object
+def _raw_connection(conn: sa.Connection):
     return conn.connection.driver_connection
 
 
-def bulk_insert(conn: sa.Connection, schema: str, table: str, frame) -> int:  # noqa: ANN001 - pandas.DataFrame
+def bulk_insert(conn: sa.Connection, schema: str, table: str, frame) -> int:
     """Append a DataFrame to ``schema.table`` with the backend's bulk path.
 
     PostgreSQL uses ``COPY ... FROM STDIN`` (CSV) through the open connection's
