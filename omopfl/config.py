@@ -10,7 +10,7 @@ Example ``adapters/site_a.toml``::
     min_cell_count = 10
 
     [database]
-    url_env = "OMOPFL_SITE_A_URL"
+    url_env = "OMOPFL_SITE_A_URL"     # or: duckdb_path = "site_a.duckdb" (embedded)
     cdm_schema = "cdm"
     vocabulary_schema = "cdm"
     results_schema = "results"
@@ -57,17 +57,21 @@ class SiteConfig:
     """Typed configuration of one site, read from its adapter TOML."""
 
     name: str
-    url_env: str
+    url_env: str | None
     cdm_schema: str
     vocabulary_schema: str
     results_schema: str
     min_cell_count: int = DEFAULT_MIN_CELL_COUNT
     image_root: Path | None = None
     omics_root: Path | None = None
+    duckdb_path: Path | None = None
     source: Path | None = field(default=None, compare=False)
 
     def database_url(self) -> str:
-        """Return the database URL from the environment variable the adapter names."""
+        """Return the database URL: an embedded DuckDB file, or the URL in the env var the adapter names."""
+        if self.duckdb_path is not None:
+            return f"duckdb:///{self.duckdb_path}"
+        assert self.url_env is not None
         url = os.environ.get(self.url_env, "").strip()
         if not url:
             where = f"{self.source}: " if self.source else ""
@@ -113,7 +117,7 @@ def load_site(path: str | Path) -> SiteConfig:
     """Parse a site adapter TOML file.
 
     Errors name the file and the key, never a secret.
-    Relative file roots resolve against the current working directory.
+    Relative paths (DuckDB file, file roots) resolve against the adapter file's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -141,8 +145,14 @@ def load_site(path: str | Path) -> SiteConfig:
             f"{path}: [database] url must not be written in the adapter; "
             "set url_env to the name of an environment variable holding it"
         )
-    url_env = _get(database, "url_env", str, path, "database")
-    if not ENV_NAME_RE.match(url_env):
+    url_env = _get(database, "url_env", str, path, "database", None)
+    duckdb_path = _resolve(_get(database, "duckdb_path", str, path, "database", None), path.parent)
+    if (url_env is None) == (duckdb_path is None):
+        raise ConfigError(
+            f"{path}: [database] needs exactly one of url_env (name of an environment variable holding the URL) "
+            "or duckdb_path (an embedded DuckDB file)"
+        )
+    if url_env is not None and not ENV_NAME_RE.match(url_env):
         raise ConfigError(f"{path}: [database] url_env must be an environment variable name (A-Z, 0-9, _)")
     cdm_schema = check_identifier(
         _get(database, "cdm_schema", str, path, "database"), f"{path}: [database] cdm_schema"
@@ -157,11 +167,11 @@ def load_site(path: str | Path) -> SiteConfig:
     if results_schema == cdm_schema:
         raise ConfigError(f"{path}: [database] results_schema must differ from cdm_schema (the CDM is read-only)")
 
-    base = Path.cwd()
+    base = path.parent
     image_root = _resolve(_get(files, "image_root", str, path, "files", None), base)
     omics_root = _resolve(_get(files, "omics_root", str, path, "files", None), base)
     known = {"site": {"name", "min_cell_count"},
-             "database": {"url_env", "cdm_schema", "vocabulary_schema", "results_schema"},
+             "database": {"url_env", "duckdb_path", "cdm_schema", "vocabulary_schema", "results_schema"},
              "files": {"image_root", "omics_root"}}
     for section, keys in known.items():
         for key in _section(data, section, path, required=False):
@@ -175,6 +185,7 @@ def load_site(path: str | Path) -> SiteConfig:
         vocabulary_schema=vocabulary_schema,
         results_schema=results_schema,
         min_cell_count=min_cell_count,
+        duckdb_path=duckdb_path,
         image_root=image_root,
         omics_root=omics_root,
         source=path,

@@ -94,7 +94,8 @@ def make_engine(url: str, *, what: str = "database") -> sa.Engine:
 
 def site_engine(site: SiteConfig) -> sa.Engine:
     """Engine for a site's database (URL from the environment variable its adapter names)."""
-    return make_engine(site.database_url(), what=f"site {site.name} ({site.url_env})")
+    source = site.url_env or "duckdb_path"
+    return make_engine(site.database_url(), what=f"site {site.name} ({source})")
 
 
 @contextmanager
