@@ -84,3 +84,24 @@ def pg_backend(pg_admin_url: str) -> Iterator[Backend]:
     engine = make_engine(url)
     yield Backend("postgresql", url, engine)
     engine.dispose()
+
+
+_BACKEND_OUTCOMES: dict[str, dict[str, int]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count outcomes per backend so the run shows the DB tests ran on both."""
+    if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+        return
+    for name in ("duckdb", "postgresql"):
+        if f"[{name}" in report.nodeid or report.nodeid.endswith(f"[{name}]"):
+            outcomes = _BACKEND_OUTCOMES.setdefault(name, {})
+            outcomes[report.outcome] = outcomes.get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    terminalreporter.section("database backends")
+    for name in ("duckdb", "postgresql"):
+        outcomes = _BACKEND_OUTCOMES.get(name, {})
+        text = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no tests"
+        terminalreporter.write_line(f"{name:>10}: {text}")
