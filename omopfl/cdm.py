@@ -159,7 +159,7 @@ _V53_RENAMES: dict[str, dict[str, str | None]] = {
         "discharged_to_source_value": "discharge_to_source_value",
     },
     "procedure_occurrence": {"procedure_end_date": None, "procedure_end_datetime": None},
-    "measurement": {"measurement_event_id": None, "meas_event_field_concept_id": None},
+    "measurement": {"measurement_event_id": None, "meas_event_field_concept_id": None, "unit_source_concept_id": None},
     "observation": {
         "value_source_value": None,
         "observation_event_id": None,
