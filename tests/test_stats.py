@@ -1,0 +1,600 @@
+"""omopfl.stats: Chan merge against pooled numpy, scaler, disclosure control, DP noise, purity."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import omopfl.stats as stats_module
+from omopfl.stats import (
+    WITHHELD_LEVEL,
+    LevelCounts,
+    Moments,
+    Released,
+    ReleasedLevels,
+    Scaler,
+    dp_noise_scales,
+    finalize,
+    gaussian_sigma,
+    merge,
+    merge_all,
+    merge_levels,
+    noisy_moments,
+    noisy_sums,
+    suppress,
+)
+
+EPS = float(np.finfo(np.float64).eps)
+EPOCH = 1.7e9  # dates as epoch seconds
+DAY = 86_400.0
+
+FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def naive_federated_variance(parts: list[np.ndarray]) -> float:
+    """The foil: one-pass ``sum(x^2)/n - mean^2`` merged from (n, sum, sum of squares) per site.
+
+    Kept only here, to show why omopfl never uses it.
+    """
+    n = sum(len(p) for p in parts)
+    s = sum(float(p.sum()) for p in parts)
+    q = sum(float((p * p).sum()) for p in parts)
+    mean = s / n
+    return (q / n - mean * mean) * n / (n - 1)
+
+
+def pooled_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column: count, np.nanmean and np.nanstd(ddof=1) on the pooled data (NaN where undefined)."""
+    count = (~np.isnan(x)).sum(axis=0)
+    mean = np.full(x.shape[1], np.nan)
+    std = np.full(x.shape[1], np.nan)
+    for j in range(x.shape[1]):
+        if count[j] >= 1:
+            mean[j] = np.nanmean(x[:, j])
+        if count[j] >= 2:
+            std[j] = np.nanstd(x[:, j], ddof=1)
+    return count, mean, std
+
+
+def split_rows(x: np.ndarray, cuts: list[int]) -> list[np.ndarray]:
+    return np.split(x, sorted(min(c, len(x)) for c in cuts))
+
+
+# ------------------------------------------------------------------------------------------
+# merge == pooled two-pass numpy
+# ------------------------------------------------------------------------------------------
+
+# (offset, spread) pairs with spread / |offset| >= 5e-4: the documented 1e-12 regime
+REGIMES = [(0.0, 1e-3), (0.0, 1.0), (0.0, 1e4), (-5e3, 10.0), (1e6, 1e3), (EPOCH, 30 * DAY), (EPOCH, 365 * DAY)]
+
+
+@st.composite
+def datasets(draw: st.DrawFn) -> tuple[np.ndarray, list[int]]:
+    rows = draw(st.integers(0, 80))
+    features = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    columns = []
+    for _ in range(features):
+        offset, spread = draw(st.sampled_from(REGIMES))
+        col = offset + spread * rng.standard_normal(rows)
+        missing = draw(st.sampled_from([0.0, 0.0, 0.3, 0.9, 1.0]))
+        col[rng.random(rows) < missing] = np.nan
+        columns.append(col)
+    x = np.column_stack(columns) if rows else np.empty((0, features))
+    if draw(st.booleans()):  # sorted rows: sites with very different means, the hard case
+        x = x[np.argsort(x[:, 0], kind="stable")]
+    cuts = draw(st.lists(st.integers(0, rows), max_size=6))
+    return x, cuts
+
+
+@FAST
+@given(datasets())
+def test_merge_of_any_split_equals_pooled_numpy(data: tuple[np.ndarray, list[int]]) -> None:
+    x, cuts = data
+    names = [f"f{j}" for j in range(x.shape[1])]
+    parts = split_rows(x, cuts)
+    merged = merge_all(Moments.from_array(p, names) for p in parts)
+    count, ref_mean, ref_std = pooled_reference(x)
+    mean, std = finalize(merged, ddof=1)
+
+    assert merged.persons == len(x)
+    np.testing.assert_array_equal(merged.n, count)
+    for j in range(x.shape[1]):
+        if count[j] == 0:
+            assert np.isnan(mean[j]) and np.isnan(std[j])
+            assert merged.mean[j] == 0.0 and merged.m2[j] == 0.0
+            continue
+        scale = np.nanmax(np.abs(x[:, j]))
+        assert abs(mean[j] - ref_mean[j]) <= 1e-12 * scale
+        if count[j] == 1:
+            assert np.isnan(std[j])
+        else:
+            assert abs(std[j] - ref_std[j]) <= 1e-12 * ref_std[j]
+
+    # the merge order does not matter (to rounding): left fold over the reversed sites
+    folded = functools.reduce(merge, reversed([Moments.from_array(p, names) for p in parts]), Moments.empty(names))
+    np.testing.assert_array_equal(folded.n, merged.n)
+    _, std2 = finalize(folded)
+    np.testing.assert_allclose(std2, std, rtol=1e-12, equal_nan=True)
+
+
+@FAST
+@given(datasets(), datasets())
+def test_merge_is_commutative_and_has_an_identity(a: tuple[np.ndarray, list[int]], b: Any) -> None:
+    xa, xb = a[0][:, :1], b[0][:, :1]
+    ma, mb = Moments.from_array(xa, ["f"]), Moments.from_array(xb, ["f"])
+    assert merge(ma, Moments.empty(["f"])) == ma
+    assert merge(Moments.empty(["f"]), ma) == ma
+    ab, ba = merge(ma, mb), merge(mb, ma)
+    np.testing.assert_array_equal(ab.n, ba.n)
+    scale = max(abs(float(ab.mean[0])), 1.0)
+    assert abs(ab.mean[0] - ba.mean[0]) <= 4 * EPS * scale
+    np.testing.assert_allclose(ab.m2, ba.m2, rtol=1e-13, atol=0)
+
+
+def test_documented_precision_bound_for_tiny_spreads_on_epoch_seconds() -> None:
+    """Below the 1e-12 regime the error follows the documented ~2*eps*|mean|/std bound."""
+    rng = np.random.default_rng(7)
+    for spread in (60.0, 3600.0, DAY):
+        for _ in range(30):
+            x = np.sort(EPOCH + spread * rng.standard_normal(300))  # sorted: worst case
+            parts = split_rows(x[:, None], sorted(rng.integers(0, 301, size=4).tolist()))
+            _, std = finalize(merge_all(Moments.from_array(p, ["t"]) for p in parts))
+            ref = np.std(x, ddof=1)
+            bound = 4 * EPS * EPOCH / ref + 1e-14
+            assert abs(std[0] - ref) / ref <= bound
+
+
+def test_naive_one_pass_formula_fails_where_chan_passes() -> None:
+    rng = np.random.default_rng(2024)
+    # admission times over about a day, as epoch seconds, at three sites
+    x = EPOCH + DAY * rng.standard_normal(3000)
+    parts = np.split(x, [700, 2100])
+    ref = np.std(x, ddof=1)
+    _, chan_std = finalize(merge_all(Moments.from_array(p[:, None], ["t"]) for p in parts))
+    chan_error = abs(chan_std[0] - ref) / ref
+    naive_var = naive_federated_variance(parts)
+    naive_error = abs(math.sqrt(naive_var) - ref) / ref if naive_var > 0 else math.inf
+    assert chan_error < 1e-12
+    assert naive_error > 1e-9, naive_error  # more than a thousand times the tolerance
+
+    # a spread of a minute: the naive variance is off by percents or negative
+    y = EPOCH + 60.0 * rng.standard_normal(1000)
+    parts = np.split(y, [300, 600])
+    ref = np.std(y, ddof=1)
+    naive_var = naive_federated_variance(parts)
+    assert naive_var <= 0 or abs(math.sqrt(naive_var) - ref) / ref > 1e-3
+    _, chan_std = finalize(merge_all(Moments.from_array(p[:, None], ["t"]) for p in parts))
+    assert abs(chan_std[0] - ref) / ref < 1e-8
+
+
+def test_from_array_conventions() -> None:
+    x = np.array([[1.0, np.nan, 5.0], [2.0, np.nan, np.nan], [3.0, np.nan, np.nan]])
+    m = Moments.from_array(x, ["a", "b", "c"])
+    np.testing.assert_array_equal(m.n, [3, 0, 1])
+    np.testing.assert_array_equal(m.mean, [2.0, 0.0, 5.0])
+    np.testing.assert_array_equal(m.m2, [2.0, 0.0, 0.0])
+    assert m.persons == 3 and m.n.dtype == np.int64 and m.mean.dtype == np.float64
+    mean, std = finalize(m)
+    np.testing.assert_array_equal(mean, [2.0, np.nan, 5.0])
+    np.testing.assert_array_equal(std, [1.0, np.nan, np.nan])
+    _, std0 = finalize(m, ddof=0)
+    np.testing.assert_array_equal(std0, [math.sqrt(2 / 3), np.nan, 0.0])
+    with pytest.raises(ValueError):
+        m.n[0] = 5  # read-only
+    empty = Moments.from_array(np.empty((0, 2)), ["a", "b"])
+    assert empty == Moments.empty(["a", "b"])
+
+
+def test_from_array_accepts_dataframes_with_pd_na() -> None:
+    df = pd.DataFrame({"age": pd.array([60, None, 70], dtype="Int64"), "bmi": [20.0, 30.0, np.nan]})
+    m = Moments.from_array(df, ["age", "bmi"])
+    np.testing.assert_array_equal(m.n, [2, 2])
+    np.testing.assert_array_equal(m.mean, [65.0, 25.0])
+    with pytest.raises(ValueError, match="only in first"):
+        Moments.from_array(df, ["age", "weight"])
+
+
+def test_invalid_inputs_raise_value_error_without_values() -> None:
+    with pytest.raises(ValueError, match=r"infinite values: \['b'\]"):
+        Moments.from_array(np.array([[1.0, np.inf]]), ["a", "b"])
+    with pytest.raises(ValueError, match="duplicates"):
+        Moments.empty(["a", "a"])
+    with pytest.raises(ValueError, match="persons"):
+        Moments.from_array(np.ones((5, 1)), ["a"], persons=3)
+    with pytest.raises(ValueError, match="m2"):
+        Moments([2], [1.0], [-1.0], ("a",), 2)
+    with pytest.raises(ValueError, match="nothing"):
+        merge_all([])
+    assert merge_all([], feature_names=["a"]) == Moments.empty(["a"])
+
+
+def test_merge_names_the_mismatch() -> None:
+    a = Moments.empty(["age", "bmi"])
+    with pytest.raises(ValueError, match=r"only in first \['bmi'\], only in second \['sbp'\]"):
+        merge(a, Moments.empty(["age", "sbp"]))
+    with pytest.raises(ValueError, match="different order"):
+        merge(a, Moments.empty(["bmi", "age"]))
+
+
+# ------------------------------------------------------------------------------------------
+# scaler
+# ------------------------------------------------------------------------------------------
+
+
+def test_near_constant_features_get_scale_one() -> None:
+    rng = np.random.default_rng(0)
+    n = 200
+    nudged = np.full(n, EPOCH)
+    nudged[rng.random(n) < 0.5] = np.nextafter(EPOCH, np.inf)  # differs in the last bit only
+    x = np.column_stack(
+        [
+            np.full(n, 0.1),  # constant, not exactly representable
+            nudged,
+            EPOCH + DAY * rng.standard_normal(n),  # real spread at a large offset
+            1e-10 * rng.standard_normal(n),  # tiny but real variance around zero
+            np.full(n, np.nan),  # no data ...
+        ]
+    )
+    x[0, 4] = 3.0  # ... except one value: n == 1 <= ddof
+    names = ["const", "nudged", "date", "tiny", "single"]
+    merged = merge_all(Moments.from_array(p, names) for p in np.split(x, [50, 51, 120]))
+    scaler = Scaler.from_moments(merged)
+    _, std = finalize(merged)
+    assert scaler.scale[0] == 1.0 and scaler.scale[1] == 1.0
+    assert scaler.scale[2] == pytest.approx(np.std(x[:, 2], ddof=1), rel=1e-12)
+    assert scaler.scale[3] == pytest.approx(np.std(x[:, 3], ddof=1), rel=1e-12)
+    assert scaler.scale[4] == 1.0 and scaler.mean[4] == 3.0
+    assert std[2] == scaler.scale[2]
+
+    nothing = Scaler.from_moments(Moments.empty(["a"]))
+    assert nothing.mean[0] == 0.0 and nothing.scale[0] == 1.0
+    # a larger eps treats more features as constant
+    assert Scaler.from_moments(merged, eps=1e-3).scale[2] == 1.0
+
+
+@FAST
+@given(datasets())
+def test_scaler_round_trips(data: tuple[np.ndarray, list[int]]) -> None:
+    x, _ = data
+    names = [f"f{j}" for j in range(x.shape[1])]
+    scaler = Scaler.from_moments(Moments.from_array(x, names))
+    z = scaler.transform(x)
+    back = scaler.inverse_transform(z)
+    np.testing.assert_array_equal(np.isnan(back), np.isnan(x))
+    for j in range(x.shape[1]):
+        col = x[:, j]
+        ok = ~np.isnan(col)
+        if ok.any():
+            np.testing.assert_allclose(back[ok, j], col[ok], rtol=1e-12, atol=1e-12 * np.abs(col[ok]).max())
+    restored = Scaler.from_dict(json.loads(json.dumps(scaler.to_dict(), allow_nan=False)))
+    assert restored == scaler
+
+
+def test_standardized_pooled_data_has_zero_mean_unit_std() -> None:
+    rng = np.random.default_rng(5)
+    x = np.column_stack([50 + 10 * rng.standard_normal(500), EPOCH + 40 * DAY * rng.standard_normal(500)])
+    parts = np.split(x, [100, 350])
+    scaler = Scaler.from_moments(merge_all(Moments.from_array(p, ["age", "t"]) for p in parts))
+    z = np.vstack([scaler.transform(p) for p in parts])
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(z.std(axis=0, ddof=1), 1.0, rtol=1e-12)
+    with pytest.raises(ValueError):
+        scaler.transform(np.ones((2, 3)))
+    with pytest.raises(ValueError):
+        Scaler.from_dict({"feature_names": ["a"], "mean": [0.0], "scale": [0.0]})
+    with pytest.raises(ValueError):
+        Scaler.from_dict({"feature_names": ["a"], "mean": [0.0], "scale": [1.0], "extra": 1})
+
+
+# ------------------------------------------------------------------------------------------
+# disclosure control
+# ------------------------------------------------------------------------------------------
+
+
+def assert_plain(record: Any, string_keys: set[str]) -> None:
+    """Only int/float in lists or scalars, str only under the allowed keys; JSON without NaN."""
+    json.dumps(record, allow_nan=False)
+    assert type(record) is dict
+    for key, value in record.items():
+        assert type(key) is str
+        items = value if type(value) is list else [value]
+        for item in items:
+            if key in string_keys:
+                assert type(item) is str
+            else:
+                assert type(item) in (int, float), (key, type(item))
+
+
+def test_site_below_min_cell_count_is_withheld_entirely() -> None:
+    rng = np.random.default_rng(1)
+    x = 60 + 5 * rng.standard_normal((7, 2))
+    released = suppress(Moments.from_array(x, ["age", "bmi"]), min_cell_count=10)
+    assert released.withheld and released.released == (False, False)
+    record = released.to_record()
+    assert record == {
+        "feature_names": ["age", "bmi"],
+        "withheld": 1,
+        "persons": 0,
+        "released": [0, 0],
+        "n": [],
+        "mean": [],
+        "m2": [],
+    }
+    assert_plain(record, {"feature_names"})
+    back = Released.from_record(record)
+    assert back == released
+    assert back.to_moments() == Moments.empty(["age", "bmi"])
+
+
+def test_feature_with_few_values_is_withheld_alone() -> None:
+    rng = np.random.default_rng(2)
+    x = 60 + 5 * rng.standard_normal((40, 3))
+    x[5:, 1] = np.nan  # 5 values of a rare lab
+    m = Moments.from_array(x, ["age", "lab", "bmi"])
+    released = suppress(m, min_cell_count=10)
+    assert not released.withheld and released.released == (True, False, True)
+    record = released.to_record()
+    assert_plain(record, {"feature_names"})
+    assert record["n"] == [40, 40] and record["persons"] == 40 and record["released"] == [1, 0, 1]
+    assert len(record["mean"]) == len(record["m2"]) == 2
+    assert 5 not in record["n"] and float(m.mean[1]) not in record["mean"]
+    # server side: the withheld feature contributes nothing, the others exactly their moments
+    server = Released.from_record(json.loads(json.dumps(record))).to_moments()
+    np.testing.assert_array_equal(server.n, [40, 0, 40])
+    np.testing.assert_array_equal(server.mean[[0, 2]], m.mean[[0, 2]])
+    np.testing.assert_array_equal(server.m2[[0, 2]], m.m2[[0, 2]])
+    assert server.mean[1] == 0.0 and server.m2[1] == 0.0
+
+
+@FAST
+@given(datasets(), st.integers(1, 30))
+def test_released_records_hold_only_numbers_and_names(data: tuple[np.ndarray, list[int]], k: int) -> None:
+    x, _ = data
+    names = [f"f{j}" for j in range(x.shape[1])]
+    m = Moments.from_array(x, names)
+    released = suppress(m, k)
+    record = released.to_record()
+    assert_plain(record, {"feature_names"})
+    assert set(record) == {"feature_names", "withheld", "persons", "released", "n", "mean", "m2"}
+    assert all(v >= k for v in record["n"])
+    assert record["persons"] == 0 or record["persons"] >= k
+    assert Released.from_record(record) == released
+    expected = [int(len(x) >= k and c >= k) for c in m.n]
+    assert record["released"] == expected
+
+
+def test_malformed_records_are_rejected() -> None:
+    good = suppress(Moments.from_array(np.arange(20.0)[:, None], ["a"]), 10).to_record()
+    for bad in (
+        {**good, "extra": 1},
+        {**good, "withheld": True},
+        {**good, "n": [20.0]},
+        {**good, "n": [-1]},
+        {**good, "m2": [-1.0]},
+        {**good, "released": [0]},
+        {**good, "withheld": 1},
+        {k: v for k, v in good.items() if k != "persons"},
+    ):
+        with pytest.raises(ValueError):
+            Released.from_record(bad)
+    with pytest.raises(ValueError):
+        suppress(Moments.empty(["a"]), 0)
+
+
+def test_level_counts_merge_and_suppression() -> None:
+    x = np.array([["M", 8507.0], ["F", 8532], ["F", None], [None, 8507]], dtype=object)
+    lc = LevelCounts.from_array(x, ["sex", "gender_concept"])
+    assert lc.counts == {"sex": {"F": 2, "M": 1}, "gender_concept": {"8507": 2, "8532": 1}}
+    assert lc.persons == 4 and lc.total("sex") == 3
+    merged = merge_levels(lc, LevelCounts({"sex": {"F": 5, "X": 1}, "gender_concept": {}}, 6))
+    assert merged.counts["sex"] == {"F": 7, "M": 1, "X": 1} and merged.persons == 10
+    assert merge_levels(lc, LevelCounts.empty(["sex", "gender_concept"])) == lc
+    with pytest.raises(ValueError, match="only in second"):
+        merge_levels(lc, LevelCounts.empty(["sex", "race"]))
+
+    site = LevelCounts(
+        {
+            "sex": {"F": 30, "M": 25},  # all large: released as is
+            "smoking": {"never": 30, "former": 12, "current": 6, "unknown": 4},  # bucket 10: ok
+            "rare_dx": {"a": 40, "b": 12, "c": 3},  # bucket 3 < 10: secondary suppression of b
+            "race": {"x": 4, "y": 3},  # 7 values in total: withheld
+        },
+        persons=60,
+    )
+    released = suppress(site, min_cell_count=10)
+    assert released.released == (True, True, True, False)
+    assert released.counts["sex"] == {"F": 30, "M": 25}
+    assert released.counts["smoking"] == {"never": 30, "former": 12, WITHHELD_LEVEL: 10}
+    assert released.counts["rare_dx"] == {"a": 40, WITHHELD_LEVEL: 15}
+    record = released.to_record()
+    assert_plain(record, {"feature_names", "levels"})
+    for small in ("current", "unknown", "c", "b", "x", "y"):
+        assert small not in record["levels"]
+    assert all(c >= 10 for c in record["counts"])
+    assert ReleasedLevels.from_record(json.loads(json.dumps(record))) == released
+    server = ReleasedLevels.from_record(record).to_level_counts()
+    assert server.counts["race"] == {} and server.persons == 60
+
+    tiny = suppress(LevelCounts({"sex": {"F": 4, "M": 3}}, 7), min_cell_count=10)
+    assert tiny.withheld
+    assert tiny.to_record() == {
+        "feature_names": ["sex"],
+        "withheld": 1,
+        "persons": 0,
+        "released": [0],
+        "level_feature": [],
+        "levels": [],
+        "counts": [],
+    }
+    with pytest.raises(ValueError, match="reserved"):
+        suppress(LevelCounts({"sex": {WITHHELD_LEVEL: 20}}, 20), 10)
+
+
+@FAST
+@given(
+    st.lists(st.dictionaries(st.text("abcdef", min_size=1, max_size=3), st.integers(0, 40), max_size=8), max_size=4),
+    st.integers(1, 15),
+)
+def test_level_suppression_properties(features: list[dict[str, int]], k: int) -> None:
+    counts = {f"f{j}": levels for j, levels in enumerate(features)}
+    persons = max([sum(v.values()) for v in features], default=0) + 3
+    released = suppress(LevelCounts(counts, persons), k)
+    for j, name in enumerate(counts):
+        if not released.released[j]:
+            continue
+        out = released.counts[name]
+        assert all(c >= k for c in out.values())  # no small cell
+        assert sum(out.values()) == sum(counts[name].values())  # totals kept
+        small = {lv for lv, c in counts[name].items() if 0 < c < k}
+        assert not small & set(out)  # no small level is named
+        for level, c in out.items():
+            assert level == WITHHELD_LEVEL or counts[name][level] == c
+    assert ReleasedLevels.from_record(released.to_record()) == released
+
+
+# ------------------------------------------------------------------------------------------
+# differential privacy
+# ------------------------------------------------------------------------------------------
+
+
+def test_gaussian_sigma_formulas() -> None:
+    from scipy.stats import norm
+
+    for eps, delta in [(0.1, 1e-5), (0.5, 1e-6), (1.0, 1e-5), (4.0, 1e-8)]:
+        sigma = gaussian_sigma(eps, delta)
+
+        def achieved(s: float, eps: float = eps) -> float:
+            return norm.cdf(0.5 / s - eps * s) - math.exp(eps) * norm.cdf(-0.5 / s - eps * s)
+
+        assert achieved(sigma) == pytest.approx(delta, rel=1e-6)  # tight
+        assert achieved(0.99 * sigma) > delta  # and minimal
+        if eps < 1:
+            classic = gaussian_sigma(eps, delta, mechanism="classic")
+            assert classic == pytest.approx(math.sqrt(2 * math.log(1.25 / delta)) / eps, rel=1e-15)
+            assert sigma < classic
+        assert gaussian_sigma(eps, delta, 3.0) == pytest.approx(3 * sigma, rel=1e-15)
+    assert gaussian_sigma(1.0, 1e-5) == pytest.approx(3.73, abs=0.01)  # Balle & Wang's example
+    with pytest.raises(ValueError, match="epsilon < 1"):
+        gaussian_sigma(1.0, 1e-5, mechanism="classic")
+    for bad in [(0.0, 1e-5), (1.0, 0.0), (1.0, 1.0), (math.inf, 1e-5)]:
+        with pytest.raises(ValueError):
+            gaussian_sigma(*bad)
+
+
+def test_noise_scales_form_one_mechanism_of_unit_sensitivity() -> None:
+    bounds = [(0.0, 120.0), (10.0, 60.0), (-1.0, 1.0)]
+    split = (0.2, 0.3, 0.5)
+    scales = dp_noise_scales(bounds, 0.8, 1e-6, split=split)
+    r = np.array([60.0, 25.0, 1.0])
+    sensitivities = np.concatenate([[1.0], np.ones(3), r, r**2])
+    sigmas = np.concatenate([[scales.persons], scales.n, scales.s1, scales.s2])
+    # scaled by its sigma, one person moves the released vector by exactly 1/sigma_1 in L2
+    assert math.sqrt(np.sum((sensitivities / sigmas) ** 2)) == pytest.approx(1 / scales.sigma_1, rel=1e-12)
+    # and each block uses its share of the budget
+    assert np.sum((1 / scales.n) ** 2) + (1 / scales.persons) ** 2 == pytest.approx(0.2 / scales.sigma_1**2)
+    assert np.sum((r / scales.s1) ** 2) == pytest.approx(0.3 / scales.sigma_1**2)
+    assert np.sum((r**2 / scales.s2) ** 2) == pytest.approx(0.5 / scales.sigma_1**2)
+
+
+def test_huge_epsilon_gives_nearly_true_moments() -> None:
+    rng = np.random.default_rng(11)
+    x = np.column_stack([50 + 10 * rng.standard_normal(500), 1 + rng.random(500)])
+    x[::7, 1] = np.nan
+    bounds = [(0.0, 100.0), (0.0, 3.0)]
+    noisy = noisy_moments(x, ["age", "v"], bounds, 1e6, 1e-5, rng)
+    true = Moments.from_array(np.clip(x, [0.0, 0.0], [100.0, 3.0]), ["age", "v"])
+    np.testing.assert_array_equal(noisy.n, true.n)
+    assert noisy.persons == 500
+    np.testing.assert_allclose(noisy.mean, true.mean, rtol=1e-3)
+    np.testing.assert_allclose(finalize(noisy)[1], finalize(true)[1], rtol=1e-3)
+
+
+def test_values_are_clipped_to_the_public_bounds() -> None:
+    x = np.array([[-50.0], [5.0], [500.0]] * 10)
+    noisy = noisy_moments(x, ["a"], [(0.0, 10.0)], 1e6, 1e-5, np.random.default_rng(0))
+    assert noisy.mean[0] == pytest.approx(5.0, abs=1e-3)
+    assert finalize(noisy)[1][0] == pytest.approx(np.std(np.clip(x, 0, 10), ddof=1), rel=1e-3)
+
+
+def test_empirical_noise_matches_documented_sigma() -> None:
+    rng = np.random.default_rng(12)
+    x = np.column_stack([40 + 15 * rng.standard_normal(200), rng.random(200)])
+    x[:20, 1] = np.nan
+    bounds = [(0.0, 100.0), (0.0, 1.0)]
+    eps, delta = 0.5, 1e-5
+    clipped = np.clip(x, [0.0, 0.0], [100.0, 1.0]) - np.array([50.0, 0.5])
+    true_n = (~np.isnan(x)).sum(axis=0)
+    true_s1 = np.nansum(clipped, axis=0)
+    true_s2 = np.nansum(clipped**2, axis=0)
+    draws = [noisy_sums(x, ["a", "b"], bounds, eps, delta, rng) for _ in range(2000)]
+    scales = dp_noise_scales(bounds, eps, delta)
+    assert scales.sigma_1 == pytest.approx(gaussian_sigma(eps, delta))
+    np.testing.assert_allclose(np.std([d.persons - 200 for d in draws]), scales.persons, rtol=0.1)
+    np.testing.assert_allclose(np.std([d.n - true_n for d in draws], axis=0), scales.n, rtol=0.1)
+    np.testing.assert_allclose(np.std([d.s1 - true_s1 for d in draws], axis=0), scales.s1, rtol=0.1)
+    np.testing.assert_allclose(np.std([d.s2 - true_s2 for d in draws], axis=0), scales.s2, rtol=0.1)
+    assert np.all(np.abs(np.mean([d.s1 - true_s1 for d in draws], axis=0)) <= 0.2 * scales.s1)  # unbiased
+    classic = dp_noise_scales(bounds, eps, delta, mechanism="classic")
+    assert classic.sigma_1 == pytest.approx(math.sqrt(2 * math.log(1.25 / delta)) / eps)
+
+
+@FAST
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 30),
+    st.sampled_from([0.01, 0.1, 1.0, 10.0]),
+    st.sampled_from([(0.0, 1.0), (-5.0, 5.0), (EPOCH - 365 * DAY, EPOCH + 365 * DAY)]),
+)
+def test_noisy_moments_are_always_valid(seed: int, rows: int, eps: float, bound: tuple[float, float]) -> None:
+    rng = np.random.default_rng(seed)
+    lo, hi = bound
+    x = lo + (hi - lo) * rng.random((rows, 2))
+    x[rng.random((rows, 2)) < 0.3] = np.nan
+    m = noisy_moments(x, ["a", "b"], [bound, bound], eps, 1e-6, rng)
+    assert np.all(m.n >= 0) and np.all(m.m2 >= 0) and m.persons >= int(m.n.max())
+    has = m.n > 0
+    assert np.all((m.mean[has] >= lo) & (m.mean[has] <= hi))
+    assert np.all(m.m2 <= m.n * ((hi - lo) / 2) ** 2 * (1 + 1e-12))
+    assert suppress(m, 10).to_record()  # noisy moments go through disclosure control as usual
+
+
+def test_noisy_moments_reject_bad_parameters() -> None:
+    x = np.ones((3, 1))
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="bounds"):
+        noisy_moments(x, ["a"], [(1.0, 1.0)], 1.0, 1e-5, rng)
+    with pytest.raises(ValueError, match="split"):
+        noisy_moments(x, ["a"], [(0.0, 1.0)], 1.0, 1e-5, rng, split=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="Generator"):
+        noisy_moments(x, ["a"], [(0.0, 1.0)], 1.0, 1e-5, 42)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------
+# purity
+# ------------------------------------------------------------------------------------------
+
+
+def test_stats_is_pure() -> None:
+    tree = ast.parse(Path(stats_module.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "stats imports nothing from omopfl"
+            imported.add((node.module or "").split(".")[0])
+    banned = {"sqlalchemy", "flwr", "torch", "pydicom", "great_expectations"}
+    assert not imported & banned
+    assert imported <= {"__future__", "math", "collections", "dataclasses", "types", "typing", "numpy", "pandas"}
