@@ -164,6 +164,13 @@ def load_site(path: str | Path) -> SiteConfig:
     results_schema = check_identifier(
         _get(database, "results_schema", str, path, "database"), f"{path}: [database] results_schema"
     )
+    if duckdb_path is not None and duckdb_path.stem.lower() in {
+        cdm_schema.lower(), vocabulary_schema.lower(), results_schema.lower()
+    }:
+        raise ConfigError(
+            f"{path}: [database] duckdb_path file name {duckdb_path.name} equals a schema name; DuckDB would "
+            "confuse the catalog with the schema: rename the file (e.g. omop.duckdb)"
+        )
     if results_schema == cdm_schema:
         raise ConfigError(f"{path}: [database] results_schema must differ from cdm_schema (the CDM is read-only)")
 

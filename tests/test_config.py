@@ -93,3 +93,9 @@ def test_injected_schema_name_is_not_echoed(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_site(tmp_path / "absent.toml")
+
+
+def test_duckdb_file_named_like_a_schema_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace('url_env = "OMOPFL_SITE_A_URL"', 'duckdb_path = "cdm.duckdb"')
+    with pytest.raises(ConfigError, match=r"duckdb_path file name cdm.duckdb equals a schema name"):
+        load_site(write(tmp_path, text))
