@@ -91,20 +91,34 @@ def synth(
 
 
 def _print_synth(summaries: list) -> None:
-    table = Table(title="Synthetic sites")
+    """Per-site counts, units and outcome rates of synthetic sites, one column per site."""
     rows = [s.to_dict() for s in summaries]
-    keys = [k for k in rows[0] if not isinstance(rows[0][k], dict | list)]
-    table.add_column("field")
+    table = Table(title="Synthetic OMOP sites (truth the pipeline must find)")
+    table.add_column("")
     for row in rows:
-        table.add_column(str(row.get("site", "?")), justify="right")
-    for key in keys:
-        if key == "site":
-            continue
-        table.add_row(key, *[_fmt(r.get(key)) for r in rows])
-    for key in [k for k in rows[0] if isinstance(rows[0][k], dict)]:
-        sub_keys = sorted({sk for r in rows for sk in (r.get(key) or {})})
-        for sub in sub_keys:
-            table.add_row(f"{key}.{sub}", *[_fmt((r.get(key) or {}).get(sub)) for r in rows])
+        table.add_column(row["site"], justify="right")
+
+    def add(label: str, get) -> None:
+        table.add_row(label, *[_fmt(get(r)) for r in rows])
+
+    add("profile", lambda r: r.get("profile"))
+    add("backend", lambda r: r.get("backend"))
+    add("persons", lambda r: f"{r['persons']:,}")
+    add("female share", lambda r: f"{r['persons_by_sex'].get('female', 0) / max(r['persons'], 1):.0%}")
+    add("type 2 diabetes persons", lambda r: r.get("t2dm_persons"))
+    add("target: incident T2DM, >=365 d prior obs", lambda r: r.get("target_persons"))
+    add("outcome: heart failure <=365 d", lambda r: r.get("outcome_persons"))
+    add("outcome rate", lambda r: f"{r['outcome_rate']:.1%}")
+    add("Bayes AUC (ceiling for a model)", lambda r: r.get("bayes_auc"))
+    for lab in ("glucose", "hba1c", "creatinine", "ldl"):
+        add(f"{lab} unit", lambda r, lab=lab: ", ".join(r.get("units", {}).get(lab, [])))
+    add("glucose mean ± sd (mg/dL, cohort)", lambda r: "{:.1f} ± {:.1f}".format(
+        r["glucose_last_pre_index"]["mean_mg_dl"], r["glucose_last_pre_index"]["std_mg_dl"]))
+    add("missing lab values (NULL)", lambda r: sum(r.get("null_values", {}).values()))
+    add("dirty rows planted", lambda r: sum(
+        n for group in r.get("dirty_rows", {}).values() for n in group.values()))
+    add("DICOM images", lambda r: r.get("linked_images"))
+    add("omics files", lambda r: r.get("linked_omics_files"))
     console.print(table)
 
 
@@ -210,6 +224,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Working folder for the demo.")] = Path("data/demo"),
     sites: Annotated[int, typer.Option(help="Number of synthetic sites.", min=1, max=26)] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    adapters: Annotated[Path, typer.Option(help="Folder for the sites' adapter TOMLs.")] = Path("adapters"),
 ) -> None:
     """The whole job on the embedded default (DuckDB): synthetic sites, then a check of every site."""
     from omopfl.db import connect, site_engine
@@ -217,11 +232,11 @@ def demo(
     from omopfl.synth import run_synth
 
     console.rule("1. synthetic OMOP sites (DuckDB)")
-    summaries = run_synth(out_dir=out, n_sites=sites, seed=seed, progress=True)
+    summaries = run_synth(out_dir=out, n_sites=sites, seed=seed, adapters_dir=adapters, progress=True)
     _print_synth(summaries)
     console.rule("2. site checks")
     reports = []
-    for path in sorted((out / "adapters").glob("*.toml")):
+    for path in [adapters / f"{s.site}.toml" for s in summaries]:
         site = load_site(path)
         engine = site_engine(site)
         with connect(engine, what=f"site {site.name}") as conn:
