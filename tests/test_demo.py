@@ -33,8 +33,6 @@ def test_checked_in_adapters_match_the_demo_layout() -> None:
     for name in ("site_a", "site_b", "site_c"):
         site = load_site(ROOT / "adapters" / f"{name}.toml")
         assert site.name == name
-        assert site.duckdb_path == (ROOT / "data" / "demo" / name / "omop.duckdb").resolve() or (
-            site.duckdb_path.resolve() == (ROOT / "data" / "demo" / name / "omop.duckdb").resolve()
-        )
+        assert site.duckdb_path.resolve() == (ROOT / "data" / "demo" / name / "omop.duckdb").resolve()
     example = load_site(ROOT / "examples" / "adapters" / "hospital_postgres.toml")
     assert example.url_env == "OMOPFL_HOSPITAL_URL" and example.duckdb_path is None
