@@ -6,7 +6,7 @@ metadata and vocabulary tables omopfl uses, plus the Medical Imaging extension's
 attrition, as CohortGenerator lays them out).
 
 Column notation in the compact specs below: ``name:type`` with a trailing ``!``
-for NOT NULL and ``*`` for the primary key.  Types: ``int``, ``float``, ``date``,
+for NOT NULL and ``*`` for the primary key.  Types: ``int``, ``bigint``, ``float``, ``date``,
 ``datetime``, ``vcN`` (varchar of length N) and ``text``.
 """
 
@@ -170,19 +170,23 @@ _V53_RENAMES: dict[str, dict[str, str | None]] = {
 }
 
 _RESULTS: dict[str, str] = {
-    "cohort": "cohort_definition_id:int! subject_id:int! cohort_start_date:date! cohort_end_date:date!",
+    # Counts, masks and subject ids are BIGINT as in OHDSI CohortGenerator: an inclusion-rule mask
+    # is 2**rules - 1 and overflows 32 bits beyond 31 rules.
+    "cohort": "cohort_definition_id:bigint! subject_id:bigint! cohort_start_date:date! cohort_end_date:date!",
     "cohort_definition": (
-        "cohort_definition_id:int!* cohort_name:vc255! definition_hash:vc64! translator:vc32! "
-        "built_at:datetime! person_count:int! record_count:int!"
+        "cohort_definition_id:bigint!* cohort_name:vc255! definition_hash:vc64! translator:vc32! "
+        "built_at:datetime! person_count:bigint! record_count:bigint!"
     ),
-    "cohort_inclusion": "cohort_definition_id:int! rule_sequence:int! name:vc255 description:text",
-    "cohort_inclusion_result": "cohort_definition_id:int! inclusion_rule_mask:int! person_count:int! mode_id:int!",
+    "cohort_inclusion": "cohort_definition_id:bigint! rule_sequence:int! name:vc255 description:text",
+    "cohort_inclusion_result": (
+        "cohort_definition_id:bigint! inclusion_rule_mask:bigint! person_count:bigint! mode_id:int!"
+    ),
     "cohort_inclusion_stats": (
-        "cohort_definition_id:int! rule_sequence:int! person_count:int! gain_count:int! "
-        "person_total:int! mode_id:int!"
+        "cohort_definition_id:bigint! rule_sequence:int! person_count:bigint! gain_count:bigint! "
+        "person_total:bigint! mode_id:int!"
     ),
-    "cohort_summary_stats": "cohort_definition_id:int! base_count:int! final_count:int! mode_id:int!",
-    "cohort_censor_stats": "cohort_definition_id:int! lost_count:int!",
+    "cohort_summary_stats": "cohort_definition_id:bigint! base_count:bigint! final_count:bigint! mode_id:int!",
+    "cohort_censor_stats": "cohort_definition_id:bigint! lost_count:bigint!",
 }
 
 CLINICAL_TABLES: tuple[str, ...] = tuple(_CDM54)
@@ -203,6 +207,8 @@ class ColumnSpec:
     def sa_type(self) -> sa.types.TypeEngine:
         if self.type == "int":
             return sa.Integer()
+        if self.type == "bigint":
+            return sa.BigInteger()
         if self.type == "float":
             return sa.Float(53)
         if self.type == "date":

@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 sites_app = typer.Typer(help="Inspect site adapters and their CDM databases.", no_args_is_help=True)
 app.add_typer(sites_app, name="sites")
+cohort_app = typer.Typer(help="Build OHDSI cohorts inside a site's database and look at them.", no_args_is_help=True)
+app.add_typer(cohort_app, name="cohort")
 
 console = Console()
 
@@ -216,6 +218,112 @@ def _print_site_report(report) -> None:
         console.print(findings)
     else:
         console.print("no findings")
+
+
+# ---------------------------------------------------------------- cohort
+SiteOption = Annotated[Path, typer.Option("--site", help="The site's adapter TOML.")]
+
+
+@cohort_app.command("build")
+def cohort_build(
+    files: Annotated[list[Path], typer.Argument(help="Cohort definitions: ATLAS/CIRCE JSON or omopfl YAML.")],
+    site: SiteOption,
+    cohort_id: Annotated[
+        int | None, typer.Option("--id", help="Cohort id (the next files get id+1, ...); default: from the file.")
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="Rebuild cohort ids that already exist.")] = False,
+    translator: Annotated[str, typer.Option(help="CIRCE translator: duckcdm or circepy.")] = "duckcdm",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Build cohorts in the site's results schema, in one transaction (a failure changes nothing)."""
+    from omopfl.cohort import assign_ids, build_cohorts, load_definition
+    from omopfl.db import site_engine
+
+    config = load_site(site)
+    requests = assign_ids([load_definition(f) for f in files], cohort_id)
+    engine = site_engine(config)
+    try:
+        results = build_cohorts(engine, config, requests, replace=replace, translator=translator,
+                                progress=not as_json)
+    finally:
+        engine.dispose()
+    k = config.min_cell_count
+    if as_json:
+        _emit_json([r.to_dict(min_cell_count=k) for r in results])
+        return
+    table = Table(title=f"cohorts built at {config.name}")
+    for column in ("id", "name", "persons", "records", "seconds", "translator"):
+        table.add_column(column)
+    for r in results:
+        row = r.to_dict(min_cell_count=k)
+        table.add_row(str(r.cohort_id), r.name, str(row["person_count"]), str(row["record_count"]),
+                      f"{r.seconds:.2f}", r.translator)
+    console.print(table)
+    for r in results:
+        for warning in r.warnings:
+            console.print(f"[yellow]warning[/yellow] cohort {r.cohort_id}: {warning}")
+
+
+@cohort_app.command("list")
+def cohort_list(
+    site: SiteOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Cohorts built at a site, with counts (below min_cell_count shown as <N)."""
+    from dataclasses import asdict
+
+    from omopfl.cohort import list_cohorts
+    from omopfl.db import connect, site_engine
+
+    config = load_site(site)
+    engine = site_engine(config)
+    with connect(engine, what=f"site {config.name}") as conn:
+        cohorts = list_cohorts(conn, config)
+    engine.dispose()
+    if as_json:
+        _emit_json([asdict(c) for c in cohorts])
+        return
+    table = Table(title=f"cohorts at {config.name}")
+    for column in ("id", "name", "persons", "records", "built", "translator", "hash"):
+        table.add_column(column)
+    for c in cohorts:
+        table.add_row(str(c.cohort_id), c.name, str(c.persons), str(c.records), c.built_at, c.translator,
+                      c.definition_hash)
+    console.print(table)
+
+
+@cohort_app.command("show")
+def cohort_show(
+    cohort_id: Annotated[int, typer.Argument(help="Cohort id.")],
+    site: SiteOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Counts and inclusion-rule attrition of one cohort (below min_cell_count shown as <N)."""
+    from omopfl.cohort import show_cohort
+    from omopfl.db import connect, site_engine
+
+    config = load_site(site)
+    engine = site_engine(config)
+    with connect(engine, what=f"site {config.name}") as conn:
+        detail = show_cohort(conn, config, cohort_id)
+    engine.dispose()
+    if as_json:
+        _emit_json(detail.to_dict())
+        return
+    s = detail.summary
+    console.print(f"cohort {s.cohort_id}: {s.name}")
+    console.print(f"persons {s.persons}, records {s.records}, built {s.built_at} with {s.translator}, "
+                  f"definition {s.definition_hash}")
+    console.print(f"qualifying events {detail.base_count} -> final {detail.final_count} ({detail.mode})"
+                  + (f", censored {detail.censored}" if detail.censored is not None else ""))
+    if detail.rules:
+        table = Table(title="inclusion-rule attrition")
+        for column in ("#", "rule", "persons passing", "failing only this rule", "of total"):
+            table.add_column(column)
+        for rule in detail.rules:
+            table.add_row(str(rule.sequence), rule.name, str(rule.persons_passing),
+                          str(rule.failing_only_this), str(rule.total))
+        console.print(table)
 
 
 # ---------------------------------------------------------------- demo

@@ -7,7 +7,7 @@ VENV="${OMOPFL_VENV:-.venv}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 stamp="$VENV/.omopfl-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml scripts/env.sh | sha256sum | cut -d' ' -f1)"
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "omopfl: creating $VENV with $PY" >&2
   "$PY" -m venv "$VENV"
@@ -17,6 +17,8 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'pip>=24' >&2
   # torch is pinned to 2.13.0 in pyproject.toml; pip takes the local CPU wheel when present.
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]' >&2
+  # Second cohort translator, used by the tests to cross-check duckcdm (see pyproject's test extra).
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps 'ohdsi-circepy==0.3.0' >&2
   "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 || true
   echo "$want" > "$stamp"
 fi

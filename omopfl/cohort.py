@@ -1,0 +1,654 @@
+"""OHDSI cohort definitions, built inside the site's database.
+
+Definitions come as ATLAS/CIRCE JSON (bare, or wrapped as ATLAS/WebAPI exports them) or in a
+short YAML form (:mod:`omopfl.cohort_yaml`) that maps onto the same CIRCE model.  A maintained
+translator turns the CIRCE expression into SQL for the site's dialect: ``duckcdm`` (the default)
+or OHDSI's ``ohdsi-circepy`` (used by the tests as a cross-check).  The SQL runs where the data
+lives; no row is pulled into Python.  Translated SQL is cached on disk per definition hash,
+dialect, schemas, cohort id and translator.
+
+A build writes the results schema in ONE transaction: the cohort rows, the inclusion-rule
+attrition tables and a ``cohort_definition`` row (name, hash, counts).  If anything fails, the
+transaction is rolled back and the previous cohort is intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from omopfl.cdm import create_results
+from omopfl.config import SiteConfig, check_identifier
+from omopfl.db import describe_driver_error, qualified
+from omopfl.errors import ConfigError, DatabaseError, DataError
+
+__all__ = [
+    "TRANSLATORS",
+    "CohortDefinition",
+    "BuildResult",
+    "CohortSummary",
+    "CohortDetail",
+    "load_definition",
+    "render_sql",
+    "build_cohorts",
+    "list_cohorts",
+    "show_cohort",
+    "mask_count",
+]
+
+TRANSLATORS: tuple[str, ...] = ("duckcdm", "circepy")
+DIALECTS: dict[str, str] = {"duckdb": "duckdb", "postgresql": "postgresql"}
+STATEMENT_TIMEOUT_MS = int(os.environ.get("OMOPFL_STATEMENT_TIMEOUT_MS", 3_600_000))
+_LEFTOVER = re.compile(r"@\w+|\{[^{}]*\}\s*\?\s*\{")
+_QUOTED = re.compile(r"'(?:[^']|'')*'")
+_CRITERIA_DOMAINS = {
+    "ConditionOccurrence", "ConditionEra", "DrugExposure", "DrugEra", "DoseEra", "ProcedureOccurrence",
+    "Measurement", "Observation", "VisitOccurrence", "VisitDetail", "DeviceExposure", "Specimen", "Death",
+    "ObservationPeriod", "PayerPlanPeriod", "LocationRegion",
+}
+
+
+# --------------------------------------------------------------------------- definitions
+@dataclass(frozen=True)
+class CohortDefinition:
+    """A cohort definition: its name, its CIRCE expression and where it came from."""
+
+    name: str
+    expression: dict[str, Any]
+    source: str
+    default_id: int | None = None
+
+    @property
+    def canonical_json(self) -> str:
+        return json.dumps(self.expression, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the expression (names and file paths do not count)."""
+        return hashlib.sha256(self.canonical_json.encode()).hexdigest()
+
+    @property
+    def inclusion_rules(self) -> list[tuple[str, str]]:
+        rules = self.expression.get("InclusionRules") or []
+        return [(str(r.get("name") or f"rule {i}"), str(r.get("description") or "")) for i, r in enumerate(rules)]
+
+    def concept_ids(self) -> dict[str, list[int]]:
+        """Concept ids listed in each concept set (included and excluded items)."""
+        out: dict[str, list[int]] = {}
+        for concept_set in self.expression.get("ConceptSets") or []:
+            items = (concept_set.get("expression") or {}).get("items") or []
+            ids = []
+            for item in items:
+                concept = item.get("concept") or {}
+                value = concept.get("CONCEPT_ID", concept.get("conceptId"))
+                if isinstance(value, int) and not isinstance(value, bool):
+                    ids.append(value)
+            out[str(concept_set.get("name") or concept_set.get("id"))] = ids
+        return out
+
+    def primary_codeset_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for criterion in (self.expression.get("PrimaryCriteria") or {}).get("CriteriaList") or []:
+            for body in criterion.values():
+                if isinstance(body, dict) and isinstance(body.get("CodesetId"), int):
+                    ids.add(body["CodesetId"])
+        return ids
+
+
+def _check_expression(expression: Any, where: str) -> dict[str, Any]:
+    if not isinstance(expression, dict):
+        raise DataError(f"{where}: a cohort definition must be a JSON object with PrimaryCriteria")
+    primary = expression.get("PrimaryCriteria")
+    if not isinstance(primary, dict) or not primary.get("CriteriaList"):
+        raise DataError(f"{where}: PrimaryCriteria.CriteriaList is missing or empty")
+    for i, criterion in enumerate(primary["CriteriaList"]):
+        if not isinstance(criterion, dict) or len(criterion) != 1:
+            raise DataError(f"{where}: PrimaryCriteria.CriteriaList[{i}] must hold exactly one criterion")
+        (kind,) = criterion
+        if kind not in _CRITERIA_DOMAINS:
+            raise DataError(
+                f"{where}: unsupported criterion {kind!r} in PrimaryCriteria.CriteriaList[{i}]; "
+                f"supported: {', '.join(sorted(_CRITERIA_DOMAINS))}"
+            )
+    for i, concept_set in enumerate(expression.get("ConceptSets") or []):
+        if not isinstance(concept_set, dict) or "id" not in concept_set:
+            raise DataError(f"{where}: ConceptSets[{i}] needs an id and an expression")
+    return expression
+
+
+def load_definition(path: str | Path) -> CohortDefinition:
+    """Read a cohort definition file (CIRCE JSON, ATLAS export, or the short YAML form).
+
+    Raises
+    ------
+    DataError
+        Malformed file, naming the file and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: cohort definition file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    default_id = int(path.stem) if path.stem.isdigit() else None
+    if path.suffix.lower() in {".yaml", ".yml"}:
+        from omopfl.cohort_yaml import yaml_to_circe
+
+        name, expression, yaml_id = yaml_to_circe(text, str(path))
+        return CohortDefinition(name, _check_expression(expression, str(path)), str(path), yaml_id or default_id)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    name = path.stem
+    if isinstance(document, dict) and "PrimaryCriteria" not in document and "expression" in document:
+        name = str(document.get("name") or name)
+        if isinstance(document.get("id"), int):
+            default_id = document["id"]
+        document = document["expression"]
+        if isinstance(document, str):  # WebAPI stores the expression as a JSON string
+            try:
+                document = json.loads(document)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: expression is not valid JSON ({exc.msg})") from None
+    return CohortDefinition(name, _check_expression(document, str(path)), str(path), default_id)
+
+
+# --------------------------------------------------------------------------- translation
+def _cache_dir() -> Path:
+    root = os.environ.get("OMOPFL_CACHE_DIR")
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omopfl"
+    return base / "cohort_sql"
+
+
+def _translator_version(translator: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"duckcdm": "duckcdm", "circepy": "ohdsi-circepy"}[translator]
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        raise ConfigError(
+            f"cohort translator {translator} is not installed (pip install {package}); "
+            "use --translator duckcdm"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:240] + ("..." if len(text) > 240 else "")
+
+
+def _translate_duckcdm(
+    expression_json: str, dialect: str, cdm: str, vocab: str, results: str, cohort_id: int, where: str
+) -> str:
+    from duckcdm.circe import CirceError, build_cohort_query
+    from duckcdm.sqlrender import JavaError, render, translate
+
+    try:
+        ohdsi = build_cohort_query(
+            expression_json, cdm_schema=cdm, vocabulary_schema=vocab, result_schema=results,
+            target_table=f"{results}.cohort", cohort_id=cohort_id, generate_stats=True,
+        )
+        return translate(render(ohdsi), DIALECTS[dialect])
+    except (CirceError, JavaError) as exc:
+        raise DataError(f"{where}: cannot translate the cohort definition ({_one_line(exc)})") from None
+
+
+def _translate_circepy(
+    expression_json: str, dialect: str, cdm: str, vocab: str, results: str, cohort_id: int, where: str
+) -> str:
+    from circe.api import build_cohort_query, cohort_expression_from_json
+    from circe.cohortdefinition import BuildExpressionQueryOptions
+    from circe.sqlrender import render, translate
+
+    options = BuildExpressionQueryOptions()
+    options.cdm_schema, options.vocabulary_schema, options.result_schema = cdm, vocab, results
+    options.target_table, options.cohort_id, options.generate_stats = f"{results}.cohort", cohort_id, True
+    try:
+        return translate(render(build_cohort_query(cohort_expression_from_json(expression_json), options)),
+                         DIALECTS[dialect])
+    except Exception as exc:  # circepy raises bare ValueError/AttributeError/RuntimeError
+        raise DataError(f"{where}: cannot translate the cohort definition ({type(exc).__name__})") from None
+
+
+def _split(sql: str, translator: str) -> list[str]:
+    if translator == "duckcdm":
+        from duckcdm.sqlrender import split_sql
+    else:
+        from circe.sqlrender import split_sql
+    return [s.strip() for s in split_sql(sql) if s.strip()]
+
+
+def render_sql(
+    definition: CohortDefinition,
+    dialect: str,
+    cdm_schema: str,
+    vocabulary_schema: str,
+    results_schema: str,
+    cohort_id: int,
+    translator: str = "duckcdm",
+    use_cache: bool = True,
+) -> list[str]:
+    """Translate a definition to the statements that build it (cached on disk).
+
+    The statements write ``<results_schema>.cohort`` and the attrition tables for ``cohort_id``;
+    run them in order, in one transaction, on one connection.
+    """
+    if dialect not in DIALECTS:
+        raise ConfigError(f"cohorts: database {dialect!r} is not supported; use PostgreSQL or DuckDB")
+    if translator not in TRANSLATORS:
+        raise ConfigError(f"cohorts: unknown translator {translator!r}; choose one of {', '.join(TRANSLATORS)}")
+    for value, what in ((cdm_schema, "cdm schema"), (vocabulary_schema, "vocabulary schema"),
+                        (results_schema, "results schema")):
+        check_identifier(value, what)
+    if isinstance(cohort_id, bool) or not isinstance(cohort_id, int) or not 0 < cohort_id < 2**31:
+        raise DataError(f"{definition.source}: cohort id must be a positive 32-bit integer")
+    key_material = json.dumps(
+        [definition.hash, dialect, cdm_schema, vocabulary_schema, results_schema, cohort_id, translator,
+         _translator_version(translator)]
+    )
+    key = hashlib.sha256(key_material.encode()).hexdigest()
+    cache_file = _cache_dir() / f"{key}.json"
+    if use_cache and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+            if isinstance(cached, list) and all(isinstance(s, str) for s in cached):
+                return cached
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged cache entry is rebuilt
+    translate = _translate_duckcdm if translator == "duckcdm" else _translate_circepy
+    sql = translate(definition.canonical_json, dialect, cdm_schema, vocabulary_schema, results_schema, cohort_id,
+                    definition.source)
+    statements = _split(sql, translator)
+    if any(_LEFTOVER.search(_QUOTED.sub("''", s)) for s in statements):
+        raise DataError(f"{definition.source}: translated SQL still holds unrendered parameters; report this")
+    if use_cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(statements))
+            tmp.replace(cache_file)
+        except OSError:
+            pass  # caching is an optimisation only
+    return statements
+
+
+# --------------------------------------------------------------------------- build
+@dataclass
+class BuildResult:
+    """What one cohort build did."""
+
+    cohort_id: int
+    name: str
+    definition_hash: str
+    translator: str
+    person_count: int
+    record_count: int
+    statements: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self, min_cell_count: int | None = None) -> dict[str, Any]:
+        data = asdict(self)
+        if min_cell_count is not None:
+            data["person_count"] = mask_count(self.person_count, min_cell_count)
+            data["record_count"] = mask_count(self.record_count, min_cell_count)
+        return data
+
+
+def mask_count(count: int | None, min_cell_count: int) -> int | str | None:
+    """Small-cell suppression for display: a count below ``min_cell_count`` prints as ``<N``."""
+    if count is None:
+        return None
+    return f"<{min_cell_count}" if count < min_cell_count else int(count)
+
+
+def _existing_ids(conn: sa.Connection, results: str, ids: Sequence[int]) -> dict[int, str]:
+    table = qualified(results, "cohort_definition")
+    rows = conn.execute(
+        sa.text(f"SELECT cohort_definition_id, cohort_name FROM {table} WHERE cohort_definition_id IN :ids")
+        .bindparams(sa.bindparam("ids", expanding=True)),
+        {"ids": list(ids)},
+    ).all()
+    found = {int(r[0]): str(r[1]) for r in rows}
+    cohort = qualified(results, "cohort")
+    rows = conn.execute(
+        sa.text(f"SELECT DISTINCT cohort_definition_id FROM {cohort} WHERE cohort_definition_id IN :ids")
+        .bindparams(sa.bindparam("ids", expanding=True)),
+        {"ids": list(ids)},
+    ).scalars()
+    for cohort_id in rows:
+        found.setdefault(int(cohort_id), "(built outside omopfl)")
+    return found
+
+
+def _concept_warnings(conn: sa.Connection, site: SiteConfig, definition: CohortDefinition) -> list[str]:
+    """Check concept ids against the site's vocabulary.
+
+    An entry concept set with none of its concepts in the vocabulary makes the cohort empty by
+    construction: that is an error.  Other unknown ids are warnings (vocabularies differ by site).
+    """
+    by_set = definition.concept_ids()
+    all_ids = sorted({i for ids in by_set.values() for i in ids})
+    if not all_ids:
+        return []
+    concept = qualified(site.vocabulary_schema, "concept")
+    known: set[int] = set()
+    for start in range(0, len(all_ids), 5000):
+        chunk = all_ids[start:start + 5000]
+        known |= {int(x) for x in conn.execute(
+            sa.text(f"SELECT concept_id FROM {concept} WHERE concept_id IN :ids")
+            .bindparams(sa.bindparam("ids", expanding=True)),
+            {"ids": chunk},
+        ).scalars()}
+    warnings = []
+    primary = definition.primary_codeset_ids()
+    sets = definition.expression.get("ConceptSets") or []
+    for concept_set in sets:
+        name = str(concept_set.get("name") or concept_set.get("id"))
+        ids = by_set.get(name, [])
+        unknown = [i for i in ids if i not in known]
+        if not unknown:
+            continue
+        if len(unknown) == len(ids) and concept_set.get("id") in primary:
+            raise DataError(
+                f"{definition.source}: concept set {name!r} (used for cohort entry) has no concept id known to "
+                f"the vocabulary of site {site.name} (unknown: {', '.join(map(str, unknown[:5]))}"
+                f"{', ...' if len(unknown) > 5 else ''}); check the ids or load the vocabulary"
+            )
+        warnings.append(f"concept set {name!r}: {len(unknown)} of {len(ids)} concept ids not in the vocabulary")
+    return warnings
+
+
+def build_cohorts(
+    engine: sa.Engine,
+    site: SiteConfig,
+    requests: Sequence[tuple[CohortDefinition, int]],
+    *,
+    replace: bool = False,
+    translator: str = "duckcdm",
+    progress: bool = False,
+) -> list[BuildResult]:
+    """Build cohorts in the site's results schema, all in one transaction.
+
+    Parameters
+    ----------
+    engine:
+        The site's database.
+    requests:
+        ``(definition, cohort_id)`` pairs.
+    replace:
+        Rebuild ids that already exist; otherwise an existing id is an error.
+
+    Raises
+    ------
+    DataError
+        Bad definition, unknown entry concepts, duplicate or existing ids.
+    DatabaseError
+        A statement failed; nothing was changed.
+    """
+    import time
+
+    ids = [cohort_id for _, cohort_id in requests]
+    if len(set(ids)) != len(ids):
+        raise DataError("cohort build: the same cohort id is requested twice; give each definition its own --id")
+    dialect = engine.dialect.name
+    where = f"site {site.name}"
+    try:
+        with engine.begin() as conn:  # results tables are created once, outside the build transaction
+            create_results(conn, site.results_schema)
+    except sa.exc.DBAPIError as exc:
+        raise DatabaseError(
+            f"{where}: cannot create results schema {site.results_schema} ({describe_driver_error(exc)}); "
+            "grant CREATE on the database or create the schema for omopfl"
+        ) from None
+
+    results: list[BuildResult] = []
+    try:
+        conn = engine.connect().execution_options(no_parameters=True)
+    except sa.exc.DBAPIError as exc:
+        raise DatabaseError(f"cannot connect to {where}: {describe_driver_error(exc)}") from None
+    try:
+        existing = _existing_ids(conn, site.results_schema, ids)
+        conn.rollback()
+        if existing and not replace:
+            cohort_id, name = next(iter(sorted(existing.items())))
+            raise DataError(
+                f"{where}: cohort id {cohort_id} already exists ({name}); pass --replace to rebuild it "
+                "or choose another --id"
+            )
+        plans = []
+        for definition, cohort_id in requests:
+            warnings = _concept_warnings(conn, site, definition)
+            statements = render_sql(
+                definition, dialect, site.cdm_schema, site.vocabulary_schema, site.results_schema, cohort_id,
+                translator,
+            )
+            plans.append((definition, cohort_id, statements, warnings))
+        conn.rollback()
+        total = sum(len(p[2]) for p in plans)
+        with _progress(progress, total, f"building {len(plans)} cohort(s) at {site.name}") as advance:
+            transaction = conn.begin()
+            try:
+                if dialect == "postgresql":
+                    # CIRCE SQL joins many small temp tables; nested loops can turn a 0.1 s cohort into
+                    # minutes on PostgreSQL's default plans.  LOCAL: only for this transaction.
+                    conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
+                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT_MS)}")
+                for definition, cohort_id, statements, warnings in plans:
+                    started = time.perf_counter()
+                    _write_rule_names(conn, site.results_schema, definition, cohort_id)
+                    for index, statement in enumerate(statements, start=1):
+                        try:
+                            conn.exec_driver_sql(statement)
+                        except sa.exc.DBAPIError as exc:
+                            raise DatabaseError(
+                                f"{where}: cohort {cohort_id} ({definition.name}) failed at statement "
+                                f"{index}/{len(statements)} ({describe_driver_error(exc)}); "
+                                "nothing was changed"
+                            ) from None
+                        advance()
+                    persons, records = _cohort_counts(conn, site.results_schema, cohort_id)
+                    _write_definition_row(conn, site.results_schema, definition, cohort_id, translator,
+                                          persons, records)
+                    results.append(BuildResult(
+                        cohort_id, definition.name, definition.hash, translator, persons, records,
+                        len(statements), round(time.perf_counter() - started, 3), warnings,
+                    ))
+                transaction.commit()
+            except BaseException:
+                transaction.rollback()
+                raise
+    except sa.exc.DBAPIError as exc:
+        raise DatabaseError(f"{where}: cohort build failed ({describe_driver_error(exc)}); nothing was changed") \
+            from None
+    finally:
+        conn.close()
+    return results
+
+
+class _progress:
+    """A rich progress bar when asked for, a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int, description: str) -> None:
+        self.enabled, self.total, self.description = enabled, total, description
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), transient=False)
+        self._bar.start()
+        task = self._bar.add_task(self.description, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _write_rule_names(conn: sa.Connection, results: str, definition: CohortDefinition, cohort_id: int) -> None:
+    table = qualified(results, "cohort_inclusion")
+    conn.execute(sa.text(f"DELETE FROM {table} WHERE cohort_definition_id = :id"), {"id": cohort_id})
+    for sequence, (name, description) in enumerate(definition.inclusion_rules):
+        conn.execute(
+            sa.text(f"INSERT INTO {table} (cohort_definition_id, rule_sequence, name, description) "
+                    "VALUES (:id, :seq, :name, :description)"),
+            {"id": cohort_id, "seq": sequence, "name": name[:255], "description": description},
+        )
+
+
+def _cohort_counts(conn: sa.Connection, results: str, cohort_id: int) -> tuple[int, int]:
+    row = conn.execute(
+        sa.text(f"SELECT count(DISTINCT subject_id), count(*) FROM {qualified(results, 'cohort')} "
+                "WHERE cohort_definition_id = :id"),
+        {"id": cohort_id},
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def _write_definition_row(
+    conn: sa.Connection, results: str, definition: CohortDefinition, cohort_id: int, translator: str,
+    persons: int, records: int,
+) -> None:
+    table = qualified(results, "cohort_definition")
+    conn.execute(sa.text(f"DELETE FROM {table} WHERE cohort_definition_id = :id"), {"id": cohort_id})
+    conn.execute(
+        sa.text(f"INSERT INTO {table} (cohort_definition_id, cohort_name, definition_hash, translator, built_at, "
+                "person_count, record_count) VALUES (:id, :name, :hash, :translator, :built_at, :persons, :records)"),
+        {"id": cohort_id, "name": definition.name[:255], "hash": definition.hash, "translator": translator,
+         "built_at": datetime.now(UTC).replace(tzinfo=None, microsecond=0), "persons": persons,
+         "records": records},
+    )
+
+
+# --------------------------------------------------------------------------- list / show
+@dataclass
+class CohortSummary:
+    """One row of `omopfl cohort list` (counts masked below min_cell_count)."""
+
+    cohort_id: int
+    name: str
+    persons: int | str
+    records: int | str
+    built_at: str
+    translator: str
+    definition_hash: str
+
+
+@dataclass
+class RuleAttrition:
+    """One inclusion rule (OHDSI ``cohort_inclusion_stats``).
+
+    ``persons_passing`` meet the rule; ``failing_only_this`` fail this rule but pass every other one
+    (what removing the rule would gain); ``total`` is the number of persons the rules were applied to.
+    """
+
+    sequence: int
+    name: str
+    persons_passing: int | str
+    failing_only_this: int | str
+    total: int | str
+
+
+@dataclass
+class CohortDetail:
+    """`omopfl cohort show`: counts and inclusion-rule attrition (masked below min_cell_count)."""
+
+    summary: CohortSummary
+    base_count: int | str | None
+    final_count: int | str | None
+    censored: int | str | None
+    rules: list[RuleAttrition]
+    mode: str = "best event per person"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ensure_results(conn: sa.Connection, site: SiteConfig) -> None:
+    from omopfl.db import existing_tables
+
+    if "cohort_definition" not in existing_tables(conn, site.results_schema):
+        raise DataError(
+            f"site {site.name}: no cohorts built yet in results schema {site.results_schema}; "
+            "run omopfl cohort build first"
+        )
+
+
+def list_cohorts(conn: sa.Connection, site: SiteConfig) -> list[CohortSummary]:
+    """Cohorts built at a site, with masked counts."""
+    _ensure_results(conn, site)
+    rows = conn.execute(sa.text(
+        "SELECT cohort_definition_id, cohort_name, person_count, record_count, built_at, translator, "
+        f"definition_hash FROM {qualified(site.results_schema, 'cohort_definition')} ORDER BY cohort_definition_id"
+    )).all()
+    k = site.min_cell_count
+    return [CohortSummary(int(r[0]), r[1], mask_count(r[2], k), mask_count(r[3], k), str(r[4]), r[5], r[6][:12])
+            for r in rows]
+
+
+def show_cohort(conn: sa.Connection, site: SiteConfig, cohort_id: int) -> CohortDetail:
+    """Counts and inclusion-rule attrition of one cohort, masked below the site's min_cell_count."""
+    _ensure_results(conn, site)
+    found = [c for c in list_cohorts(conn, site) if c.cohort_id == cohort_id]
+    if not found:
+        raise DataError(f"site {site.name}: no cohort with id {cohort_id}; see omopfl cohort list")
+    k = site.min_cell_count
+    results = site.results_schema
+    mode = 1  # best event per person, as ATLAS shows by default
+    summary = conn.execute(
+        sa.text(f"SELECT base_count, final_count FROM {qualified(results, 'cohort_summary_stats')} "
+                "WHERE cohort_definition_id = :id AND mode_id = :mode"),
+        {"id": cohort_id, "mode": mode},
+    ).first()
+    censored = conn.execute(
+        sa.text(f"SELECT lost_count FROM {qualified(results, 'cohort_censor_stats')} WHERE cohort_definition_id = :id"),
+        {"id": cohort_id},
+    ).scalar()
+    names = dict(conn.execute(
+        sa.text(f"SELECT rule_sequence, name FROM {qualified(results, 'cohort_inclusion')} "
+                "WHERE cohort_definition_id = :id"),
+        {"id": cohort_id},
+    ).all())
+    stats = conn.execute(
+        sa.text(f"SELECT rule_sequence, person_count, gain_count, person_total FROM "
+                f"{qualified(results, 'cohort_inclusion_stats')} WHERE cohort_definition_id = :id AND mode_id = :mode "
+                "ORDER BY rule_sequence"),
+        {"id": cohort_id, "mode": mode},
+    ).all()
+    rules = [RuleAttrition(int(r[0]), str(names.get(r[0], f"rule {r[0]}")), mask_count(r[1], k),
+                           mask_count(r[2], k), mask_count(r[3], k)) for r in stats]
+    return CohortDetail(
+        summary=found[0],
+        base_count=mask_count(summary[0], k) if summary else None,
+        final_count=mask_count(summary[1], k) if summary else None,
+        censored=mask_count(censored, k) if censored is not None else None,
+        rules=rules,
+    )
+
+
+def assign_ids(definitions: Iterable[CohortDefinition], first_id: int | None) -> list[tuple[CohortDefinition, int]]:
+    """Pair definitions with cohort ids: ``first_id``, ``first_id + 1``, ... or each file's own id."""
+    pairs = []
+    for offset, definition in enumerate(definitions):
+        if first_id is not None:
+            pairs.append((definition, first_id + offset))
+        elif definition.default_id is not None:
+            pairs.append((definition, definition.default_id))
+        else:
+            raise DataError(
+                f"{definition.source}: no cohort id (the file has no 'id' and its name is not a number); pass --id N"
+            )
+    return pairs
