@@ -287,9 +287,12 @@ def results_metadata(results_schema: str) -> sa.MetaData:
 
 
 def _ensure_schema(conn: sa.Connection, schema: str) -> None:
-    from omopfl.db import quote_identifier
+    from omopfl.db import quote_identifier, schema_exists
 
-    conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}"))
+    # Checked first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+    # exists, which a site's omopfl role may rightly lack.
+    if not schema_exists(conn, schema):
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}"))
 
 
 def create_cdm(

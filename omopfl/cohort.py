@@ -632,8 +632,9 @@ def show_cohort(conn: sa.Connection, site: SiteConfig, cohort_id: int) -> Cohort
                            mask_count(r[2], k), mask_count(r[3], k)) for r in stats]
     return CohortDetail(
         summary=found[0],
+        # CIRCE writes summary statistics only for cohorts with inclusion rules.
         base_count=mask_count(summary[0], k) if summary else None,
-        final_count=mask_count(summary[1], k) if summary else None,
+        final_count=mask_count(summary[1], k) if summary else found[0].persons,
         censored=mask_count(censored, k) if censored is not None else None,
         rules=rules,
     )

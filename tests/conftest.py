@@ -70,6 +70,22 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def database_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Make a fresh database on a backend, for module-scoped fixtures: ``make("duckdb" | "postgresql", tag)``."""
+
+    def make(name: str, tag: str) -> str:
+        if name == "duckdb":
+            return f"duckdb:///{tmp_path_factory.mktemp(tag) / 'omop.duckdb'}"
+        if not PG_ADMIN_URL:
+            if os.environ.get("CI"):
+                pytest.fail("OMOPFL_TEST_PG_URL is not set in CI: run the tests through scripts/test.sh")
+            pytest.skip("PostgreSQL not available: set OMOPFL_TEST_PG_URL or run scripts/test.sh")
+        return _create_pg_database(tag)
+
+    return make
+
+
 @pytest.fixture()
 def duckdb_backend(tmp_path: Path) -> Iterator[Backend]:
     url = f"duckdb:///{tmp_path / 'test.duckdb'}"
