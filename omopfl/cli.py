@@ -333,8 +333,9 @@ def demo(
     sites: Annotated[int, typer.Option(help="Number of synthetic sites.", min=1, max=26)] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     adapters: Annotated[Path, typer.Option(help="Folder for the sites' adapter TOMLs.")] = Path("adapters"),
+    cohorts: Annotated[Path, typer.Option(help="Folder with the study's cohort definitions.")] = Path("cohorts"),
 ) -> None:
-    """The whole job on the embedded default (DuckDB): synthetic sites, then a check of every site."""
+    """The whole job on the embedded default (DuckDB): synthetic sites, site checks, cohorts built in each site."""
     from omopfl.db import connect, site_engine
     from omopfl.sites import check_site
     from omopfl.synth import run_synth
@@ -356,10 +357,30 @@ def demo(
             f"{site.name}: CDM {report.cdm_version}, {report.persons:,} persons, "
             f"{levels.count('warning')} warnings, {levels.count('error')} errors"
         )
+    console.rule("3. cohorts built inside each site's database")
+    from omopfl.cohort import build_cohorts, load_definition
+
+    definitions = [load_definition(cohorts / name) for name in ("incident_t2dm.yaml", "heart_failure.yaml")]
+    cohort_table = Table(title="cohort persons per site (masked below min_cell_count)")
+    cohort_table.add_column("cohort")
+    built: dict[str, list[dict]] = {}
+    for path in [adapters / f"{s.site}.toml" for s in summaries]:
+        site = load_site(path)
+        cohort_table.add_column(site.name, justify="right")
+        engine = site_engine(site)
+        try:
+            results = build_cohorts(engine, site, [(d, d.default_id) for d in definitions], replace=True)
+        finally:
+            engine.dispose()
+        built[site.name] = [r.to_dict(min_cell_count=site.min_cell_count) for r in results]
+    for index, definition in enumerate(definitions):
+        cohort_table.add_row(f"{definition.default_id} {definition.name}",
+                             *[str(built[name][index]["person_count"]) for name in built])
+    console.print(cohort_table)
     report_path = out / "demo_report.json"
     report_path.write_text(
         json.dumps(
-            {"synth": [s.to_dict() for s in summaries], "sites": [r.to_dict() for r in reports]},
+            {"synth": [s.to_dict() for s in summaries], "sites": [r.to_dict() for r in reports], "cohorts": built},
             indent=2, default=str,
         )
     )

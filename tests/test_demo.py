@@ -16,7 +16,8 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     exe = str(Path(sys.executable).parent / "omopfl")
     out, adapters = tmp_path / "demo", tmp_path / "adapters"
     done = subprocess.run(
-        [exe, "demo", "--out", str(out), "--adapters", str(adapters), "--sites", "2"],
+        [exe, "demo", "--out", str(out), "--adapters", str(adapters), "--sites", "2", "--cohorts",
+         str(ROOT / "cohorts")],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr
@@ -26,6 +27,9 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
         assert site["row_counts"]["person"] == synth["persons"]
         assert site["cdm_version"] == "5.4"
     assert "site_a: CDM 5.4" in done.stdout
+    for synth in report["synth"]:  # the target cohort built in each site equals the generator's truth
+        target = report["cohorts"][synth["site"]][0]
+        assert target["cohort_id"] == 101 and target["person_count"] == synth["target_persons"]
 
 
 def test_checked_in_adapters_match_the_demo_layout() -> None:
