@@ -1,0 +1,368 @@
+"""The study specification (``study.toml``): identical at every site; the server sends it.
+
+It names the target and outcome cohorts and the time at risk, the features (computed in the
+database), the fixed categorical levels, the linked modalities, validation thresholds, the model
+and training settings.  A site checks it against what it can serve and refuses, with a clear
+error, what it cannot.
+
+Example: ``examples/t2dm_hf/study.toml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omopfl.errors import ConfigError
+
+__all__ = [
+    "StudyConfig",
+    "ConceptSetFeature",
+    "MeasurementFeature",
+    "ImagingSpec",
+    "OmicsSpec",
+    "ValidationSpec",
+    "ModelSpec",
+    "TrainingSpec",
+    "load_study",
+    "DEMOGRAPHICS",
+    "DOMAIN_TABLES",
+]
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+DEMOGRAPHICS = ("age", "sex", "prior_observation_days")
+# domain -> (table, concept column, start date column)
+DOMAIN_TABLES: dict[str, tuple[str, str, str]] = {
+    "condition_occurrence": ("condition_occurrence", "condition_concept_id", "condition_start_date"),
+    "drug_exposure": ("drug_exposure", "drug_concept_id", "drug_exposure_start_date"),
+    "procedure_occurrence": ("procedure_occurrence", "procedure_concept_id", "procedure_date"),
+    "observation": ("observation", "observation_concept_id", "observation_date"),
+    "visit_occurrence": ("visit_occurrence", "visit_concept_id", "visit_start_date"),
+}
+MODELS = ("logistic", "mlp", "cnn", "fusion")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+@dataclass(frozen=True)
+class ConceptSetFeature:
+    """Presence (0/1) or count of events of a concept set in a window before index."""
+
+    name: str
+    domain: str
+    concepts: tuple[int, ...]
+    descendants: bool = True
+    window: tuple[int, int] = (-365, 0)
+    aggregate: str = "presence"  # presence | count
+
+
+@dataclass(frozen=True)
+class MeasurementFeature:
+    """A measurement value in a window before index, converted to one canonical unit."""
+
+    name: str
+    concepts: tuple[int, ...]
+    unit: str  # canonical unit, UCUM code, e.g. "mg/dL"
+    analyte: str | None = None  # for molar conversions: glucose, creatinine, hba1c, cholesterol
+    window: tuple[int, int] = (-365, 0)
+    aggregate: str = "last"  # last | mean
+    plausible_range: tuple[float, float] | None = None
+    descendants: bool = False
+
+
+@dataclass(frozen=True)
+class ImagingSpec:
+    enabled: bool = False
+    modalities: tuple[str, ...] = ("MR", "CT")
+    size: int = 32
+    window: tuple[int, int] = (-365, 0)
+
+
+@dataclass(frozen=True)
+class OmicsSpec:
+    enabled: bool = False
+    genes: tuple[str, ...] = ()
+    log1p: bool = True
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    min_completeness: float = 0.5  # a measurement feature observed in fewer persons is a warning
+    fatal_completeness: float = 0.0  # below this it is fatal
+    min_persons: int = 10
+    allow_fatal: bool = False  # a site may override fatal failures explicitly (its own TOML or CLI)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str = "logistic"
+    hidden: tuple[int, ...] = (256, 512, 128, 64, 32)
+    dropout: tuple[float, float] = (0.4, 0.15)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 0.01
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    min_sites: int = 2
+    test_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A parsed ``study.toml``."""
+
+    name: str
+    description: str
+    target_cohort: Path
+    outcome_cohort: Path
+    time_at_risk: tuple[int, int]
+    demographics: tuple[str, ...]
+    concept_sets: tuple[ConceptSetFeature, ...]
+    measurements: tuple[MeasurementFeature, ...]
+    categories: dict[str, tuple[str, ...]]
+    imaging: ImagingSpec
+    omics: OmicsSpec
+    validation: ValidationSpec
+    model: ModelSpec
+    training: TrainingSpec
+    source: Path | None = field(default=None, compare=False)
+    text: str = field(default="", compare=False, repr=False)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the study file's text (the same file at every site gives the same hash)."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def feature_names(self) -> list[str]:
+        """Tabular feature columns in order (before harmonization adds missingness indicators)."""
+        names: list[str] = []
+        for demographic in self.demographics:
+            if demographic == "sex":
+                names += [f"sex_{level}" for level in self.categories["sex"]]
+            else:
+                names.append(demographic)
+        names += [f.name for f in self.concept_sets]
+        names += [m.name for m in self.measurements]
+        return names
+
+
+class _Reader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key} {problem}")
+
+    def table(self, data: dict, key: str, required: bool = False) -> dict:
+        value = data.get(key.split(".")[-1])
+        if value is None:
+            if required:
+                raise self.fail(f"[{key}]", "is missing")
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(f"[{key}]", "must be a table")
+        return value
+
+    def keys(self, data: dict, key: str, allowed: set[str]) -> None:
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            expected = ", ".join(sorted(allowed))
+            raise self.fail(f"[{key}] {unknown[0]}", f"is not a known key; expected one of {expected}")
+
+    def get(self, data: dict, section: str, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in data:
+            if default is ...:
+                raise self.fail(f"[{section}] {key}", "is missing")
+            return default
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(f"[{section}] {key}", f"must be {' or '.join(k.__name__ for k in kinds)}")
+        if not isinstance(value, kinds):
+            raise self.fail(f"[{section}] {key}", f"must be {' or '.join(k.__name__ for k in kinds)}")
+        return value
+
+    def name(self, value: Any, where: str) -> str:
+        if not isinstance(value, str) or not NAME_RE.match(value):
+            raise self.fail(where, "must be a lower-case name (letters, digits, underscores; starting with a letter)")
+        return value
+
+    def window(self, data: dict, section: str, default: tuple[int, int]) -> tuple[int, int]:
+        value = data.get("window", list(default))
+        if (not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
+            raise self.fail(f"[{section}] window", "must be [start, end] in days relative to index, start <= end")
+        return value[0], value[1]
+
+    def concepts(self, data: dict, section: str) -> tuple[int, ...]:
+        value = data.get("concepts")
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise self.fail(f"[{section}] concepts", "must be a non-empty list of OMOP concept ids")
+        return tuple(value)
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Parse and check a ``study.toml``; errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    r = _Reader(path)
+    r.keys(data, "top level", {"study", "cohorts", "outcome", "features", "categories", "linking", "validation",
+                               "model", "training"})
+    study = r.table(data, "study", required=True)
+    r.keys(study, "study", {"name", "description"})
+    name = r.name(r.get(study, "study", "name", str), "[study] name")
+
+    cohorts = r.table(data, "cohorts", required=True)
+    r.keys(cohorts, "cohorts", {"target", "outcome"})
+    target = _resolve(path.parent, r.get(cohorts, "cohorts", "target", str))
+    outcome = _resolve(path.parent, r.get(cohorts, "cohorts", "outcome", str))
+    for key, file in (("target", target), ("outcome", outcome)):
+        if not file.is_file():
+            raise r.fail(f"[cohorts] {key}", "names a cohort definition file that does not exist")
+
+    outcome_section = r.table(data, "outcome")
+    r.keys(outcome_section, "outcome", {"time_at_risk"})
+    tar = outcome_section.get("time_at_risk", [1, 365])
+    if (not isinstance(tar, list) or len(tar) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                for v in tar) or tar[0] > tar[1]):
+        raise r.fail("[outcome] time_at_risk", "must be [start, end] in days after index, start <= end")
+
+    features = r.table(data, "features")
+    r.keys(features, "features", {"demographics", "concept_sets", "measurements"})
+    demographics = features.get("demographics", list(DEMOGRAPHICS))
+    if not isinstance(demographics, list) or any(d not in DEMOGRAPHICS for d in demographics):
+        raise r.fail("[features] demographics", f"must list some of {', '.join(DEMOGRAPHICS)}")
+
+    concept_sets = []
+    for i, item in enumerate(features.get("concept_sets", [])):
+        section = f"features.concept_sets[{i}]"
+        if not isinstance(item, dict):
+            raise r.fail(f"[{section}]", "must be a table")
+        r.keys(item, section, {"name", "domain", "concepts", "descendants", "window", "aggregate"})
+        domain = r.get(item, section, "domain", str)
+        if domain not in DOMAIN_TABLES:
+            raise r.fail(f"[{section}] domain", f"must be one of {', '.join(DOMAIN_TABLES)}")
+        aggregate = r.get(item, section, "aggregate", str, "presence")
+        if aggregate not in {"presence", "count"}:
+            raise r.fail(f"[{section}] aggregate", "must be presence or count")
+        concept_sets.append(ConceptSetFeature(
+            r.name(item.get("name"), f"[{section}] name"), domain, r.concepts(item, section),
+            r.get(item, section, "descendants", bool, True), r.window(item, section, (-365, 0)), aggregate,
+        ))
+
+    measurements = []
+    for i, item in enumerate(features.get("measurements", [])):
+        section = f"features.measurements[{i}]"
+        if not isinstance(item, dict):
+            raise r.fail(f"[{section}]", "must be a table")
+        r.keys(item, section, {"name", "concepts", "unit", "analyte", "window", "aggregate", "range", "descendants"})
+        aggregate = r.get(item, section, "aggregate", str, "last")
+        if aggregate not in {"last", "mean"}:
+            raise r.fail(f"[{section}] aggregate", "must be last or mean")
+        plausible = item.get("range")
+        if plausible is not None and (not isinstance(plausible, list) or len(plausible) != 2
+                                      or not all(isinstance(v, int | float) for v in plausible)
+                                      or plausible[0] >= plausible[1]):
+            raise r.fail(f"[{section}] range", "must be [low, high] in the canonical unit")
+        measurements.append(MeasurementFeature(
+            r.name(item.get("name"), f"[{section}] name"), r.concepts(item, section),
+            r.get(item, section, "unit", str), r.get(item, section, "analyte", str, None),
+            r.window(item, section, (-365, 0)), aggregate,
+            (float(plausible[0]), float(plausible[1])) if plausible else None,
+            r.get(item, section, "descendants", bool, False),
+        ))
+    names = [*demographics, *(f.name for f in concept_sets), *(m.name for m in measurements)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise r.fail("[features]", f"name {duplicates[0]!r} is used twice")
+
+    categories_raw = r.table(data, "categories")
+    categories = {"sex": ("male", "female")}
+    for key, levels in categories_raw.items():
+        if key != "sex":
+            raise r.fail(f"[categories] {key}", "is not a categorical feature (only sex is categorical)")
+        if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
+            raise r.fail(f"[categories] {key}", "must be a non-empty list of level names")
+        categories[key] = tuple(levels)
+
+    linking = r.table(data, "linking")
+    r.keys(linking, "linking", {"images", "omics"})
+    images = r.table(linking, "linking.images")
+    r.keys(images, "linking.images", {"enabled", "modalities", "size", "window"})
+    imaging = ImagingSpec(
+        r.get(images, "linking.images", "enabled", bool, False),
+        tuple(r.get(images, "linking.images", "modalities", list, ["MR", "CT"])),
+        r.get(images, "linking.images", "size", int, 32),
+        r.window(images, "linking.images", (-365, 0)),
+    )
+    if not 4 <= imaging.size <= 512:
+        raise r.fail("[linking.images] size", "must be between 4 and 512 pixels")
+    omics_raw = r.table(linking, "linking.omics")
+    r.keys(omics_raw, "linking.omics", {"enabled", "genes", "log1p"})
+    genes = r.get(omics_raw, "linking.omics", "genes", list, [])
+    if not all(isinstance(g, str) and g for g in genes):
+        raise r.fail("[linking.omics] genes", "must be a list of gene symbols")
+    omics = OmicsSpec(r.get(omics_raw, "linking.omics", "enabled", bool, False), tuple(genes),
+                      r.get(omics_raw, "linking.omics", "log1p", bool, True))
+    if omics.enabled and not omics.genes:
+        raise r.fail("[linking.omics] genes", "must list the study's genes when omics is enabled")
+
+    v = r.table(data, "validation")
+    r.keys(v, "validation", {"min_completeness", "fatal_completeness", "min_persons", "allow_fatal"})
+    validation = ValidationSpec(
+        float(r.get(v, "validation", "min_completeness", (int, float), 0.5)),
+        float(r.get(v, "validation", "fatal_completeness", (int, float), 0.0)),
+        r.get(v, "validation", "min_persons", int, 10),
+        r.get(v, "validation", "allow_fatal", bool, False),
+    )
+
+    m = r.table(data, "model")
+    r.keys(m, "model", {"kind", "hidden", "dropout"})
+    kind = r.get(m, "model", "kind", str, "logistic")
+    if kind not in MODELS:
+        raise r.fail("[model] kind", f"must be one of {', '.join(MODELS)}")
+    if kind in {"cnn", "fusion"} and not imaging.enabled:
+        raise r.fail("[model] kind", f"{kind} needs [linking.images] enabled = true")
+    model = ModelSpec(kind, tuple(r.get(m, "model", "hidden", list, [256, 512, 128, 64, 32])),
+                      tuple(r.get(m, "model", "dropout", list, [0.4, 0.15])))
+
+    t = r.table(data, "training")
+    r.keys(t, "training", {"rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "proximal_mu",
+                           "min_sites", "test_fraction", "seed"})
+    strategy = r.get(t, "training", "strategy", str, "fedavg")
+    if strategy not in STRATEGIES:
+        raise r.fail("[training] strategy", f"must be one of {', '.join(STRATEGIES)}")
+    training = TrainingSpec(
+        r.get(t, "training", "rounds", int, 5), r.get(t, "training", "local_epochs", int, 1),
+        r.get(t, "training", "batch_size", int, 64), float(r.get(t, "training", "learning_rate", (int, float), 0.01)),
+        strategy, float(r.get(t, "training", "proximal_mu", (int, float), 0.0)),
+        r.get(t, "training", "min_sites", int, 2), float(r.get(t, "training", "test_fraction", (int, float), 0.25)),
+        r.get(t, "training", "seed", int, 0),
+    )
+    return StudyConfig(
+        name=name, description=str(study.get("description", "")), target_cohort=target, outcome_cohort=outcome,
+        time_at_risk=(tar[0], tar[1]), demographics=tuple(demographics), concept_sets=tuple(concept_sets),
+        measurements=tuple(measurements), categories=categories, imaging=imaging, omics=omics,
+        validation=validation, model=model, training=training, source=path, text=text,
+    )
