@@ -442,6 +442,9 @@ def build_cohorts(
                     # CIRCE SQL joins many small temp tables; nested loops can turn a 0.1 s cohort into
                     # minutes on PostgreSQL's default plans.  LOCAL: only for this transaction.
                     conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
+                    # With nested loops off, cost estimates of the small attrition inserts explode past
+                    # jit_above_cost and PostgreSQL spends ~0.4 s per statement compiling (bench/cohort_bench.py).
+                    conn.exec_driver_sql("SET LOCAL jit = off")
                     conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT_MS)}")
                 for definition, cohort_id, statements, warnings in plans:
                     started = time.perf_counter()
