@@ -32,7 +32,8 @@ from omopfl.errors import DatabaseError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 COHORTS = ROOT / "cohorts"
-SHARED = ROOT.parent / "shared" / "data" / "ohdsi-cohorts"
+# Reference data written by others lives beside the checkout (../shared/data), never in the repo.
+SHARED = Path(os.environ.get("OMOPFL_SHARED_DATA", ROOT.parent / "shared" / "data")) / "ohdsi-cohorts"
 BACKENDS = ["duckdb", "postgresql"]
 
 # OHDSI CohortGenerator's celecoxib test cohorts on Eunomia GiBleed, persons (= records: first event only).
