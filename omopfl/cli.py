@@ -326,6 +326,85 @@ def cohort_show(
         console.print(table)
 
 
+# ---------------------------------------------------------------- prepare / validate
+StudyOption = Annotated[Path, typer.Option("--study", help="The study specification (study.toml).")]
+
+
+@app.command()
+def prepare(
+    site: SiteOption,
+    study: StudyOption,
+    out: Annotated[Path, typer.Option(help="Folder for prepared site datasets.")] = Path("data/prepared"),
+    allow_fatal: Annotated[
+        bool, typer.Option(help="Write the dataset even when validation finds fatal problems (explicit override).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Prepare a site's dataset for a study: cohorts, features, harmonization, linked files, validation."""
+    from omopfl.db import site_engine
+    from omopfl.prepare import prepare_site
+    from omopfl.study import load_study
+
+    config = load_site(site)
+    spec = load_study(study)
+    engine = site_engine(config)
+    try:
+        folder, manifest = prepare_site(engine, config, spec, out, allow_fatal=allow_fatal, progress=not as_json)
+    finally:
+        engine.dispose()
+    if as_json:
+        _emit_json(manifest)
+        return
+    _print_prepare_summary(config, manifest)
+    console.print(f"prepared dataset written to {folder}")
+
+
+@app.command()
+def validate(
+    site: SiteOption,
+    study: StudyOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Validate a site's data for a study (Great Expectations + CDM conformance) and print the report."""
+    from omopfl.db import site_engine
+    from omopfl.prepare import prepare_site
+    from omopfl.study import load_study
+
+    config = load_site(site)
+    spec = load_study(study)
+    engine = site_engine(config)
+    try:
+        _, manifest = prepare_site(engine, config, spec, Path("."), allow_fatal=True, write=False,
+                                   progress=not as_json)
+    finally:
+        engine.dispose()
+    if as_json:
+        _emit_json(manifest["validation"])
+    else:
+        _print_prepare_summary(config, manifest)
+    if manifest["validation"].get("fatal_count", 0):
+        raise typer.Exit(6)
+
+
+def _print_prepare_summary(config, manifest: dict) -> None:
+    from omopfl.cohort import mask_count
+
+    k = config.min_cell_count
+    console.rule(f"site {config.name}: study {manifest['study']}")
+    console.print(f"persons {mask_count(manifest['persons'], k)}, outcomes {mask_count(manifest['outcomes'], k)}, "
+                  f"{len(manifest['feature_names'])} features, CDM {manifest['cdm_version']}, "
+                  f"{manifest['seconds']:.1f} s")
+    linking = manifest.get("linking", {})
+    for kind in ("images", "omics"):
+        report = linking.get(kind) or {}
+        if report.get("enabled", True) is not False:
+            console.print(f"{kind}: " + ", ".join(f"{key} {value}" for key, value in report.items()
+                                                  if isinstance(value, int | float) and value))
+    summary = manifest.get("validation", {}).get("summary_text")
+    if summary:
+        console.print(summary)
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
@@ -405,5 +484,22 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(exc.exit_code) from None
 
 
+def run() -> None:
+    """The installed ``omopfl`` command: :func:`main`, then a quiet exit.
+
+    DuckDB 2.0's Python binding prints pages of harmless "nanobind: leaked ..." lines at interpreter
+    shutdown once Great Expectations has been imported; the command flushes its output and leaves
+    without running that teardown.  (Tests call :func:`main`, which exits normally.)
+    """
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

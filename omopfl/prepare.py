@@ -1,0 +1,303 @@
+"""Site data preparation: one pipeline from a site's CDM to a prepared dataset the client loads fast.
+
+``prepare_site`` is the single entry point shared by ``omopfl prepare`` and (later) the Flower
+ClientApp: cohorts (built if absent or changed) -> features computed in the database (streamed)
+-> harmonization (units, categories, missingness indicators) -> linked DICOM images and omics
+files -> validation (Great Expectations + CDM conformance) -> a dataset folder written atomically:
+
+``<out>/<site>/``
+    ``manifest.json``  hashes (cohort definitions, study, CDM snapshot), counts, the reports
+    ``tabular.npz``    ``x`` (float32, NaN = missing), ``y``, ``feature_names``, ``missing_names``
+    ``images.npy``     float32 (n, size, size) and ``image_mask.npy`` (n,) when images are linked
+    ``omics.npy``      float32 (n, genes) when omics are linked
+    ``persons.npy``    person ids (stays at the site; nothing here is ever sent)
+
+Imputation and scaling use the federated statistics and happen at training time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from omopfl.config import SiteConfig
+from omopfl.errors import DataError
+from omopfl.study import StudyConfig
+
+__all__ = ["PreparedSite", "prepare_site", "load_prepared", "cdm_snapshot_hash", "ensure_cohorts"]
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PreparedSite:
+    """A prepared site dataset, as loaded by the training client."""
+
+    site: str
+    x: np.ndarray
+    y: np.ndarray
+    feature_names: list[str]
+    images: np.ndarray | None = None
+    image_mask: np.ndarray | None = None
+    omics: np.ndarray | None = None
+    gene_names: list[str] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+
+def cdm_snapshot_hash(conn: sa.Connection, site: SiteConfig) -> str:
+    """A cheap fingerprint of the CDM's state: version, row counts and latest dates of the core tables."""
+    from omopfl.db import detect_cdm_version, existing_tables, qualified
+
+    tables = existing_tables(conn, site.cdm_schema)
+    parts: list[str] = [detect_cdm_version(conn, site.cdm_schema)]
+    for table, date_column in (("person", None), ("observation_period", "observation_period_end_date"),
+                               ("condition_occurrence", "condition_start_date"),
+                               ("drug_exposure", "drug_exposure_start_date"),
+                               ("measurement", "measurement_date"), ("image_occurrence", None),
+                               ("specimen", None)):
+        if table not in tables:
+            parts.append(f"{table}:absent")
+            continue
+        select = "count(*)" + (f", max({date_column})" if date_column else "")
+        row = conn.execute(sa.text(f"SELECT {select} FROM {qualified(site.cdm_schema, table)}")).one()
+        parts.append(f"{table}:" + ":".join(str(v) for v in row))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, progress: bool = False) -> dict[str, Any]:
+    """Build the study's target and outcome cohorts unless built already from the same definitions.
+
+    Returns
+    -------
+    dict
+        ``{"target": {"id", "hash", "rebuilt"}, "outcome": {...}}``.
+    """
+    from omopfl.cohort import build_cohorts, load_definition
+    from omopfl.db import existing_tables, qualified
+
+    definitions = {"target": load_definition(study.target_cohort), "outcome": load_definition(study.outcome_cohort)}
+    for role, definition in definitions.items():
+        if definition.default_id is None:
+            raise DataError(f"{definition.source}: the study's {role} cohort needs an id (add 'id:' to the file)")
+    if definitions["target"].default_id == definitions["outcome"].default_id:
+        raise DataError(f"{study.source}: target and outcome cohorts have the same id")
+    built: dict[int, str] = {}
+    with engine.connect() as conn:
+        if "cohort_definition" in existing_tables(conn, site.results_schema):
+            table = qualified(site.results_schema, "cohort_definition")
+            rows = conn.execute(sa.text(f"SELECT cohort_definition_id, definition_hash FROM {table}")).all()
+            built = {int(r[0]): str(r[1]) for r in rows}
+    todo = [(d, d.default_id) for d in definitions.values() if built.get(d.default_id) != d.hash]
+    if todo:
+        build_cohorts(engine, site, todo, replace=True, progress=progress)
+    rebuilt = {cohort_id for _, cohort_id in todo}
+    return {role: {"id": d.default_id, "hash": d.hash, "name": d.name, "rebuilt": d.default_id in rebuilt}
+            for role, d in definitions.items()}
+
+
+def _atomic_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` (same filesystem); the old dataset stays until the new one is complete."""
+    backup = final.with_name(f".{final.name}.old")
+    if backup.exists():
+        shutil.rmtree(backup)
+    if final.exists():
+        final.rename(backup)
+    tmp.rename(final)
+    if backup.exists():
+        shutil.rmtree(backup)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if hasattr(value, "to_dict"):
+        return _json_safe(value.to_dict())
+    return value
+
+
+def _hash_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_prepared(folder: str | Path) -> PreparedSite:
+    """Load a prepared site dataset (fast: numpy arrays only).
+
+    Raises
+    ------
+    DataError
+        If the folder holds no complete prepared dataset.
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"{folder}: no prepared dataset here (manifest.json missing); run omopfl prepare")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{folder}: prepared with another omopfl format; run omopfl prepare again")
+    with np.load(folder / "tabular.npz", allow_pickle=False) as data:
+        x, y = data["x"], data["y"]
+        names = [str(n) for n in data["feature_names"]]
+    images = np.load(folder / "images.npy", mmap_mode="r") if (folder / "images.npy").exists() else None
+    image_mask = np.load(folder / "image_mask.npy") if (folder / "image_mask.npy").exists() else None
+    omics = np.load(folder / "omics.npy") if (folder / "omics.npy").exists() else None
+    return PreparedSite(
+        site=manifest["site"], x=x, y=y, feature_names=names, images=images, image_mask=image_mask, omics=omics,
+        gene_names=list(manifest.get("genes", [])), manifest=manifest,
+    )
+
+
+def write_prepared(
+    final: Path,
+    site: SiteConfig,
+    frame: pd.DataFrame,
+    feature_names: list[str],
+    manifest: dict[str, Any],
+    images: tuple[np.ndarray, np.ndarray] | None = None,
+    omics: np.ndarray | None = None,
+) -> Path:
+    """Write a prepared dataset atomically (a temp folder renamed into place)."""
+    tmp = _atomic_dir(final)
+    try:
+        x = frame[feature_names].to_numpy(dtype=np.float32, na_value=np.nan)
+        y = frame["label"].to_numpy(dtype=np.float32)
+        np.savez(tmp / "tabular.npz", x=x, y=y, feature_names=np.array(feature_names, dtype=str))
+        np.save(tmp / "persons.npy", frame["person_id"].to_numpy(dtype=np.int64))
+        files = ["tabular.npz", "persons.npy"]
+        if images is not None:
+            np.save(tmp / "images.npy", images[0].astype(np.float32, copy=False))
+            np.save(tmp / "image_mask.npy", images[1].astype(bool, copy=False))
+            files += ["images.npy", "image_mask.npy"]
+        if omics is not None:
+            np.save(tmp / "omics.npy", omics.astype(np.float32, copy=False))
+            files.append("omics.npy")
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "site": site.name,
+                    "files": {name: _hash_file(tmp / name) for name in files}}
+        (tmp / MANIFEST).write_text(json.dumps(_json_safe(manifest), indent=2, sort_keys=True))
+        _commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prepare_site(
+    engine: sa.Engine,
+    site: SiteConfig,
+    study: StudyConfig,
+    out_dir: str | Path,
+    *,
+    allow_fatal: bool = False,
+    write: bool = True,
+    progress: bool = False,
+) -> tuple[Path | None, dict[str, Any]]:
+    """Prepare one site's dataset for the study.
+
+    Returns
+    -------
+    (folder or None, manifest)
+        The folder written (``None`` when ``write=False``, as ``omopfl validate`` does) and the manifest
+        with every report.
+
+    Raises
+    ------
+    DataError
+        On a fatal validation failure unless ``allow_fatal``; nothing is written then.
+    """
+    from omopfl.db import detect_cdm_version
+
+    started = time.perf_counter()
+    cohorts = ensure_cohorts(engine, site, study, progress=progress)
+    with engine.connect() as conn:
+        cdm_version = detect_cdm_version(conn, site.cdm_schema)
+        snapshot = cdm_snapshot_hash(conn, site)
+        frame, feature_names, harmonization = _features(conn, site, study, cohorts)
+        images, image_report = _images(conn, site, study, frame, Path(out_dir))
+        omics, omics_report = _omics(conn, site, study, frame)
+        report = _validate(conn, site, study, frame, cdm_version)
+    manifest: dict[str, Any] = {
+        "study": study.name,
+        "study_hash": study.hash,
+        "cohorts": cohorts,
+        "cdm_version": cdm_version,
+        "cdm_snapshot_hash": snapshot,
+        "persons": len(frame),
+        "outcomes": int(frame["label"].sum()) if len(frame) else 0,
+        "feature_names": feature_names,
+        "genes": list(study.omics.genes) if omics is not None else [],
+        "harmonization": harmonization,
+        "linking": {"images": image_report, "omics": omics_report},
+        "validation": report.to_dict(),
+        "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    report.raise_if_fatal(allow_fatal=allow_fatal or study.validation.allow_fatal)
+    if not write:
+        return None, _json_safe(manifest)
+    folder = write_prepared(Path(out_dir) / site.name, site, frame, feature_names, manifest, images, omics)
+    return folder, json.loads((folder / MANIFEST).read_text())
+
+
+# ----------------------------------------------------------------------------- stages
+def _features(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohorts: dict[str, Any]):
+    from omopfl import features, harmonize
+
+    read = features.read_features(conn, site, study, cohorts["target"]["id"], cohorts["outcome"]["id"])
+    frame, feature_names, report = harmonize.harmonize_frame(read.frame, study, unknown_units=read.unknown_units)
+    return frame, feature_names, _json_safe(report)
+
+
+def _images(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd.DataFrame, out_dir: Path):
+    if not study.imaging.enabled:
+        return None, {"enabled": False}
+    from omopfl.linking import link_images
+
+    cache = Path(os.environ.get("OMOPFL_IMAGE_CACHE", out_dir / ".cache" / site.name / "images"))
+    links = link_images(conn, site, study, frame[["person_id", "index_date"]], cache_dir=cache)
+    array, mask = links.materialize(frame["person_id"].to_numpy())
+    return (array, mask), _json_safe(links.report)
+
+
+def _omics(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd.DataFrame):
+    if not study.omics.enabled:
+        return None, {"enabled": False}
+    from omopfl.linking import link_omics
+
+    links = link_omics(conn, site, study, frame[["person_id", "index_date"]])
+    matrix = links.matrix.reindex(frame["person_id"].to_numpy())[list(study.omics.genes)]
+    return matrix.to_numpy(dtype=np.float32, na_value=np.nan), _json_safe(links.report)
+
+
+def _validate(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd.DataFrame, version: str):
+    from omopfl.validation import validate
+
+    return validate(conn, site, study, frame, version)
