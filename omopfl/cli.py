@@ -412,9 +412,11 @@ def demo(
     sites: Annotated[int, typer.Option(help="Number of synthetic sites.", min=1, max=26)] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     adapters: Annotated[Path, typer.Option(help="Folder for the sites' adapter TOMLs.")] = Path("adapters"),
-    cohorts: Annotated[Path, typer.Option(help="Folder with the study's cohort definitions.")] = Path("cohorts"),
+    study: Annotated[Path, typer.Option(help="The study to prepare each site for.")] = Path(
+        "examples/t2dm_hf/study.toml"
+    ),
 ) -> None:
-    """The whole job on the embedded default (DuckDB): synthetic sites, site checks, cohorts built in each site."""
+    """The whole job on the embedded default (DuckDB): synthetic sites, checks, cohorts, prepared datasets."""
     from omopfl.db import connect, site_engine
     from omopfl.sites import check_site
     from omopfl.synth import run_synth
@@ -438,8 +440,11 @@ def demo(
         )
     console.rule("3. cohorts built inside each site's database")
     from omopfl.cohort import build_cohorts, load_definition
+    from omopfl.prepare import prepare_site
+    from omopfl.study import load_study
 
-    definitions = [load_definition(cohorts / name) for name in ("incident_t2dm.yaml", "heart_failure.yaml")]
+    spec = load_study(study)
+    definitions = [load_definition(spec.target_cohort), load_definition(spec.outcome_cohort)]
     cohort_table = Table(title="cohort persons per site (masked below min_cell_count)")
     cohort_table.add_column("cohort")
     built: dict[str, list[dict]] = {}
@@ -456,10 +461,27 @@ def demo(
         cohort_table.add_row(f"{definition.default_id} {definition.name}",
                              *[str(built[name][index]["person_count"]) for name in built])
     console.print(cohort_table)
+    console.rule(f"4. site datasets prepared for study {spec.name}")
+    prepared: dict[str, dict] = {}
+    for path in [adapters / f"{s.site}.toml" for s in summaries]:
+        site = load_site(path)
+        engine = site_engine(site)
+        try:
+            folder, manifest = prepare_site(engine, site, spec, out / "prepared")
+        finally:
+            engine.dispose()
+        _print_prepare_summary(site, {**manifest, "validation": {}})
+        levels = manifest["validation"]
+        console.print(f"validation: {levels['fatal_count']} fatal, {levels['warning_count']} warnings; "
+                      f"dataset {folder}")
+        prepared[site.name] = {"folder": str(folder), "persons": manifest["persons"],
+                               "features": len(manifest["feature_names"]),
+                               "validation": {k: levels[k] for k in ("fatal_count", "warning_count")}}
     report_path = out / "demo_report.json"
     report_path.write_text(
         json.dumps(
-            {"synth": [s.to_dict() for s in summaries], "sites": [r.to_dict() for r in reports], "cohorts": built},
+            {"synth": [s.to_dict() for s in summaries], "sites": [r.to_dict() for r in reports], "cohorts": built,
+             "prepared": prepared},
             indent=2, default=str,
         )
     )

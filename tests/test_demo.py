@@ -16,8 +16,8 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     exe = str(Path(sys.executable).parent / "omopfl")
     out, adapters = tmp_path / "demo", tmp_path / "adapters"
     done = subprocess.run(
-        [exe, "demo", "--out", str(out), "--adapters", str(adapters), "--sites", "2", "--cohorts",
-         str(ROOT / "cohorts")],
+        [exe, "demo", "--out", str(out), "--adapters", str(adapters), "--sites", "2", "--study",
+         str(ROOT / "examples" / "t2dm_hf" / "study.toml")],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr
@@ -30,6 +30,9 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     for synth in report["synth"]:  # the target cohort built in each site equals the generator's truth
         target = report["cohorts"][synth["site"]][0]
         assert target["cohort_id"] == 101 and target["person_count"] == synth["target_persons"]
+        prepared = report["prepared"][synth["site"]]
+        assert prepared["persons"] == synth["target_persons"] and prepared["validation"]["fatal_count"] == 0
+        assert (Path(prepared["folder"]) / "manifest.json").is_file()
 
 
 def test_checked_in_adapters_match_the_demo_layout() -> None:
