@@ -7,11 +7,13 @@ line on stderr and the error's exit code.  Tracebacks never show local variables
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -19,8 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from omopfl import __version__
-from omopfl.config import load_site
+from omopfl.config import SiteConfig, load_site
 from omopfl.errors import ConfigError, OmopflError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 app = typer.Typer(
     name="omopfl",
@@ -35,6 +40,20 @@ cohort_app = typer.Typer(help="Build OHDSI cohorts inside a site's database and 
 app.add_typer(cohort_app, name="cohort")
 
 console = Console()
+
+
+@contextlib.contextmanager
+def _site_connection(adapter: Path) -> Iterator[tuple[SiteConfig, sa.Connection]]:
+    """Parse an adapter, connect to its database, and always dispose of the engine."""
+    from omopfl.db import connect, site_engine
+
+    config = load_site(adapter)
+    engine = site_engine(config)
+    try:
+        with connect(engine, what=f"site {config.name}") as conn:
+            yield config, conn
+    finally:
+        engine.dispose()
 
 
 def _emit_json(payload: object) -> None:
@@ -178,18 +197,12 @@ def sites_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Connect to each site, report its CDM version, row counts and what is missing or suspicious."""
-    from omopfl.db import connect, site_engine
     from omopfl.sites import check_site
 
     reports = []
     for path in adapters:
-        site = load_site(path)
-        engine = site_engine(site)
-        try:
-            with connect(engine, what=f"site {site.name}") as conn:
-                reports.append(check_site(conn, site))
-        finally:
-            engine.dispose()
+        with _site_connection(path) as (site, conn):
+            reports.append(check_site(conn, site))
     if as_json:
         _emit_json([r.to_dict() for r in reports])
         return
@@ -273,13 +286,9 @@ def cohort_list(
     from dataclasses import asdict
 
     from omopfl.cohort import list_cohorts
-    from omopfl.db import connect, site_engine
 
-    config = load_site(site)
-    engine = site_engine(config)
-    with connect(engine, what=f"site {config.name}") as conn:
+    with _site_connection(site) as (config, conn):
         cohorts = list_cohorts(conn, config)
-    engine.dispose()
     if as_json:
         _emit_json([asdict(c) for c in cohorts])
         return
@@ -300,13 +309,9 @@ def cohort_show(
 ) -> None:
     """Counts and inclusion-rule attrition of one cohort (below min_cell_count shown as <N)."""
     from omopfl.cohort import show_cohort
-    from omopfl.db import connect, site_engine
 
-    config = load_site(site)
-    engine = site_engine(config)
-    with connect(engine, what=f"site {config.name}") as conn:
+    with _site_connection(site) as (config, conn):
         detail = show_cohort(conn, config, cohort_id)
-    engine.dispose()
     if as_json:
         _emit_json(detail.to_dict())
         return
@@ -417,7 +422,7 @@ def demo(
     ),
 ) -> None:
     """The whole job on the embedded default (DuckDB): synthetic sites, checks, cohorts, prepared datasets."""
-    from omopfl.db import connect, site_engine
+    from omopfl.db import site_engine
     from omopfl.sites import check_site
     from omopfl.synth import run_synth
 
@@ -427,11 +432,8 @@ def demo(
     console.rule("2. site checks")
     reports = []
     for path in [adapters / f"{s.site}.toml" for s in summaries]:
-        site = load_site(path)
-        engine = site_engine(site)
-        with connect(engine, what=f"site {site.name}") as conn:
+        with _site_connection(path) as (site, conn):
             report = check_site(conn, site)
-        engine.dispose()
         reports.append(report)
         levels = [f.level for f in report.findings]
         console.print(
