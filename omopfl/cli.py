@@ -410,6 +410,61 @@ def _print_prepare_summary(config, manifest: dict) -> None:
         console.print(summary)
 
 
+# ---------------------------------------------------------------- stats
+@app.command()
+def stats(
+    study: StudyOption,
+    sites: Annotated[
+        list[Path] | None, typer.Option("--site", help="Site adapters (default: every adapters/*.toml).")
+    ] = None,
+    prepared: Annotated[Path, typer.Option(help="Folder of the sites' prepared datasets.")] = Path("data/prepared"),
+    out: Annotated[Path, typer.Option(help="Result JSON (global statistics).")] = Path("runs/stats.json"),
+    audit: Annotated[
+        Path | None, typer.Option(help="Also write every site reply exactly as the server received it.")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="deployment (SuperLink + one SuperNode per site on loopback), inprocess, simulation.")
+    ] = "deployment",
+    superlink: Annotated[
+        str | None, typer.Option(help="Use this Flower connection (SuperLink) instead of starting one.")
+    ] = None,
+    send_scaler: Annotated[bool, typer.Option(help="Send the global Scaler back to every site.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Federated statistics: global count, mean and std per feature, from per-site aggregates only."""
+    from omopfl.federation.runner import run_stats
+
+    adapters = list(sites) if sites else sorted(Path("adapters").glob("*.toml"))
+    if not adapters:
+        raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
+    for adapter in adapters:
+        load_site(adapter)  # fail early, naming the file, before any process starts
+    result = run_stats(study, adapters, prepared, mode=mode, superlink=superlink, out=out, audit=audit,
+                       send_scaler=send_scaler)
+    if as_json:
+        _emit_json(result)
+        return
+    _print_stats(result)
+    console.print(f"result written to {out}")
+
+
+def _print_stats(result: dict) -> None:
+    sites = result.get("sites", {})
+    console.print(
+        f"sites contributing: {', '.join(sites.get('contributing', [])) or 'none'}; "
+        f"withheld (fewer than their min_cell_count): {', '.join(sites.get('withheld', [])) or 'none'}; "
+        f"failed: {', '.join(str(s) for s in sites.get('failed', [])) or 'none'}"
+    )
+    table = Table(title="global statistics (merged from per-site moments)")
+    for column in ("feature", "n", "mean", "std"):
+        table.add_column(column, justify="right" if column != "feature" else "left")
+    merged = result.get("global", {})
+    for name, n, mean, std in zip(merged.get("feature_names", []), merged.get("n", []), merged.get("mean", []),
+                                  merged.get("std", []), strict=False):
+        table.add_row(name, str(n), _fmt(mean), _fmt(std))
+    console.print(table)
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(

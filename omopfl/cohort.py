@@ -470,12 +470,28 @@ def build_cohorts(
             except BaseException:
                 transaction.rollback()
                 raise
+        if dialect == "postgresql":
+            _analyze_cohort_table(conn, site.results_schema)
     except sa.exc.DBAPIError as exc:
         raise DatabaseError(f"{where}: cohort build failed ({describe_driver_error(exc)}); nothing was changed") \
             from None
     finally:
         conn.close()
     return results
+
+
+def _analyze_cohort_table(conn: sa.Connection, results_schema: str) -> None:
+    """Refresh PostgreSQL's statistics of the cohort table after a build.
+
+    Without it, a cohort id the planner has never seen is estimated at one row and queries over the
+    cohort (the feature query) get nested-loop plans ~20x slower (bench/prepare_bench.py).  Best
+    effort: a role that does not own the table may not ANALYZE it.
+    """
+    try:
+        with conn.begin():
+            conn.exec_driver_sql(f"ANALYZE {qualified(results_schema, 'cohort')}")
+    except sa.exc.DBAPIError:
+        pass
 
 
 class _progress:

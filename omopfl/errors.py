@@ -14,6 +14,7 @@ __all__ = [
     "DatabaseError",
     "CdmError",
     "DataError",
+    "FederationError",
 ]
 
 
@@ -58,3 +59,9 @@ class DataError(OmopflError):
     """Input data (files, cohorts, definitions) is unusable."""
 
     exit_code = 5
+
+
+class FederationError(OmopflError):
+    """A federated run could not be started or did not produce a result."""
+
+    exit_code = 7

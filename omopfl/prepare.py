@@ -33,10 +33,10 @@ import pandas as pd
 import sqlalchemy as sa
 
 from omopfl.config import SiteConfig
-from omopfl.errors import DataError
+from omopfl.errors import ConfigError, DataError
 from omopfl.study import StudyConfig
 
-__all__ = ["PreparedSite", "prepare_site", "load_prepared", "cdm_snapshot_hash", "ensure_cohorts"]
+__all__ = ["PreparedSite", "prepare_site", "load_prepared", "cdm_snapshot_hash", "ensure_cohorts", "check_can_serve"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -110,6 +110,35 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
     rebuilt = {cohort_id for _, cohort_id in todo}
     return {role: {"id": d.default_id, "hash": d.hash, "name": d.name, "rebuilt": d.default_id in rebuilt}
             for role, d in definitions.items()}
+
+
+def check_can_serve(conn: sa.Connection, site: SiteConfig, study: StudyConfig) -> None:
+    """Refuse, with one clear error, a study this site cannot serve (before any work is done).
+
+    Raises
+    ------
+    ConfigError
+        Naming the study key and the site's missing piece (adapter key or CDM table).
+    """
+    from omopfl.db import existing_tables
+    from omopfl.study import DOMAIN_TABLES
+
+    where = f"site {site.name} cannot serve study {study.name}"
+    tables = existing_tables(conn, site.cdm_schema)
+    needed = {DOMAIN_TABLES[f.domain][0]: f"[[features.concept_sets]] {f.name}" for f in study.concept_sets}
+    if study.measurements:
+        needed["measurement"] = f"[[features.measurements]] {study.measurements[0].name}"
+    if study.imaging.enabled:
+        needed["image_occurrence"] = "[linking.images] enabled"
+    if study.omics.enabled:
+        needed["specimen"] = "[linking.omics] enabled"
+    for table, key in needed.items():
+        if table not in tables:
+            raise ConfigError(f"{where}: {key} needs CDM table {table}, absent from schema {site.cdm_schema}")
+    if study.imaging.enabled and site.image_root is None:
+        raise ConfigError(f"{where}: [linking.images] enabled needs [files] image_root in {site.source}")
+    if study.omics.enabled and site.omics_root is None:
+        raise ConfigError(f"{where}: [linking.omics] enabled needs [files] omics_root in {site.source}")
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -236,6 +265,8 @@ def prepare_site(
     from omopfl.db import detect_cdm_version
 
     started = time.perf_counter()
+    with engine.connect() as conn:
+        check_can_serve(conn, site, study)
     cohorts = ensure_cohorts(engine, site, study, progress=progress)
     with engine.connect() as conn:
         cdm_version = detect_cdm_version(conn, site.cdm_schema)

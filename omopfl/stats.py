@@ -49,6 +49,9 @@ Disclosure control
   feature names and the fact that it was withheld, nothing else (not the person count).
 * Moments: a feature with ``n < k`` is withheld; its ``n``, ``mean`` and ``m2`` are not in the
   release at all, only its flag.  Released features carry exact ``n``, ``mean`` and ``m2``.
+  So that no small cell can be worked out by differencing, a feature is also withheld when the
+  number of persons missing it (``persons - n``) is between 1 and ``k - 1``, and, for a 0/1 feature
+  (``binary=`` flags), when the count of ones or of zeros (``mean * n``) is between 1 and ``k - 1``.
 * Level counts: within a feature, every level counted fewer than ``k`` times is moved into the
   reserved level :data:`WITHHELD_LEVEL` (its name is not released either).  If that bucket is
   non-empty but smaller than ``k``, the smallest released levels are moved into it as well
@@ -56,9 +59,8 @@ Disclosure control
   no released count and no difference of released counts within a feature is a small cell.  If
   the feature has fewer than ``k`` non-missing values in total, the whole feature is withheld.
 
-Residual risk, by design not handled here: released counts may still be differenced against each
-other (``persons - n`` is the number of persons missing a feature, which can be below ``k``) or
-against earlier releases of an overlapping cohort.  Use :func:`noisy_moments` where that matters.
+Residual risk, by design not handled here: releases may be differenced against earlier releases
+of an overlapping cohort.  Use :func:`noisy_moments` where that matters.
 
 Records (:meth:`Released.to_record`, :meth:`ReleasedLevels.to_record`) are dicts of plain
 Python ``int``/``float``/``str`` and lists of them, JSON-safe (no NaN), with flags as 0/1 ints;
@@ -117,6 +119,7 @@ import pandas as pd
 
 __all__ = [
     "WITHHELD_LEVEL",
+    "binary_columns",
     "LevelCounts",
     "Moments",
     "NoiseScales",
@@ -889,14 +892,25 @@ def _suppress_levels(levels: Mapping[str, int], k: int) -> dict[str, int] | None
 
 
 @overload
-def suppress(m: Moments, min_cell_count: int) -> Released: ...
+def suppress(m: Moments, min_cell_count: int, *, binary: Sequence[bool] | None = None) -> Released: ...
 
 
 @overload
 def suppress(m: LevelCounts, min_cell_count: int) -> ReleasedLevels: ...
 
 
-def suppress(m: Moments | LevelCounts, min_cell_count: int) -> Released | ReleasedLevels:
+def binary_columns(x: np.ndarray) -> tuple[bool, ...]:
+    """Per column: do all non-missing values lie in {0, 1}?  (Then mean * n is a count of persons.)"""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError("binary_columns takes a 2-D array (rows x features)")
+    finite = ~np.isnan(x)
+    return tuple(bool(np.all((x[finite[:, j], j] == 0) | (x[finite[:, j], j] == 1))) for j in range(x.shape[1]))
+
+
+def suppress(
+    m: Moments | LevelCounts, min_cell_count: int, *, binary: Sequence[bool] | None = None
+) -> Released | ReleasedLevels:
     """Apply minimum-cell-count disclosure control (rules in the module docstring).
 
     Parameters
@@ -905,6 +919,9 @@ def suppress(m: Moments | LevelCounts, min_cell_count: int) -> Released | Releas
         A site's :class:`Moments` or :class:`LevelCounts`.
     min_cell_count:
         Smallest number of persons any released statistic may cover (>= 1).
+    binary:
+        For Moments: which features are 0/1 (see :func:`binary_columns`).  Their mean times ``n``
+        is a count of persons, so both that count and ``n`` minus it must be 0 or at least ``k``.
 
     Returns
     -------
@@ -916,6 +933,16 @@ def suppress(m: Moments | LevelCounts, min_cell_count: int) -> Released | Releas
         if m.persons < k:
             return Released(m.feature_names, (False,) * len(m.feature_names), None, [], [], [])
         keep = m.n >= k
+        # Differencing: persons - n is the number of persons missing a feature.
+        missing = m.persons - m.n
+        keep &= (missing == 0) | (missing >= k)
+        if binary is not None:
+            if len(binary) != len(m.feature_names):
+                raise ValueError("suppress: binary must have one flag per feature")
+            ones = np.rint(m.mean * m.n)
+            zeros = m.n - ones
+            small = ((ones > 0) & (ones < k)) | ((zeros > 0) & (zeros < k))
+            keep &= ~(np.asarray(binary, dtype=bool) & small)
         return Released(m.feature_names, tuple(bool(v) for v in keep), m.persons, m.n[keep], m.mean[keep], m.m2[keep])
     if isinstance(m, LevelCounts):
         names = m.feature_names

@@ -210,3 +210,21 @@ def test_validate_command_prints_report_and_writes_nothing(eunomia_adapter: Path
     assert code == 0
     assert report["fatal_count"] == 0 and report["warning_count"] > 0
     assert not any(p for p in tmp_path.iterdir() if p.name != ".cache")
+
+
+def test_site_refuses_a_study_it_cannot_serve(duckdb_backend, tmp_path: Path, capsys) -> None:
+    """A site without an image root, or without a table the study needs, refuses before any work."""
+    site, _, env = _synth_site(duckdb_backend, tmp_path, persons=200)
+    adapter = site.source.read_text()
+    no_images = tmp_path / "synth" / "adapters" / "no_images.toml"
+    no_images.write_text("\n".join(line for line in adapter.splitlines() if not line.startswith("image_root")))
+    try:
+        main(["prepare", "--site", str(no_images), "--study", str(T2DM_STUDY), "--out", str(tmp_path / "out")])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    os.environ.pop(env, None)
+    assert code == 2 and err.count("\n") == 1
+    assert "[linking.images] enabled needs [files] image_root" in err
+    assert not (tmp_path / "out").exists()

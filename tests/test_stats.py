@@ -23,6 +23,7 @@ from omopfl.stats import (
     Released,
     ReleasedLevels,
     Scaler,
+    binary_columns,
     dp_noise_scales,
     finalize,
     gaussian_sigma,
@@ -371,8 +372,11 @@ def test_released_records_hold_only_numbers_and_names(data: tuple[np.ndarray, li
     assert all(v >= k for v in record["n"])
     assert record["persons"] == 0 or record["persons"] >= k
     assert Released.from_record(record) == released
-    expected = [int(len(x) >= k and c >= k) for c in m.n]
+    expected = [int(len(x) >= k and c >= k and (len(x) - c == 0 or len(x) - c >= k)) for c in m.n]
     assert record["released"] == expected
+    # no small cell by differencing: persons missing a released feature is 0 or at least k
+    if record["persons"]:
+        assert all(record["persons"] - c == 0 or record["persons"] - c >= k for c in record["n"])
 
 
 def test_malformed_records_are_rejected() -> None:
@@ -598,3 +602,26 @@ def test_stats_is_pure() -> None:
     banned = {"sqlalchemy", "flwr", "torch", "pydicom", "great_expectations"}
     assert not imported & banned
     assert imported <= {"__future__", "math", "collections", "dataclasses", "types", "typing", "numpy", "pandas"}
+
+
+def test_small_cells_cannot_be_recovered_by_differencing() -> None:
+    """A 0/1 feature whose count of ones (mean * n) is a small cell, or a feature missing in a small
+    number of persons (persons - n), is withheld even though n itself is large."""
+    rng = np.random.default_rng(0)
+    n = 200
+    rare = np.zeros(n)
+    rare[:3] = 1.0  # 3 persons with a rare condition
+    common = (rng.random(n) < 0.4).astype(float)
+    lab = rng.normal(7.0, 1.0, n)
+    lab[:7] = np.nan  # 7 persons missing the lab
+    complete = rng.normal(50.0, 5.0, n)
+    x = np.column_stack([rare, common, lab, complete])
+    names = ["rare", "common", "lab", "complete"]
+    m = Moments.from_array(x, names)
+    assert binary_columns(x) == (True, True, False, False)
+    released = suppress(m, 10, binary=binary_columns(x))
+    assert released.released == (False, True, False, True)
+    record = released.to_record()
+    assert len(record["n"]) == 2 and 3 not in record["n"] and 193 not in record["n"]
+    # without the binary flags the rare mean (3/200) would have been released
+    assert suppress(m, 10).released[0] is True

@@ -1,0 +1,216 @@
+"""The site's Flower ClientApp for federated statistics.
+
+A SuperNode runs this app at the site with its node config::
+
+    flower-supernode ... --node-config "site-config='/etc/omopfl/site_a.toml' prepared-dir='/data/prepared'"
+
+``site-config`` is the site's adapter (its name and ``min_cell_count`` come from there, never
+from the server) and ``prepared-dir`` the folder ``omopfl prepare`` wrote ``<site>/`` into.
+
+Handlers
+--------
+``query.stats``
+    Loads the prepared dataset and replies with :func:`site_statistics`: the moments of every
+    feature after :func:`omopfl.stats.suppress` with the site's own ``min_cell_count``
+    (optionally with Gaussian noise, :func:`omopfl.stats.noisy_moments`).  A site with fewer
+    persons than ``min_cell_count`` replies "withheld", without its count.
+``query.scaler``
+    Receives the global scaler, checks it against the dataset's features and keeps it: in the
+    run's context state (for a training phase of the same run) and as ``scaler.json`` beside
+    the prepared dataset.  Replies with an acknowledgement.
+
+Every failure replies with a fixed error code (:data:`omopfl.federation.codec.ERROR_CODES`);
+exception text stays in the site's own log (and only the exception's class name goes there,
+since driver messages can echo row contents).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from omopfl.config import SiteConfig, load_site
+from omopfl.errors import ConfigError, DataError
+from omopfl.federation import codec
+from omopfl.prepare import PreparedSite, load_prepared
+from omopfl.stats import Moments, Released, binary_columns, noisy_moments, suppress
+
+__all__ = ["app", "site_statistics", "site_scaler", "load_site_dataset", "SiteFailure", "SCALER_FILE"]
+
+SCALER_FILE = "scaler.json"
+
+_log = logging.getLogger("flwr.omopfl")
+
+app = ClientApp()
+
+
+class SiteFailure(Exception):
+    """A failure the site reports with a fixed code (:data:`codec.ERROR_CODES`)."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code if code in codec.ERROR_CODES else "internal"
+
+
+def _error_code(exc: BaseException) -> str:
+    if isinstance(exc, SiteFailure):
+        return exc.code
+    if isinstance(exc, codec.CodecError):
+        return "bad_request"
+    if isinstance(exc, ConfigError):
+        return "config"
+    if isinstance(exc, DataError):
+        return "not_prepared"
+    return "internal"
+
+
+# --------------------------------------------------------------------------------------------
+# plain functions (callable in tests, no Flower runtime needed)
+# --------------------------------------------------------------------------------------------
+
+
+def site_statistics(
+    prepared: PreparedSite,
+    min_cell_count: int,
+    dp: codec.DPRequest | None = None,
+    *,
+    site: str | None = None,
+    rng: np.random.Generator | None = None,
+) -> RecordDict:
+    """The whole stats reply of a site, exactly as it goes on the wire.
+
+    Parameters
+    ----------
+    prepared:
+        The site's prepared dataset (``x`` float32 with NaN for missing, one row per person).
+    min_cell_count:
+        The site's own minimum cell count (its adapter's ``min_cell_count``).
+    dp:
+        If given, the released moments are :func:`omopfl.stats.noisy_moments` with this budget and
+        public bounds (every feature needs bounds, else :class:`SiteFailure` ``dp_bounds``).
+    site:
+        The site's name from its adapter (default: the name the dataset was prepared under).
+    rng:
+        Noise source for ``dp`` (default: ``numpy.random.default_rng()``, seeded from OS entropy).
+
+    Returns
+    -------
+    RecordDict
+        :func:`codec.encode_site_stats` of the released moments.  Which persons and features
+        are withheld is decided on the true counts (the minimum-cell-count rule is about persons,
+        not about noisy numbers); with ``dp`` only the released numbers are noisy.
+    """
+    names = list(prepared.feature_names)
+    exact = Moments.from_array(prepared.x, names, persons=prepared.n)
+    released = suppress(exact, min_cell_count, binary=binary_columns(prepared.x))
+    dp_info = None
+    if dp is not None:
+        try:
+            bounds = dp.bounds_for(names)
+        except KeyError:
+            raise SiteFailure("dp_bounds") from None
+        if not released.withheld:
+            noisy = noisy_moments(prepared.x, names, bounds, dp.epsilon, dp.delta, rng or np.random.default_rng())
+            keep = np.array(released.released, dtype=bool)
+            released = Released(tuple(names), released.released, noisy.persons, noisy.n[keep], noisy.mean[keep],
+                                 noisy.m2[keep])
+        dp_info = (dp.epsilon, dp.delta)
+    return codec.encode_site_stats(site if site is not None else prepared.site, released, dp=dp_info)
+
+
+def site_scaler(prepared: PreparedSite, content: RecordDict) -> codec.GlobalScaler:
+    """Decode the global scaler and check it fits the dataset (``SiteFailure`` ``feature_mismatch``)."""
+    global_scaler = codec.decode_scaler(content)
+    if list(global_scaler.feature_names) != list(prepared.feature_names):
+        raise SiteFailure("feature_mismatch")
+    study_hash = prepared.manifest.get("study_hash", "")
+    if global_scaler.study_hash and study_hash and global_scaler.study_hash != study_hash:
+        raise SiteFailure("study_mismatch")
+    return global_scaler
+
+
+def load_site_dataset(node_config: dict) -> tuple[SiteConfig, PreparedSite]:
+    """The site's adapter and prepared dataset named by the node config (``SiteFailure`` if unusable)."""
+    adapter = node_config.get("site-config")
+    prepared_dir = node_config.get("prepared-dir")
+    if not isinstance(adapter, str) or not adapter or not isinstance(prepared_dir, str) or not prepared_dir:
+        raise SiteFailure("config")
+    site = load_site(adapter)
+    prepared = load_prepared(Path(prepared_dir) / site.name)
+    if prepared.site != site.name:
+        raise SiteFailure("not_prepared")
+    return site, prepared
+
+
+def _write_scaler(folder: Path, global_scaler: codec.GlobalScaler) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{SCALER_FILE}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(global_scaler.to_dict(), fh, indent=1)
+        os.replace(tmp, folder / SCALER_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Flower handlers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    site: str | None = None
+
+
+def _guarded(message: Message, outcome: _Outcome, work) -> Message:
+    try:
+        content = work()
+    except Exception as exc:  # every failure becomes a fixed code, never text
+        code = _error_code(exc)
+        _log.warning("omopfl %s failed at this site: %s (%s)", message.metadata.message_type, code,
+                     type(exc).__name__)
+        content = codec.encode_error(outcome.site, code)
+    return Message(content, reply_to=message)
+
+
+@app.query("stats")
+def query_stats(message: Message, context: Context) -> Message:
+    """Reply with the site's released moments (or withheld / an error code)."""
+    outcome = _Outcome()
+
+    def work() -> RecordDict:
+        request = codec.decode_stats_request(message.content)
+        site, prepared = load_site_dataset(dict(context.node_config))
+        outcome.site = site.name
+        study_hash = prepared.manifest.get("study_hash", "")
+        if request.study_hash and request.study_hash != study_hash:
+            raise SiteFailure("study_mismatch")
+        return site_statistics(prepared, site.min_cell_count, request.dp, site=site.name)
+
+    return _guarded(message, outcome, work)
+
+
+@app.query("scaler")
+def query_scaler(message: Message, context: Context) -> Message:
+    """Keep the global scaler (context state and ``scaler.json``) and acknowledge it."""
+    outcome = _Outcome()
+
+    def work() -> RecordDict:
+        site, prepared = load_site_dataset(dict(context.node_config))
+        outcome.site = site.name
+        global_scaler = site_scaler(prepared, message.content)
+        for name, record in codec.scaler_record(global_scaler).items():
+            context.state[name] = record
+        _write_scaler(Path(str(context.node_config["prepared-dir"])) / site.name, global_scaler)
+        return codec.encode_ack(site.name)
+
+    return _guarded(message, outcome, work)

@@ -1,0 +1,447 @@
+"""Run the federated statistics on one machine: every site's ClientApp and the ServerApp.
+
+:func:`run_stats` has three modes:
+
+``"deployment"``
+    Flower's Deployment Engine on loopback: one ``flower-superlink --insecure`` and one
+    ``flower-supernode --insecure`` per site (each with its own ``--port`` and
+    ``--node-config "site-config='<adapter>' prepared-dir='<dir>'"``) as subprocesses on free
+    localhost ports, then ``flwr run <app> omopfl --run-config <file> --stream``.  Every process
+    is started in its own session and stopped by its PID (its process group) in a ``finally``.
+    With ``superlink=<connection name>`` nothing is started: the run goes to that SuperLink
+    connection of the user's Flower configuration, whose SuperNodes already run at the sites
+    (``result-path`` then names a file on the SuperLink's machine).
+``"simulation"``
+    Flower's Simulation Engine (``flwr.simulation.run_simulation``) runs ClientApps only through
+    its Ray backend (``RayBackend`` is the only backend in flwr 1.41; without ``ray`` it exits with
+    ``SIMULATION_MISSING_EXTRA``), and its virtual nodes get no node config but ``partition-id``.
+    So this mode runs the loopback deployment and says so in the result (``runner.note``).
+``"inprocess"``
+    No network and no subprocess: the same ``ServerApp`` and ``ClientApp`` objects, connected by
+    :class:`InProcessGrid`, which passes every message through Flower's protobuf serialization
+    (what would go on the wire) and calls the ClientApp as a SuperNode would.  Fast; for tests
+    and development.
+
+The result (also written to ``out``) is the ServerApp's (see
+:func:`omopfl.federation.server_app.federated_statistics`) plus ``runner`` (mode, engine, seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from flwr.serverapp import Grid
+
+from omopfl.config import load_site
+from omopfl.errors import ConfigError, FederationError
+from omopfl.study import load_study
+
+__all__ = ["run_stats", "InProcessGrid", "FederationError", "MODES", "APP_CONFIG"]
+
+MODES = ("simulation", "deployment", "inprocess")
+
+_log = logging.getLogger("omopfl.federation")
+
+APP_CONFIG: dict[str, Any] = {
+    "result-path": "",
+    "audit-path": "",
+    "study-hash": "",
+    "min-sites": 1,
+    "min-contributing": 1,
+    "wait-seconds": 120.0,
+    "timeout": 600.0,
+    "send-scaler": True,
+    "dp-epsilon": 0.0,
+    "dp-delta": 1e-6,
+    "dp-bounds": "",
+}
+"""The ServerApp's run config keys and defaults (``[tool.flwr.app.config]`` of the app)."""
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# in-process grid
+# --------------------------------------------------------------------------------------------
+
+
+class InProcessGrid(Grid):
+    """A Flower ``Grid`` whose nodes are ClientApps in this process (no network, no Ray).
+
+    Each message and each reply goes through ``message_to_proto``/``message_from_proto``, so
+    only what Flower can put on the wire reaches the other side; each node keeps its own
+    ``Context`` (node config, state) across messages, as a SuperNode does.
+    """
+
+    def __init__(self, client_app: Any, node_configs: Iterable[dict[str, Any]], run_config: dict[str, Any],
+                 run_id: int | None = None) -> None:
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.run import Run
+
+        self._run = Run.create_empty(run_id if run_id is not None else int(uuid4().int % (1 << 63)))
+        self._app = client_app
+        self._contexts = {}
+        for i, node_config in enumerate(node_configs):
+            node_id = 1000 + i
+            self._contexts[node_id] = Context(run_id=self._run.run_id, node_id=node_id, node_config=dict(node_config),
+                                              state=RecordDict(), run_config=dict(run_config))
+        self._replies: dict[str, Any] = {}
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Any:
+        from flwr.app import Message
+
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._contexts)
+
+    def context(self, node_id: int) -> Any:
+        """The node's Context (its state holds what the ClientApp kept)."""
+        return self._contexts[node_id]
+
+    def push_messages(self, messages: Iterable[Any]) -> list[str]:
+        from flwr.app import Error, Message
+        from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+        from flwr.common.serde import message_from_proto, message_to_proto
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__.update({"_message_id": uuid4().hex, "_run_id": self._run.run_id,
+                                              "_src_node_id": SUPERLINK_NODE_ID})
+            received = message_from_proto(message_to_proto(message))
+            context = self._contexts.get(received.metadata.dst_node_id)
+            if context is None:
+                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=received)
+            else:
+                try:
+                    reply = self._app(received, context)
+                except Exception:  # as a SuperNode does: an error reply (here without the text)
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ClientApp raised"),
+                                    reply_to=received)
+            reply.metadata.__dict__["_message_id"] = uuid4().hex
+            self._replies[message.metadata.message_id] = message_from_proto(message_to_proto(reply))
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string (ASCII escapes)
+
+
+def _toml_table(values: dict[str, Any]) -> str:
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+
+
+def _app_pyproject() -> str:
+    return (
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        '[project]\nname = "omopfl-stats"\nversion = "0.1.0"\n'
+        'description = "omopfl federated statistics (global mean/std under minimum cell counts)"\n'
+        'license = "Apache-2.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "omopfl"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "omopfl.federation.server_app:app"\n'
+        'clientapp = "omopfl.federation.client_app:app"\n\n'
+        f"[tool.flwr.app.config]\n{_toml_table(APP_CONFIG)}"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FederationError(f"flower-superlink exited with code {proc.returncode} before listening")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FederationError(f"flower-superlink did not listen on 127.0.0.1:{port} within {seconds:.0f} s")
+
+
+def _executable(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise FederationError(f"{name} not found: install flwr==1.41.0 in this environment")
+    return found
+
+
+class _Processes:
+    """Subprocesses started in their own sessions; stopped by PID (their process group)."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("wb")
+        try:
+            proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            self._signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            # children (flower-superexec, flwr-clientapp/serverapp) share the group: stop them too
+            self._signal(proc, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                _log.warning("process %d did not stop", proc.pid)
+        self.procs.clear()
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)  # the group we created with start_new_session: its id is our child's PID
+
+
+def _check_path_for_node_config(path: Path) -> str:
+    text = str(path)
+    if "'" in text or "\n" in text:
+        raise ConfigError(f"{path}: a path with a quote or newline cannot be passed in a SuperNode's node config")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# modes
+# --------------------------------------------------------------------------------------------
+
+
+def _run_inprocess(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any]) -> None:
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from omopfl.federation import client_app, server_app
+
+    grid = InProcessGrid(client_app.app, [{"site-config": str(a), "prepared-dir": str(prepared_dir)}
+                                          for a in adapters], run_config)
+    context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    # Messages take their sender from the process's task identity (set by flwr-serverapp in a
+    # deployment, by run_simulation in a simulation); set it for this run, then restore it.
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    try:
+        server_app.app(grid, context)
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _run_deployment(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any], superlink: str | None,
+                    work: Path, run_timeout: float, timings: dict[str, float]) -> str:
+    env = {**os.environ, **FLOWER_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # Flower's processes start each other by name (flower-superexec, flwr-clientapp, ...): make the
+    # interpreter's own bin folder come first even when the virtual environment is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    app_dir = work / "app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(_app_pyproject())
+    config_file = work / "run_config.toml"
+    config_file.write_text(_toml_table(run_config))
+    procs = _Processes(env, work)
+    connection = superlink
+    t0 = time.perf_counter()
+    try:
+        if superlink is None:
+            home = work / "flwr_home"
+            home.mkdir()
+            env["FLWR_HOME"] = str(home)
+            port = _free_port()
+            link = procs.start("superlink", [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                             "--port", str(port)])
+            _wait_for_port(port, link)
+            (home / "config.toml").write_text(
+                f'[superlink]\ndefault = "omopfl"\n\n[superlink.omopfl]\naddress = "127.0.0.1:{port}"\n'
+                "insecure = true\n")
+            prepared = _check_path_for_node_config(prepared_dir)
+            for i, adapter in enumerate(adapters):
+                node_config = f"site-config='{_check_path_for_node_config(adapter)}' prepared-dir='{prepared}'"
+                procs.start(f"supernode_{i}", [
+                    _executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                    "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config])
+            connection = "omopfl"
+        timings["start_processes"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        args = [_executable("flwr"), "run", str(app_dir), str(connection), "--run-config", str(config_file),
+                "--stream"]
+        with (work / "flwr_run.log").open("wb") as log:
+            try:
+                completed = subprocess.run(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, timeout=run_timeout, start_new_session=True)
+            except subprocess.TimeoutExpired:
+                raise FederationError(f"flwr run did not finish within {run_timeout:.0f} s (logs: {work})") from None
+        timings["flwr_run"] = round(time.perf_counter() - t0, 3)
+        if completed.returncode != 0:
+            raise FederationError(f"flwr run exited with code {completed.returncode} (logs: {work})")
+    finally:
+        t0 = time.perf_counter()
+        procs.stop()
+        timings["stop_processes"] = round(time.perf_counter() - t0, 3)
+    return "deployment (loopback SuperLink + SuperNodes)" if superlink is None else f"deployment ({superlink})"
+
+
+def run_stats(
+    study: Path,
+    adapters: list[Path],
+    prepared_dir: Path,
+    *,
+    mode: str = "simulation",
+    superlink: str | None = None,
+    out: Path,
+    audit: Path | None = None,
+    send_scaler: bool = True,
+    min_contributing: int = 1,
+    timeout: float = 600.0,
+    dp: dict[str, Any] | None = None,
+    keep_logs: bool = False,
+) -> dict[str, Any]:
+    """Federated statistics of the sites' prepared datasets: global count, mean and std per feature.
+
+    Parameters
+    ----------
+    study:
+        The study file; its hash is sent and every site checks its dataset was prepared for it.
+    adapters:
+        One adapter TOML per site (each site's name and ``min_cell_count`` come from it).
+    prepared_dir:
+        Folder holding ``<site>/`` datasets written by ``omopfl prepare``.
+    mode:
+        ``"simulation"`` (default), ``"deployment"`` or ``"inprocess"`` (see the module docstring).
+    superlink:
+        Deployment only: name of a SuperLink connection in the user's Flower configuration; None
+        starts a loopback SuperLink and one SuperNode per adapter.
+    out:
+        Result JSON path.
+    audit:
+        If given, every reply of every site, as received, is written there.
+    send_scaler:
+        Send the global scaler back to every site (``query.scaler``).
+    min_contributing:
+        Fewest contributing sites for a global scaler.
+    timeout:
+        Seconds to wait for the replies of one query (and, times three, for the whole run).
+    dp:
+        ``{"epsilon": float, "delta": float, "bounds": {feature: [low, high]}}`` to ask every site for
+        differentially private moments (public bounds for every feature).
+    keep_logs:
+        Keep the working folder (Flower logs, app, run config) of a deployment run.
+
+    Returns
+    -------
+    dict
+        The result written to ``out``.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}")
+    started = time.perf_counter()
+    spec = load_study(study)
+    adapters = [Path(a).resolve() for a in adapters]
+    if not adapters:
+        raise ConfigError("run_stats needs at least one site adapter")
+    names = [load_site(a).name for a in adapters] if superlink is None else []
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"two adapters name the same site: {duplicates[0]}")
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    run_config: dict[str, Any] = {
+        **APP_CONFIG, "result-path": str(out), "audit-path": str(Path(audit).resolve()) if audit else "",
+        "study-hash": spec.hash, "min-sites": len(adapters), "min-contributing": int(min_contributing),
+        "timeout": float(timeout), "send-scaler": bool(send_scaler),
+    }
+    if dp is not None:
+        run_config.update({"dp-epsilon": float(dp["epsilon"]), "dp-delta": float(dp["delta"]),
+                           "dp-bounds": json.dumps({k: [float(v[0]), float(v[1])] for k, v in dp["bounds"].items()})})
+    note = ""
+    timings: dict[str, float] = {}
+    engine_mode = mode
+    if mode == "simulation":
+        import importlib.util
+
+        reason = ("ray is not installed (flwr[simulation])" if importlib.util.find_spec("ray") is None
+                  else "its virtual SuperNodes get no node config (site adapter)")
+        note = f"Flower's Simulation Engine was not used: {reason}; ran a loopback deployment instead"
+        _log.warning(note)
+        engine_mode = "deployment"
+    if engine_mode == "inprocess":
+        _run_inprocess(adapters, Path(prepared_dir).resolve(), run_config)
+        engine = "inprocess (InProcessGrid)"
+    else:
+        work = Path(tempfile.mkdtemp(prefix="omopfl-stats-"))
+        ok = False
+        try:
+            engine = _run_deployment(adapters, Path(prepared_dir).resolve(), run_config, superlink, work,
+                                     run_timeout=3 * timeout + 120, timings=timings)
+            ok = True
+        finally:
+            if ok and not keep_logs:
+                shutil.rmtree(work, ignore_errors=True)
+    if not out.is_file():
+        raise FederationError(f"the ServerApp wrote no result to {out}")
+    result = json.loads(out.read_text())
+    result["runner"] = {"mode": mode, "engine": engine, "note": note,
+                        "seconds": round(time.perf_counter() - started, 3), "phases": timings}
+    from omopfl.federation.server_app import write_json
+
+    write_json(out, result)
+    return result

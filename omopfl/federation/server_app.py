@@ -1,0 +1,301 @@
+"""The coordinator's Flower ServerApp for federated statistics.
+
+It imports the wire format (:mod:`omopfl.federation.codec`), the pure statistics
+(:mod:`omopfl.stats`) and Flower, nothing that reads patient data: no ``omopfl.prepare``,
+``features``, ``linking``, ``db``, no database driver (``tests/test_federated_stats.py`` checks).
+
+``main(grid, context)``:
+
+1. waits until ``min-sites`` SuperNodes are connected (at most ``wait-seconds``);
+2. sends ``query.stats`` to every node and waits for the replies (at most ``timeout`` seconds);
+3. merges the released moments of the sites that contributed (Chan et al., :func:`omopfl.stats.merge_all`,
+   in site-name order) into the global :class:`omopfl.stats.Scaler`; logs the sites that withheld
+   (by the name each site reports) and the ones that failed (by their fixed error code);
+4. sends the global scaler to every site whose features match (``query.scaler``) unless
+   ``send-scaler`` is false, and collects their acknowledgements;
+5. writes the result JSON to ``result-path`` (and, if ``audit-path`` is set, every reply's full
+   content as received, for audit).
+
+Run config (kebab-case, as in ``[tool.flwr.app.config]``)
+----------------------------------------------------------
+``result-path`` (str, required), ``audit-path`` (str, ``""``: none), ``study-hash`` (str, ``""``:
+not checked), ``min-sites`` (int, 1), ``min-contributing`` (int, 1), ``wait-seconds`` (float, 120),
+``timeout`` (float, 600), ``send-scaler`` (bool, true), ``dp-epsilon`` (float, 0: no noise),
+``dp-delta`` (float, 1e-6), ``dp-bounds`` (str: JSON object ``{"feature": [low, high], ...}``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from omopfl.federation import codec
+from omopfl.stats import Scaler, finalize, merge_all
+
+__all__ = ["app", "Settings", "federated_statistics", "write_json", "RESULT_VERSION"]
+
+RESULT_VERSION = 1
+
+_log = logging.getLogger("flwr.omopfl")
+
+app = ServerApp()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The server's settings, read from the run config (see the module docstring)."""
+
+    result_path: str = ""
+    audit_path: str = ""
+    study_hash: str = ""
+    min_sites: int = 1
+    min_contributing: int = 1
+    wait_seconds: float = 120.0
+    timeout: float = 600.0
+    send_scaler: bool = True
+    dp: codec.DPRequest | None = None
+    poll_interval: float = field(default=0.5, repr=False)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
+        def get(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+            value = run_config.get(key, default)
+            if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+                raise ValueError(f"run config {key} has the wrong type")
+            if not isinstance(value, kind):
+                raise ValueError(f"run config {key} has the wrong type")
+            return value
+
+        epsilon = float(get("dp-epsilon", (int, float), 0.0))
+        dp = None
+        if epsilon > 0:
+            try:
+                raw = json.loads(get("dp-bounds", str, "") or "{}")
+            except json.JSONDecodeError:
+                raise ValueError("run config dp-bounds must be a JSON object {feature: [low, high]}") from None
+            if not isinstance(raw, dict) or not raw:
+                raise ValueError("run config dp-bounds must be a JSON object {feature: [low, high]}")
+            bounds = {str(k): (float(v[0]), float(v[1])) for k, v in raw.items()}
+            dp = codec.DPRequest(epsilon, float(get("dp-delta", (int, float), 1e-6)), bounds)
+        settings = cls(
+            result_path=get("result-path", str, ""), audit_path=get("audit-path", str, ""),
+            study_hash=get("study-hash", str, ""), min_sites=int(get("min-sites", int, 1)),
+            min_contributing=int(get("min-contributing", int, 1)),
+            wait_seconds=float(get("wait-seconds", (int, float), 120.0)),
+            timeout=float(get("timeout", (int, float), 600.0)), send_scaler=bool(get("send-scaler", bool, True)),
+            dp=dp,
+        )
+        if settings.min_sites < 1 or settings.min_contributing < 1:
+            raise ValueError("run config min-sites and min-contributing must be at least 1")
+        return settings
+
+
+def _finite(values: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (a temp file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _wait_for_nodes(grid: Grid, settings: Settings) -> list[int]:
+    deadline = time.monotonic() + settings.wait_seconds
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= settings.min_sites or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(settings.poll_interval)
+
+
+def _exchange(grid: Grid, nodes: list[int], content_for, message_type: str, timeout: float,
+              audit: list[dict[str, Any]] | None) -> dict[int, Message]:
+    messages = [Message(content_for(node), dst_node_id=node, message_type=message_type, group_id=message_type)
+                for node in nodes]
+    replies = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        replies[node] = reply
+        if audit is not None:
+            entry: dict[str, Any] = {"node": node, "message_type": message_type}
+            if reply.has_error():
+                entry["flower_error_code"] = int(reply.error.code)
+            else:
+                entry["content"] = codec.to_plain(reply.content)
+            audit.append(entry)
+    return replies
+
+
+def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
+    """Run the stats phase on any Grid and return the result (also written to ``settings.result_path``).
+
+    Returns
+    -------
+    dict
+        ``global`` (``persons``, per-feature ``feature_names``, ``n``, ``mean``, ``std`` (ddof=1;
+        None where undefined), ``scale``), ``scaler`` (:meth:`codec.GlobalScaler.to_dict`, or None
+        when fewer than ``min-contributing`` sites contributed), ``sites`` (``contributing``,
+        ``withheld``, ``failed`` as ``{"site", "node", "code"}``, ``no_reply`` node ids,
+        ``scaler_acknowledged``, ``persons`` per contributing site), ``seconds``.
+    """
+    started = time.monotonic()
+    audit: list[dict[str, Any]] | None = [] if settings.audit_path else None
+    nodes = _wait_for_nodes(grid, settings)
+    waited = time.monotonic() - started
+    if len(nodes) < settings.min_sites:
+        _log.warning("omopfl stats: only %d of %d sites connected within %.0f s; going on with them",
+                     len(nodes), settings.min_sites, settings.wait_seconds)
+    request = codec.encode_stats_request(settings.study_hash, settings.dp)
+    replies = _exchange(grid, nodes, lambda _node: request, codec.STATS_QUERY, settings.timeout, audit)
+    stats_seconds = time.monotonic() - started - waited
+
+    failed: list[dict[str, Any]] = []
+    decoded: dict[int, codec.SiteReply] = {}
+    for node in nodes:
+        reply = replies.get(node)
+        if reply is None:
+            continue
+        if reply.has_error():
+            # Flower's own error (the app could not run); its reason text is not read.
+            failed.append({"site": None, "node": node, "code": f"flower_error_{int(reply.error.code)}"})
+            continue
+        try:
+            site_reply = codec.decode_site_reply(reply.content)
+        except codec.CodecError as exc:
+            _log.warning("omopfl stats: node %d sent a malformed reply (%s)", node, exc)
+            failed.append({"site": None, "node": node, "code": "malformed"})
+            continue
+        if site_reply.status == "error":
+            failed.append({"site": site_reply.site or None, "node": node, "code": site_reply.code})
+        elif site_reply.released is None and site_reply.status == "ok":
+            failed.append({"site": site_reply.site, "node": node, "code": "malformed"})
+        else:
+            decoded[node] = site_reply
+    no_reply = [node for node in nodes if node not in replies]
+
+    # one reply per site name (two nodes with the same site would count persons twice)
+    by_site = Counter(r.site for r in decoded.values())
+    for node, r in list(decoded.items()):
+        if by_site[r.site] > 1:
+            failed.append({"site": r.site, "node": node, "code": "duplicate_site"})
+            del decoded[node]
+    # the features most sites report (ties: those of the alphabetically first site)
+    reference: tuple[str, ...] = ()
+    if decoded:
+        counts = Counter(r.feature_names for r in decoded.values())
+        first = {names: min(r.site for r in decoded.values() if r.feature_names == names) for names in counts}
+        reference = min(counts, key=lambda names: (-counts[names], first[names]))
+        for node, r in list(decoded.items()):
+            if r.feature_names != reference:
+                failed.append({"site": r.site, "node": node, "code": "feature_mismatch"})
+                del decoded[node]
+
+    ordered = sorted(decoded.items(), key=lambda item: item[1].site)
+    contributing = [(node, r) for node, r in ordered if r.status == "ok"]
+    withheld = [(node, r) for node, r in ordered if r.status == "withheld"]
+    for _, r in withheld:
+        _log.info("omopfl stats: site %s withheld its statistics (fewer persons than its min_cell_count)", r.site)
+    for entry in failed:
+        _log.warning("omopfl stats: site %s (node %d) did not contribute: %s", entry["site"] or "?", entry["node"],
+                     entry["code"])
+    if no_reply:
+        _log.warning("omopfl stats: %d node(s) did not reply within %.0f s", len(no_reply), settings.timeout)
+
+    result: dict[str, Any] = {
+        "version": RESULT_VERSION,
+        "study_hash": settings.study_hash,
+        "dp": None if settings.dp is None else {"epsilon": settings.dp.epsilon, "delta": settings.dp.delta},
+        "global": None,
+        "scaler": None,
+        "sites": {
+            "connected": len(nodes),
+            "contributing": [r.site for _, r in contributing],
+            "withheld": [r.site for _, r in withheld],
+            "failed": sorted(failed, key=lambda e: (e["site"] or "", e["node"])),
+            "no_reply": no_reply,
+            "persons": {r.site: int(r.released.persons) for _, r in contributing if r.released is not None},
+            "scaler_acknowledged": [],
+        },
+    }
+    scaler_seconds = 0.0
+    if contributing:
+        merged = merge_all([r.released.to_moments() for _, r in contributing if r.released is not None],
+                           reference)
+        mean, std = finalize(merged, ddof=1)
+        scaler = Scaler.from_moments(merged, ddof=1)
+        result["global"] = {
+            "persons": int(merged.persons), "feature_names": list(reference), "n": [int(v) for v in merged.n],
+            "mean": _finite(mean), "std": _finite(std), "scale": [float(v) for v in scaler.scale],
+        }
+        if len(contributing) >= settings.min_contributing:
+            global_scaler = codec.GlobalScaler.build(scaler, merged.n, merged.persons, settings.study_hash)
+            result["scaler"] = global_scaler.to_dict()
+            if settings.send_scaler:
+                t0 = time.monotonic()
+                targets = [node for node, _ in ordered]
+                content = codec.encode_scaler(global_scaler)
+                acks = _exchange(grid, targets, lambda _node: content, codec.SCALER_QUERY, settings.timeout, audit)
+                acknowledged = []
+                for node in targets:
+                    reply = acks.get(node)
+                    site = decoded[node].site
+                    code = "no_reply"
+                    if reply is not None and not reply.has_error():
+                        try:
+                            ack = codec.decode_site_reply(reply.content)
+                            code = "" if ack.status == "ok" and ack.site == site else (ack.code or "malformed")
+                        except codec.CodecError:
+                            code = "malformed"
+                    elif reply is not None:
+                        code = f"flower_error_{int(reply.error.code)}"
+                    if code:
+                        _log.warning("omopfl stats: site %s did not take the global scaler: %s", site, code)
+                    else:
+                        acknowledged.append(site)
+                result["sites"]["scaler_acknowledged"] = acknowledged
+                scaler_seconds = time.monotonic() - t0
+        else:
+            _log.warning("omopfl stats: %d site(s) contributed, fewer than min-contributing %d: no scaler",
+                         len(contributing), settings.min_contributing)
+    else:
+        _log.warning("omopfl stats: no site contributed statistics")
+    result["seconds"] = {"wait_for_sites": round(waited, 3), "stats": round(stats_seconds, 3),
+                         "scaler": round(scaler_seconds, 3), "total": round(time.monotonic() - started, 3)}
+    _log.info("omopfl stats: %d contributing, %d withheld, %d failed, %d without reply",
+              len(contributing), len(withheld), len(failed), len(no_reply))
+    if settings.result_path:
+        write_json(settings.result_path, result)
+    if audit is not None:
+        write_json(settings.audit_path, {"version": RESULT_VERSION, "replies": audit})
+    return result
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point: settings from the run config, result to ``result-path``."""
+    settings = Settings.from_run_config(dict(context.run_config))
+    if not settings.result_path:
+        raise ValueError("run config result-path is required")
+    federated_statistics(grid, settings)
