@@ -534,11 +534,17 @@ def demo(
         prepared[site.name] = {"folder": str(folder), "persons": manifest["persons"],
                                "features": len(manifest["feature_names"]),
                                "validation": {k: levels[k] for k in ("fatal_count", "warning_count")}}
+    console.rule("5. federated statistics (Flower ServerApp/ClientApp, in process)")
+    from omopfl.federation.runner import run_stats
+
+    stats_result = run_stats(study, [adapters / f"{s.site}.toml" for s in summaries], out / "prepared",
+                             mode="inprocess", out=out / "stats.json")
+    _print_stats(stats_result)
     report_path = out / "demo_report.json"
     report_path.write_text(
         json.dumps(
             {"synth": [s.to_dict() for s in summaries], "sites": [r.to_dict() for r in reports], "cohorts": built,
-             "prepared": prepared},
+             "prepared": prepared, "stats": stats_result},
             indent=2, default=str,
         )
     )

@@ -33,6 +33,9 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
         prepared = report["prepared"][synth["site"]]
         assert prepared["persons"] == synth["target_persons"] and prepared["validation"]["fatal_count"] == 0
         assert (Path(prepared["folder"]) / "manifest.json").is_file()
+    stats = report["stats"]
+    assert stats["sites"]["contributing"] == ["site_a", "site_b"]
+    assert stats["global"]["persons"] == sum(s["target_persons"] for s in report["synth"])
 
 
 def test_checked_in_adapters_match_the_demo_layout() -> None:
