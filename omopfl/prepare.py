@@ -312,7 +312,11 @@ def _images(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd
         return None, {"enabled": False}
     from omopfl.linking import link_images
 
-    cache = Path(os.environ.get("OMOPFL_IMAGE_CACHE", out_dir / ".cache" / site.name / "images"))
+    # Decoded pixels are cached per site under the user's cache folder (like translated cohort SQL),
+    # so `omopfl validate` writes nothing into the working folder and later runs never decode again.
+    base = Path(os.environ.get("OMOPFL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                / "omopfl")
+    cache = Path(os.environ.get("OMOPFL_IMAGE_CACHE", base / "images" / site.name))
     links = link_images(conn, site, study, frame[["person_id", "index_date"]], cache_dir=cache)
     array, mask = links.materialize(frame["person_id"].to_numpy())
     return (array, mask), _json_safe(links.report)

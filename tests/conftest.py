@@ -8,6 +8,7 @@ locally but fail in CI (``CI=true``), so a green CI always means both backends r
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import sqlalchemy as sa
 from omopfl.db import make_engine
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Caches (translated cohort SQL, decoded pixels) go to a throwaway folder, not the user's home.
+os.environ.setdefault("OMOPFL_CACHE_DIR", tempfile.mkdtemp(prefix="omopfl-test-cache-"))
 PG_ADMIN_URL = os.environ.get("OMOPFL_TEST_PG_URL", "")
 
 

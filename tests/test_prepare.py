@@ -159,7 +159,7 @@ def test_empty_cohort_is_fatal_and_nothing_is_written(duckdb_backend, tmp_path: 
         os.environ.pop(env, None)
     assert "\n" not in str(info.value)
     assert (folder / "manifest.json").read_text() == before  # previous dataset intact
-    assert [p.name for p in out.iterdir() if not p.name.startswith(".cache")] == ["site_a"]  # no temp leftovers
+    assert [p.name for p in out.iterdir()] == ["site_a"]  # no temp leftovers
 
 
 @pytest.fixture(scope="module", params=["duckdb", "postgresql"])
@@ -209,7 +209,7 @@ def test_validate_command_prints_report_and_writes_nothing(eunomia_adapter: Path
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert report["fatal_count"] == 0 and report["warning_count"] > 0
-    assert not any(p for p in tmp_path.iterdir() if p.name != ".cache")
+    assert not any(tmp_path.iterdir())
 
 
 def test_site_refuses_a_study_it_cannot_serve(duckdb_backend, tmp_path: Path, capsys) -> None:
