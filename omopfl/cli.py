@@ -465,6 +465,93 @@ def _print_stats(result: dict) -> None:
     console.print(table)
 
 
+# ---------------------------------------------------------------- train
+@app.command()
+def train(
+    study: Annotated[Path | None, typer.Option("--study", help="The study (needed with --simulate).")] = None,
+    site: Annotated[
+        list[Path] | None, typer.Option("--site", help="Site adapter(s). With --superlink: the site this node serves.")
+    ] = None,
+    simulate: Annotated[
+        bool, typer.Option("--simulate", help="Every site in adapters/ on this machine, same code path as deployment.")
+    ] = False,
+    superlink: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the SuperLink's Fleet API: serve --site as a Flower SuperNode.")
+    ] = None,
+    prepared: Annotated[Path, typer.Option(help="Folder of the prepared site datasets.")] = Path("data/prepared"),
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<study name>).")] = None,
+    mode: Annotated[str, typer.Option(help="--simulate engine: inprocess or deployment (loopback).")] = "inprocess",
+    rounds: Annotated[int | None, typer.Option(help="Override the study's rounds.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Override the strategy: fedavg, fedprox, fedadam.")] = None,
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA certificate (PEM) of the SuperLink: TLS instead of --insecure.")
+    ] = None,
+    auth_private_key: Annotated[Path | None, typer.Option(help="SuperNode authentication private key.")] = None,
+    auth_public_key: Annotated[Path | None, typer.Option(help="SuperNode authentication public key.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run manifest as JSON.")] = False,
+) -> None:
+    """Federated training: simulate all sites on one machine, or serve one site as a Flower SuperNode."""
+    if superlink:
+        _serve_site(site, superlink, prepared, root_certificates, auth_private_key, auth_public_key)
+        return
+    if not simulate:
+        raise ConfigError("omopfl train needs --simulate (all sites here) or --site ADAPTER --superlink HOST:PORT")
+    if study is None:
+        raise ConfigError("omopfl train --simulate needs --study study.toml")
+    from omopfl.federation.train import run_training
+    from omopfl.report import plot_metrics, write_report
+    from omopfl.study import load_study
+
+    spec = load_study(study)
+    adapters = list(site) if site else sorted(Path("adapters").glob("*.toml"))
+    if not adapters:
+        raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
+    for adapter in adapters:
+        load_site(adapter)
+    run_dir = out or Path("runs") / spec.name
+    manifest = run_training(study, adapters, prepared, mode=mode, out_dir=run_dir, rounds=rounds,
+                            strategy=strategy)
+    plot_metrics(run_dir)
+    write_report(run_dir)
+    if as_json:
+        _emit_json(manifest)
+        return
+    final = manifest.get("final") or {}
+    console.print(f"trained {spec.model.kind} with {manifest['training'].get('strategy')} over "
+                  f"{len(manifest.get('sites', []))} sites, {manifest['training'].get('rounds')} rounds: "
+                  f"AUC {_fmt(final.get('eval_auc'))}, accuracy {_fmt(final.get('eval_accuracy'))}")
+    console.print(f"run directory {run_dir} (model.npz, metrics.json/csv, metrics.png, report.md)")
+
+
+def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, root_certificates: Path | None,
+                private_key: Path | None, public_key: Path | None) -> None:
+    """Start a Flower SuperNode serving one site; its node config names the adapter, never a secret."""
+    import shutil
+    import subprocess
+
+    if not sites or len(sites) != 1:
+        raise ConfigError("omopfl train --superlink serves exactly one site: pass --site adapters/<site>.toml")
+    config = load_site(sites[0])
+    if (private_key is None) != (public_key is None):
+        raise ConfigError("SuperNode authentication needs both --auth-private-key and --auth-public-key")
+    exe = shutil.which("flower-supernode", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                 os.environ.get("PATH", "")]))
+    if exe is None:
+        raise ConfigError("flower-supernode not found: install omopfl's dependencies (scripts/env.sh)")
+    node_config = f"site-config='{sites[0].resolve()}' prepared-dir='{prepared.resolve()}'"
+    args = [exe, "--superlink", superlink, "--node-config", node_config]
+    args += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+    if private_key and public_key:
+        args += ["--auth-supernode-private-key", str(private_key), "--auth-supernode-public-key", str(public_key)]
+    console.print(f"serving site {config.name} to SuperLink {superlink} (Ctrl-C to stop)")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    code = subprocess.call(args, env=env)
+    if code:
+        raise typer.Exit(code)
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
@@ -476,7 +563,7 @@ def demo(
         "examples/t2dm_hf/study.toml"
     ),
 ) -> None:
-    """The whole job on the embedded default (DuckDB): synthetic sites, checks, cohorts, prepared datasets."""
+    """The whole job on the embedded default (DuckDB): sites, checks, cohorts, prepared data, stats, FedAvg."""
     from omopfl.db import site_engine
     from omopfl.sites import check_site
     from omopfl.synth import run_synth
@@ -540,11 +627,24 @@ def demo(
     stats_result = run_stats(study, [adapters / f"{s.site}.toml" for s in summaries], out / "prepared",
                              mode="inprocess", out=out / "stats.json")
     _print_stats(stats_result)
+    console.rule(f"6. federated training ({spec.training.strategy}, {spec.training.rounds} rounds, in process)")
+    from omopfl.federation.train import run_training
+    from omopfl.report import plot_metrics, write_report
+
+    run_dir = out / "run"
+    training = run_training(study, [adapters / f"{s.site}.toml" for s in summaries], out / "prepared",
+                            mode="inprocess", out_dir=run_dir)
+    plot_metrics(run_dir)
+    write_report(run_dir)
+    final = training.get("final") or {}
+    console.print(f"{spec.model.kind} model: federated AUC {_fmt(final.get('eval_auc'))}, accuracy "
+                  f"{_fmt(final.get('eval_accuracy'))}; model, metrics.png and report.md in {run_dir}")
     report_path = out / "demo_report.json"
     report_path.write_text(
         json.dumps(
             {"synth": [s.to_dict() for s in summaries], "sites": [r.to_dict() for r in reports], "cohorts": built,
-             "prepared": prepared, "stats": stats_result},
+             "prepared": prepared, "stats": stats_result,
+             "training": {"run_dir": str(run_dir), "final": final}},
             indent=2, default=str,
         )
     )

@@ -36,6 +36,9 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     stats = report["stats"]
     assert stats["sites"]["contributing"] == ["site_a", "site_b"]
     assert stats["global"]["persons"] == sum(s["target_persons"] for s in report["synth"])
+    run_dir = Path(report["training"]["run_dir"])
+    assert (run_dir / "model.npz").is_file() and (run_dir / "metrics.png").is_file()
+    assert report["training"]["final"]["eval_auc"] > 0.5
 
 
 def test_checked_in_adapters_match_the_demo_layout() -> None:

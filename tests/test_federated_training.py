@@ -192,3 +192,35 @@ def test_fedavg_deployment_on_loopback(federation) -> None:
     assert manifest["final"]["eval_auc"] is not None and manifest["final"]["eval_auc"] > 0.6
     replies = json.loads((run_dir / "audit.json").read_text())["replies"]
     assert len(replies) == 2 * 2 * len(SITES) and all("content" in r for r in replies)
+
+
+def test_cli_train_simulate_writes_model_metrics_plot_and_report(federation, capsys) -> None:
+    from omopfl.cli import main
+
+    run_dir = federation["tmp"] / "cli_run"
+    args = ["train", "--simulate", "--study", str(federation["study"]), "--prepared", str(federation["prepared_dir"]),
+            "--out", str(run_dir), "--rounds", "2", "--json"]
+    for adapter in federation["adapters"]:
+        args += ["--site", str(adapter)]
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    assert code == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["training"]["rounds"] == 2
+    for name in ("model.npz", "metrics.json", "metrics.csv", "metrics.png", "report.md", "manifest.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (run_dir / "report.md").read_text()
+    assert "| auc |" in report and "| 2 |" in report
+
+
+def test_cli_train_needs_a_mode(capsys) -> None:
+    from omopfl.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2
+    assert "--simulate" in capsys.readouterr().err
