@@ -475,6 +475,9 @@ def train(
     simulate: Annotated[
         bool, typer.Option("--simulate", help="Every site in adapters/ on this machine, same code path as deployment.")
     ] = False,
+    pooled: Annotated[
+        bool, typer.Option("--pooled", help="Centralized baseline on the pooled data (synthetic/test sites only).")
+    ] = False,
     superlink: Annotated[
         str | None, typer.Option(help="HOST:PORT of the SuperLink's Fleet API: serve --site as a Flower SuperNode.")
     ] = None,
@@ -494,10 +497,24 @@ def train(
     if superlink:
         _serve_site(site, superlink, prepared, root_certificates, auth_private_key, auth_public_key)
         return
-    if not simulate:
-        raise ConfigError("omopfl train needs --simulate (all sites here) or --site ADAPTER --superlink HOST:PORT")
+    if not (simulate or pooled):
+        raise ConfigError(
+            "omopfl train needs --simulate (all sites here), --pooled, or --site ADAPTER --superlink HOST:PORT"
+        )
     if study is None:
-        raise ConfigError("omopfl train --simulate needs --study study.toml")
+        raise ConfigError("omopfl train --simulate/--pooled needs --study study.toml")
+    if pooled:
+        from omopfl.pooled import train_pooled
+
+        adapters = list(site) if site else sorted(Path("adapters").glob("*.toml"))
+        result = train_pooled(study, adapters, prepared, out_dir=out or Path("runs") / "pooled", rounds=rounds)
+        if as_json:
+            _emit_json(result)
+            return
+        weighted = result["metrics"]["site_weighted"]
+        console.print(f"pooled baseline: AUC {_fmt(weighted.get('auc'))} (site-weighted), "
+                      f"{_fmt(result['metrics']['pooled'].get('auc'))} over all test rows")
+        return
     from omopfl.federation.train import run_training
     from omopfl.report import plot_metrics, write_report
     from omopfl.study import load_study
