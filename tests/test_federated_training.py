@@ -147,6 +147,23 @@ def test_fedprox_inprocess_runs(federation) -> None:
     assert (run_dir / "model.npz").is_file()
 
 
+def test_fedadam_inprocess_differs_from_fedavg(federation) -> None:
+    """FedAdam (server-side Adam on the averaged update) really replaces FedAvg: with the same seeds and
+    rounds, the two runs end with different weights, and both evaluate."""
+    import numpy as np
+
+    runs = {}
+    for strategy in ("fedavg", "fedadam"):
+        run_dir = federation["tmp"] / f"run_cmp_{strategy}"
+        manifest = run_training(federation["study"], federation["adapters"], federation["prepared_dir"],
+                                out_dir=run_dir, rounds=2, strategy=strategy)
+        assert manifest["training"]["strategy"] == strategy
+        assert manifest["final"]["eval_auc"] is not None
+        with np.load(run_dir / "model.npz") as trained:
+            runs[strategy] = [trained[k] for k in trained.files]
+    assert any(not np.allclose(a, b) for a, b in zip(runs["fedavg"], runs["fedadam"], strict=True))
+
+
 def test_site_failure_leaves_only_a_fixed_code(federation, tmp_path: Path) -> None:
     """Without a global scaler the site refuses to train; the error text is a fixed code only."""
     import shutil
