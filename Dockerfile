@@ -17,6 +17,7 @@ COPY pyproject.toml README.md ./
 COPY omopfl ./omopfl
 COPY cohorts ./cohorts
 COPY adapters ./adapters
+COPY examples ./examples
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 10001 omopfl
 USER omopfl
