@@ -20,6 +20,9 @@ import sqlalchemy as sa
 from omopfl.db import make_engine
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
+    os.environ.setdefault(_key, _value)
 # Caches (translated cohort SQL, decoded pixels) go to a throwaway folder, not the user's home.
 os.environ.setdefault("OMOPFL_CACHE_DIR", tempfile.mkdtemp(prefix="omopfl-test-cache-"))
 PG_ADMIN_URL = os.environ.get("OMOPFL_TEST_PG_URL", "")
@@ -85,6 +88,57 @@ def database_factory(tmp_path_factory: pytest.TempPathFactory):
                 pytest.fail("OMOPFL_TEST_PG_URL is not set in CI: run the tests through scripts/test.sh")
             pytest.skip("PostgreSQL not available: set OMOPFL_TEST_PG_URL or run scripts/test.sh")
         return _create_pg_database(tag)
+
+    return make
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDERATION_SITES = ("site_a", "site_b", "site_c")
+
+
+@pytest.fixture(scope="session")
+def _three_prepared_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic DuckDB sites prepared for the t2dm_hf study (no images/omics), built once."""
+    from omopfl.config import load_site
+    from omopfl.prepare import prepare_site
+    from omopfl.study import load_study
+    from omopfl.synth import run_synth
+
+    base = tmp_path_factory.mktemp("three_sites")
+    text = (ROOT / "examples" / "t2dm_hf" / "study.toml").read_text()
+    text = text.replace('"../../cohorts/', f'"{ROOT}/cohorts/').replace("enabled = true", "enabled = false")
+    (base / "study.toml").write_text(text)
+    study = load_study(base / "study.toml")
+    run_synth(base / "synth", n_sites=3, persons=[1200, 800, 450], seed=11, image_share=0.0, omics_share=0.0,
+              progress=False)
+    for name in FEDERATION_SITES:
+        site = load_site(base / "synth" / "adapters" / f"{name}.toml")
+        engine = make_engine(site.database_url())
+        try:
+            prepare_site(engine, site, study, base / "prepared")
+        finally:
+            engine.dispose()
+    return base
+
+
+@pytest.fixture(scope="session")
+def prepared_sites_factory(_three_prepared_sites: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``make(tag)``: a private copy of the three prepared sites (runs write scalers into them).
+
+    Returns ``{"tmp", "study", "study_hash", "prepared_dir", "adapters"}``.
+    """
+    import shutil
+
+    from omopfl.study import load_study
+
+    def make(tag: str) -> dict:
+        tmp = tmp_path_factory.mktemp(tag)
+        for item in ("study.toml", "synth", "prepared"):
+            source = _three_prepared_sites / item
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp / item)
+        return {"tmp": tmp, "study": tmp / "study.toml", "study_hash": load_study(tmp / "study.toml").hash,
+                "prepared_dir": tmp / "prepared",
+                "adapters": [tmp / "synth" / "adapters" / f"{name}.toml" for name in FEDERATION_SITES]}
 
     return make
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,37 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site_a", "site_b", "site_c")
 TINY = "site_tiny"
 
-for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
-    os.environ.setdefault(key, value)
-
-
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def federation(prepared_sites_factory) -> dict[str, Any]:
     """Three prepared synthetic sites and a 7-person site, with their adapters."""
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
-    from omopfl.study import load_study
-    from omopfl.synth import run_synth
-
-    tmp = tmp_path_factory.mktemp("federation")
-    text = (ROOT / "examples" / "t2dm_hf" / "study.toml").read_text()
-    text = text.replace('"../../cohorts/', f'"{ROOT}/cohorts/').replace("enabled = true", "enabled = false")
-    (tmp / "study.toml").write_text(text)
-    study = load_study(tmp / "study.toml")
-    run_synth(tmp / "synth", n_sites=3, persons=[1200, 800, 450], seed=11, image_share=0.0, omics_share=0.0,
-              progress=False)
-    prepared_dir = tmp / "prepared"
-    adapters = []
-    for name in SITES:
-        adapter = tmp / "synth" / "adapters" / f"{name}.toml"
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, study, prepared_dir)
-        finally:
-            engine.dispose()
-        adapters.append(adapter)
+    federation = prepared_sites_factory("federation")
+    tmp, prepared_dir, adapters = federation["tmp"], federation["prepared_dir"], federation["adapters"]
     # a site of 7 persons (rows of site_a's dataset) whose adapter sets min_cell_count = 10
     source = prepared_dir / "site_a"
     tiny = prepared_dir / TINY
@@ -80,8 +53,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tiny_adapter.write_text(f'[site]\nname = "{TINY}"\nmin_cell_count = 10\n\n[database]\n'
                             'duckdb_path = "nowhere/omop.duckdb"\ncdm_schema = "cdm"\nresults_schema = "results"\n')
     adapters.append(tiny_adapter)
-    return {"tmp": tmp, "study": tmp / "study.toml", "study_hash": study.hash, "prepared_dir": prepared_dir,
-            "adapters": adapters}
+    return federation
 
 
 # --------------------------------------------------------------------------------------------

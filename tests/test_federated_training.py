@@ -11,56 +11,22 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from omopfl.config import load_site
 from omopfl.federation.train import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS, run_training
 from omopfl.prepare import load_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site_a", "site_b", "site_c")
 
-for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
-    os.environ.setdefault(key, value)
-
-
-def _study_text() -> str:
-    text = (ROOT / "examples" / "t2dm_hf" / "study.toml").read_text()
-    return text.replace('"../../cohorts/', f'"{ROOT}/cohorts/').replace("enabled = true", "enabled = false")
-
-
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Three prepared synthetic sites with their adapters."""
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
-    from omopfl.study import load_study
-    from omopfl.synth import run_synth
-
-    tmp = tmp_path_factory.mktemp("training")
-    (tmp / "study.toml").write_text(_study_text())
-    study = load_study(tmp / "study.toml")
-    run_synth(tmp / "synth", n_sites=3, persons=[1200, 800, 450], seed=11, image_share=0.0, omics_share=0.0,
-              progress=False)
-    prepared_dir = tmp / "prepared"
-    adapters = []
-    for name in SITES:
-        adapter = tmp / "synth" / "adapters" / f"{name}.toml"
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, study, prepared_dir)
-        finally:
-            engine.dispose()
-        adapters.append(adapter)
-    return {"tmp": tmp, "study": tmp / "study.toml", "study_hash": study.hash, "prepared_dir": prepared_dir,
-            "adapters": adapters}
+def federation(prepared_sites_factory) -> dict[str, Any]:
+    """Three prepared synthetic sites with their adapters (tests/conftest.py)."""
+    return prepared_sites_factory("training")
 
 
 def _numbers(value: Any) -> list[float]:

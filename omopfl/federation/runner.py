@@ -173,16 +173,23 @@ def _toml_table(values: dict[str, Any]) -> str:
     return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
 
 
-def _app_pyproject() -> str:
+def _app_pyproject(
+    name: str = "omopfl-stats",
+    description: str = "omopfl federated statistics (global mean/std under minimum cell counts)",
+    serverapp: str = "omopfl.federation.server_app:app",
+    clientapp: str = "omopfl.federation.client_app:app",
+    config: dict[str, Any] | None = None,
+) -> str:
+    """The minimal ``pyproject.toml`` that ``flwr run`` needs to find the app's components."""
     return (
         '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        '[project]\nname = "omopfl-stats"\nversion = "0.1.0"\n'
-        'description = "omopfl federated statistics (global mean/std under minimum cell counts)"\n'
+        f'[project]\nname = "{name}"\nversion = "0.1.0"\n'
+        f'description = "{description}"\n'
         'license = "Apache-2.0"\ndependencies = []\n\n'
         '[tool.flwr.app]\npublisher = "omopfl"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "omopfl.federation.server_app:app"\n'
-        'clientapp = "omopfl.federation.client_app:app"\n\n'
-        f"[tool.flwr.app.config]\n{_toml_table(APP_CONFIG)}"
+        f'[tool.flwr.app.components]\nserverapp = "{serverapp}"\n'
+        f'clientapp = "{clientapp}"\n\n'
+        f"[tool.flwr.app.config]\n{_toml_table(APP_CONFIG if config is None else config)}"
     )
 
 
@@ -287,14 +294,21 @@ def _run_inprocess(adapters: list[Path], prepared_dir: Path, run_config: dict[st
 
 
 def _run_deployment(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any], superlink: str | None,
-                    work: Path, run_timeout: float, timings: dict[str, float]) -> str:
+                    work: Path, run_timeout: float, timings: dict[str, float], *,
+                    app_pyproject: str | None = None) -> str:
+    """Run a Flower app with ``flwr run``: on a loopback SuperLink with one SuperNode per site that this
+    function starts (``superlink=None``) or on an existing connection; every process stopped by PID.
+
+    ``app_pyproject`` is the app's ``pyproject.toml`` (default: the statistics app); the training
+    runner passes its own components.
+    """
     env = {**os.environ, **FLOWER_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     # Flower's processes start each other by name (flower-superexec, flwr-clientapp, ...): make the
     # interpreter's own bin folder come first even when the virtual environment is not activated.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     app_dir = work / "app"
     app_dir.mkdir()
-    (app_dir / "pyproject.toml").write_text(_app_pyproject())
+    (app_dir / "pyproject.toml").write_text(app_pyproject or _app_pyproject())
     config_file = work / "run_config.toml"
     config_file.write_text(_toml_table(run_config))
     procs = _Processes(env, work)

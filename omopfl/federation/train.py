@@ -411,80 +411,16 @@ def _training_run_config(spec: Any, adapters: list[Path], run_dir: Path, *, audi
 
 
 def _app_pyproject() -> str:
-    from omopfl.federation.runner import APP_CONFIG, _toml_table
+    from omopfl.federation.runner import APP_CONFIG
+    from omopfl.federation.runner import _app_pyproject as app_pyproject
 
-    return (
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        '[project]\nname = "omopfl-train"\nversion = "0.1.0"\n'
-        'description = "omopfl federated training (stats, global scaler, FedAvg/FedProx/FedAdam)"\n'
-        'license = "Apache-2.0"\ndependencies = []\n\n'
-        '[tool.flwr.app]\npublisher = "omopfl"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "omopfl.federation.train:train_app"\n'
-        'clientapp = "omopfl.federation.train:client_app"\n\n'
-        f"[tool.flwr.app.config]\n{_toml_table({**APP_CONFIG, **TRAIN_CONFIG})}"
+    return app_pyproject(
+        name="omopfl-train",
+        description="omopfl federated training (stats, global scaler, FedAvg/FedProx/FedAdam)",
+        serverapp="omopfl.federation.train:train_app",
+        clientapp="omopfl.federation.train:client_app",
+        config={**APP_CONFIG, **TRAIN_CONFIG},
     )
-
-
-def _run_deployment(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any], work: Path,
-                    run_timeout: float, timings: dict[str, float]) -> None:
-    """A loopback SuperLink and one SuperNode per site, then ``flwr run`` (as the stats runner does)."""
-    import os
-    import subprocess
-    import sys
-
-    from omopfl.errors import FederationError
-    from omopfl.federation.runner import (
-        FLOWER_ENV,
-        _check_path_for_node_config,
-        _executable,
-        _free_port,
-        _Processes,
-        _toml_table,
-        _wait_for_port,
-    )
-
-    env = {**os.environ, **FLOWER_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    app_dir = work / "app"
-    app_dir.mkdir()
-    (app_dir / "pyproject.toml").write_text(_app_pyproject())
-    config_file = work / "run_config.toml"
-    config_file.write_text(_toml_table(run_config))
-    procs = _Processes(env, work)
-    t0 = time.perf_counter()
-    try:
-        home = work / "flwr_home"
-        home.mkdir()
-        env["FLWR_HOME"] = str(home)
-        port = _free_port()
-        link = procs.start("superlink", [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                         "--port", str(port)])
-        _wait_for_port(port, link)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "omopfl"\n\n[superlink.omopfl]\naddress = "127.0.0.1:{port}"\n'
-            "insecure = true\n")
-        prepared = _check_path_for_node_config(prepared_dir)
-        for i, adapter in enumerate(adapters):
-            node_config = f"site-config='{_check_path_for_node_config(adapter)}' prepared-dir='{prepared}'"
-            procs.start(f"supernode_{i}", [
-                _executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config])
-        timings["start_processes"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        args = [_executable("flwr"), "run", str(app_dir), "omopfl", "--run-config", str(config_file), "--stream"]
-        with (work / "flwr_run.log").open("wb") as log:
-            try:
-                completed = subprocess.run(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, timeout=run_timeout, start_new_session=True)
-            except subprocess.TimeoutExpired:
-                raise FederationError(f"flwr run did not finish within {run_timeout:.0f} s (logs: {work})") from None
-        timings["flwr_run"] = round(time.perf_counter() - t0, 3)
-        if completed.returncode != 0:
-            raise FederationError(f"flwr run exited with code {completed.returncode} (logs: {work})")
-    finally:
-        t0 = time.perf_counter()
-        procs.stop()
-        timings["stop_processes"] = round(time.perf_counter() - t0, 3)
 
 
 def run_training(study: str | Path, adapters: Sequence[str | Path], prepared_dir: str | Path, *,
@@ -552,7 +488,9 @@ def run_training(study: str | Path, adapters: Sequence[str | Path], prepared_dir
         import tempfile
 
         work = Path(tempfile.mkdtemp(prefix="omopfl-train-"))
-        _run_deployment(adapters, prepared, run_config, work, run_timeout=timeout, timings=timings)
+        from omopfl.federation.runner import _run_deployment
+
+        _run_deployment(adapters, prepared, run_config, None, work, timeout, timings, app_pyproject=_app_pyproject())
         if not keep_logs:
             shutil.rmtree(work, ignore_errors=True)
         engine = "deployment (loopback SuperLink + SuperNodes)"
