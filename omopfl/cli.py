@@ -476,26 +476,51 @@ def train(
         bool, typer.Option("--simulate", help="Every site in adapters/ on this machine, same code path as deployment.")
     ] = False,
     pooled: Annotated[
-        bool, typer.Option("--pooled", help="Centralized baseline on the pooled data (synthetic/test sites only).")
+        bool, typer.Option("--pooled", help="Centralized baseline on the pooled data (synthetic/test sites only); "
+                                            "with --simulate, trained beside the federated run.")
     ] = False,
     superlink: Annotated[
-        str | None, typer.Option(help="HOST:PORT of the SuperLink's Fleet API: serve --site as a Flower SuperNode.")
+        str | None, typer.Option(help="HOST:PORT of the SuperLink: serve --site as a Flower SuperNode.")
     ] = None,
     prepared: Annotated[Path, typer.Option(help="Folder of the prepared site datasets.")] = Path("data/prepared"),
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<study name>).")] = None,
     mode: Annotated[str, typer.Option(help="--simulate engine: inprocess or deployment (loopback).")] = "inprocess",
     rounds: Annotated[int | None, typer.Option(help="Override the study's rounds.")] = None,
     strategy: Annotated[str | None, typer.Option(help="Override the strategy: fedavg, fedprox, fedadam.")] = None,
-    root_certificates: Annotated[
-        Path | None, typer.Option(help="CA certificate (PEM) of the SuperLink: TLS instead of --insecure.")
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run directory's last checkpoint.")] = False,
+    min_sites: Annotated[
+        int | None, typer.Option(help="Fewest sites a round may go on with (default: every site).")
     ] = None,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a round's replies before dropping the silent sites.")
+    ] = 600.0,
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA certificate (PEM) of the SuperLink: TLS (the default needs it).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS to the SuperLink (loopback and testing only).")
+    ] = False,
     auth_private_key: Annotated[Path | None, typer.Option(help="SuperNode authentication private key.")] = None,
     auth_public_key: Annotated[Path | None, typer.Option(help="SuperNode authentication public key.")] = None,
+    runtime_port: Annotated[
+        int | None, typer.Option(help="Port of the SuperNode's local Runtime API (default: a free one).")
+    ] = None,
+    stock_polling: Annotated[
+        bool, typer.Option("--stock-polling", help="Keep Flower's stock SuperNode polling (3 s idle sleep).")
+    ] = False,
+    worker: Annotated[
+        bool, typer.Option("--worker/--no-worker", help="Run train/evaluate in this long-lived process.")
+    ] = True,
+    max_wait_time: Annotated[
+        float | None, typer.Option(help="SuperNode: give up after this many seconds without the SuperLink.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run manifest as JSON.")] = False,
 ) -> None:
     """Federated training: simulate all sites on one machine, or serve one site as a Flower SuperNode."""
     if superlink:
-        _serve_site(site, superlink, prepared, root_certificates, auth_private_key, auth_public_key)
+        _serve_site(site, superlink, prepared, root_certificates=root_certificates, insecure=insecure,
+                    keys=(auth_private_key, auth_public_key), runtime_port=runtime_port,
+                    stock_polling=stock_polling, worker=worker, max_wait_time=max_wait_time)
         return
     if not (simulate or pooled):
         raise ConfigError(
@@ -503,20 +528,6 @@ def train(
         )
     if study is None:
         raise ConfigError("omopfl train --simulate/--pooled needs --study study.toml")
-    if pooled:
-        from omopfl.pooled import train_pooled
-
-        adapters = list(site) if site else sorted(Path("adapters").glob("*.toml"))
-        result = train_pooled(study, adapters, prepared, out_dir=out or Path("runs") / "pooled", rounds=rounds)
-        if as_json:
-            _emit_json(result)
-            return
-        weighted = result["metrics"]["site_weighted"]
-        console.print(f"pooled baseline: AUC {_fmt(weighted.get('auc'))} (site-weighted), "
-                      f"{_fmt(result['metrics']['pooled'].get('auc'))} over all test rows")
-        return
-    from omopfl.federation.train import run_training
-    from omopfl.report import plot_metrics, write_report
     from omopfl.study import load_study
 
     spec = load_study(study)
@@ -524,49 +535,129 @@ def train(
     if not adapters:
         raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
     for adapter in adapters:
-        load_site(adapter)
-    run_dir = out or Path("runs") / spec.name
+        load_site(adapter)  # fail early, naming the file, before any process starts
+    run_dir = out or Path("runs") / (spec.name if simulate else "pooled")
+    pooled_result = None
+    if pooled:
+        from omopfl.pooled import train_pooled
+
+        pooled_result = train_pooled(study, adapters, prepared, out_dir=run_dir, rounds=rounds)
+        if not simulate:
+            if as_json:
+                _emit_json(pooled_result)
+                return
+            weighted = pooled_result["metrics"]["site_weighted"]
+            console.print(f"pooled baseline: AUC {_fmt(weighted.get('auc'))} (site-weighted), "
+                          f"{_fmt(pooled_result['metrics']['pooled'].get('auc'))} over all test rows")
+            return
+    from omopfl.federation.train import run_training
+    from omopfl.report import plot_metrics, write_report
+
     manifest = run_training(study, adapters, prepared, mode=mode, out_dir=run_dir, rounds=rounds,
-                            strategy=strategy)
+                            strategy=strategy, resume=resume, min_sites=min_sites, round_timeout=round_timeout)
     plot_metrics(run_dir)
     write_report(run_dir)
     if as_json:
         _emit_json(manifest)
         return
+    _print_training(manifest, run_dir, pooled_result)
+
+
+def _print_training(manifest: dict, run_dir: Path, pooled_result: dict | None = None) -> None:
     final = manifest.get("final") or {}
-    console.print(f"trained {spec.model.kind} with {manifest['training'].get('strategy')} over "
-                  f"{len(manifest.get('sites', []))} sites, {manifest['training'].get('rounds')} rounds: "
+    training = manifest.get("training", {})
+    console.print(f"trained {manifest.get('model', {}).get('kind')} with {training.get('strategy')} over "
+                  f"{len(manifest.get('sites', []))} sites, {training.get('rounds')} rounds: "
                   f"AUC {_fmt(final.get('eval_auc'))}, accuracy {_fmt(final.get('eval_accuracy'))}")
+    for dropped in manifest.get("dropped", []):
+        console.print(f"[yellow]site {dropped['site']} dropped in round {dropped['round']}: {dropped['reason']}")
+    if manifest.get("resumed_from_round"):
+        console.print(f"resumed after round {manifest['resumed_from_round']}")
+    if pooled_result is not None:
+        weighted = pooled_result["metrics"]["site_weighted"]
+        console.print(f"pooled baseline on the same split: AUC {_fmt(weighted.get('auc'))} (site-weighted)")
     console.print(f"run directory {run_dir} (model.npz, metrics.json/csv, metrics.png, report.md)")
 
 
-def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, root_certificates: Path | None,
-                private_key: Path | None, public_key: Path | None) -> None:
-    """Start a Flower SuperNode serving one site; its node config names the adapter, never a secret."""
-    import shutil
-    import subprocess
+def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, *, root_certificates: Path | None,
+                insecure: bool, keys: tuple[Path | None, Path | None], runtime_port: int | None,
+                stock_polling: bool, worker: bool, max_wait_time: float | None) -> None:
+    """Serve one site as a Flower SuperNode; its node config names the adapter, never a secret."""
+    from omopfl.federation.supernode import serve_site
 
     if not sites or len(sites) != 1:
         raise ConfigError("omopfl train --superlink serves exactly one site: pass --site adapters/<site>.toml")
     config = load_site(sites[0])
-    if (private_key is None) != (public_key is None):
+    if (keys[0] is None) != (keys[1] is None):
         raise ConfigError("SuperNode authentication needs both --auth-private-key and --auth-public-key")
-    exe = shutil.which("flower-supernode", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                                 os.environ.get("PATH", "")]))
-    if exe is None:
-        raise ConfigError("flower-supernode not found: install omopfl's dependencies (scripts/env.sh)")
-    node_config = f"site-config='{sites[0].resolve()}' prepared-dir='{prepared.resolve()}'"
-    args = [exe, "--superlink", superlink, "--node-config", node_config]
-    args += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
-    if private_key and public_key:
-        args += ["--auth-supernode-private-key", str(private_key), "--auth-supernode-public-key", str(public_key)]
+    if root_certificates is None and not insecure:
+        raise ConfigError("omopfl train --superlink needs --root-certificates CA.pem (TLS) or --insecure "
+                          "(loopback and testing only)")
+    for path in (root_certificates, *keys):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path}: file not found")
+    if not (prepared / config.name).is_dir():
+        raise ConfigError(f"{prepared / config.name}: no prepared dataset for site {config.name}: "
+                          f"run omopfl prepare --site {sites[0]} first")
     console.print(f"serving site {config.name} to SuperLink {superlink} (Ctrl-C to stop)")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    code = subprocess.call(args, env=env)
-    if code:
-        raise typer.Exit(code)
+    auth = (keys[0], keys[1]) if keys[0] is not None and keys[1] is not None else None
+    serve_site(sites[0], superlink, prepared, root_certificates=root_certificates, insecure=insecure,
+               auth_keys=auth, runtime_port=runtime_port, poll_seconds=None if stock_polling else 0.1,
+               worker=worker, max_wait_time=max_wait_time)
+
+
+# ---------------------------------------------------------------- server
+@app.command()
+def server(
+    study: StudyOption,
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on (SuperNodes connect here).")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port of the SuperLink's HTTP API.")] = 9092,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<study name>).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Override the study's rounds.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Override the strategy: fedavg, fedprox, fedadam.")] = None,
+    min_sites: Annotated[
+        int | None, typer.Option(help="Fewest sites to start and go on with (default: the study's min_sites).")
+    ] = None,
+    sites: Annotated[
+        int | None, typer.Option("--sites", help="Sites to wait for before starting (default: --min-sites).")
+    ] = None,
+    wait_seconds: Annotated[float, typer.Option(help="At most this long to wait for the sites.")] = 300.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the replies of one statistics query.")] = 600.0,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a round's replies before dropping the silent sites.")
+    ] = 600.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run directory's last checkpoint.")] = False,
+    audit: Annotated[bool, typer.Option(help="Also write every site reply as received (audit.json).")] = False,
+    ssl_ca_certfile: Annotated[Path | None, typer.Option(help="TLS: CA certificate (PEM).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS: the SuperLink's certificate (PEM).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS: the SuperLink's private key (PEM).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback and testing only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run manifest as JSON.")] = False,
+) -> None:
+    """Coordinate a federated run: start the SuperLink, train with the sites' SuperNodes, write the run dir."""
+    from omopfl.federation.server import ServerOptions, serve_study
+
+    tls_files = {"ca": ssl_ca_certfile, "cert": ssl_certfile, "key": ssl_keyfile}
+    given = {k: v for k, v in tls_files.items() if v is not None}
+    if given and len(given) != 3:
+        raise ConfigError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile together")
+    if not given and not insecure:
+        raise ConfigError("omopfl server needs TLS files (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile) or "
+                          "--insecure (loopback and testing only)")
+    for path in given.values():
+        if not path.is_file():
+            raise ConfigError(f"{path}: file not found")
+    options = ServerOptions(host=host, port=port, out=out, rounds=rounds, strategy=strategy, min_sites=min_sites,
+                            expected_sites=sites, wait_seconds=wait_seconds, timeout=timeout,
+                            round_timeout=round_timeout, resume=resume, audit=audit,
+                            tls={k: Path(v) for k, v in given.items()} if given else None)
+    manifest = serve_study(study, options)
+    if as_json:
+        _emit_json(manifest)
+        return
+    from omopfl.study import load_study
+
+    _print_training(manifest, out or Path("runs") / load_study(study).name)
 
 
 # ---------------------------------------------------------------- demo

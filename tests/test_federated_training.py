@@ -83,25 +83,37 @@ def test_fedavg_inprocess_learns_and_writes_the_run_dir(federation) -> None:
         sizes[name] = prepared.n
         person_ids |= {float(p) for p in np.load(federation["prepared_dir"] / name / "persons.npy")}
     replies = json.loads((run_dir / "audit.json").read_text())["replies"]
-    assert len(replies) == 3 * 2 * len(SITES)
+    kinds = [r["message_type"] for r in replies]
+    # statistics + scaler, one train exchange per round, one final evaluate exchange
+    assert kinds.count("query.stats") == kinds.count("query.scaler") == len(SITES)
+    assert kinds.count("train") == 3 * len(SITES) and kinds.count("evaluate") == len(SITES)
+    with_evaluation = 0
     for reply in replies:
         assert "content" in reply, reply  # no Flower-level error
         content = reply["content"]
+        if reply["message_type"].startswith("query."):
+            continue  # the statistics replies are checked in tests/test_federated_stats.py
         if reply["message_type"] == "train":
-            assert set(content) == {"arrays", "metrics"}
+            assert set(content) in ({"arrays", "metrics"}, {"arrays", "metrics", "evaluate"}), set(content)
             assert {k: v["shape"] for k, v in content["arrays"].items()} == shapes
-            allowed = TRAIN_REPLY_KEYS["metrics"]
+            allowed = TRAIN_REPLY_KEYS
+            with_evaluation += "evaluate" in content
         else:
             assert reply["message_type"] == "evaluate" and set(content) == {"metrics"}
-            allowed = EVALUATE_REPLY_KEYS["metrics"]
-        metrics = content["metrics"]
-        assert set(metrics) <= allowed and "num-examples" in metrics, metrics
-        assert 0 < metrics["num-examples"] <= max(sizes.values())
-        assert all(isinstance(v, int | float) and np.isfinite(v) for v in metrics.values())
-        others = {k: v for k, v in metrics.items() if k != "num-examples"}
-        low = {"loss": 0.0, "kappa": -1.0}
-        assert all(low.get(k, 0.0) <= v <= (10.0 if k == "loss" else 1.0) for k, v in others.items()), others
-        assert not set(_numbers(list(others.values()))) & person_ids
+            allowed = EVALUATE_REPLY_KEYS
+        for record in set(content) - {"arrays"}:
+            metrics = content[record]
+            assert set(metrics) <= allowed[record] and "num-examples" in metrics, metrics
+            assert 0 < metrics["num-examples"] <= max(sizes.values())
+            assert all(isinstance(v, int | float) and np.isfinite(v) for v in metrics.values())
+            others = {k: v for k, v in metrics.items() if k != "num-examples"}
+            low = {"loss": 0.0, "kappa": -1.0}
+            assert all(low.get(k, 0.0) <= v <= (10.0 if k == "loss" else 1.0) for k, v in others.items()), others
+            assert not set(_numbers(list(others.values()))) & person_ids
+    # rounds 2 and 3 evaluate the weights they received (the global model of rounds 1 and 2)
+    assert with_evaluation == 2 * len(SITES)
+    assert manifest["bytes"]["sent"] > 3 * len(SITES) * manifest["bytes"]["model"]
+    assert all(r["bytes_sent"] >= len(SITES) * manifest["bytes"]["model"] for r in rounds)
 
 
 def test_fedprox_inprocess_runs(federation) -> None:
@@ -137,7 +149,7 @@ def test_site_failure_leaves_only_a_fixed_code(federation, tmp_path: Path) -> No
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from omopfl.federation import train
+    from omopfl.federation import site_train
     from omopfl.models import build_model
     from omopfl.study import load_study
 
@@ -156,7 +168,7 @@ def test_site_failure_leaves_only_a_fixed_code(federation, tmp_path: Path) -> No
         message = Message(content, dst_node_id=42, message_type="train")
         message.metadata.__dict__["_message_id"] = "m1"
         with pytest.raises(RuntimeError) as info:
-            train._guarded(train.site_train, message, context)
+            site_train._guarded(message, context)
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     assert str(info.value) == "omopfl site error: not_prepared"

@@ -28,15 +28,9 @@ The result (also written to ``out``) is the ServerApp's (see
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -48,6 +42,7 @@ from flwr.serverapp import Grid
 
 from omopfl.config import load_site
 from omopfl.errors import ConfigError, FederationError
+from omopfl.federation import deploy
 from omopfl.study import load_study
 
 __all__ = ["run_stats", "InProcessGrid", "FederationError", "MODES", "APP_CONFIG"]
@@ -61,6 +56,7 @@ APP_CONFIG: dict[str, Any] = {
     "audit-path": "",
     "study-hash": "",
     "min-sites": 1,
+    "expected-sites": 0,
     "min-contributing": 1,
     "wait-seconds": 120.0,
     "timeout": 600.0,
@@ -71,11 +67,7 @@ APP_CONFIG: dict[str, Any] = {
 }
 """The ServerApp's run config keys and defaults (``[tool.flwr.app.config]`` of the app)."""
 
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
+FLOWER_ENV = deploy.FLOWER_ENV
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,120 +149,17 @@ class InProcessGrid(Grid):
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string (ASCII escapes)
-
-
-def _toml_table(values: dict[str, Any]) -> str:
-    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
-
-
-def _app_pyproject(
-    name: str = "omopfl-stats",
-    description: str = "omopfl federated statistics (global mean/std under minimum cell counts)",
-    serverapp: str = "omopfl.federation.server_app:app",
-    clientapp: str = "omopfl.federation.client_app:app",
-    config: dict[str, Any] | None = None,
-) -> str:
-    """The minimal ``pyproject.toml`` that ``flwr run`` needs to find the app's components."""
-    return (
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        f'[project]\nname = "{name}"\nversion = "0.1.0"\n'
-        f'description = "{description}"\n'
-        'license = "Apache-2.0"\ndependencies = []\n\n'
-        '[tool.flwr.app]\npublisher = "omopfl"\n\n'
-        f'[tool.flwr.app.components]\nserverapp = "{serverapp}"\n'
-        f'clientapp = "{clientapp}"\n\n'
-        f"[tool.flwr.app.config]\n{_toml_table(APP_CONFIG if config is None else config)}"
-    )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FederationError(f"flower-superlink exited with code {proc.returncode} before listening")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise FederationError(f"flower-superlink did not listen on 127.0.0.1:{port} within {seconds:.0f} s")
-
-
-def _executable(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise FederationError(f"{name} not found: install flwr==1.41.0 in this environment")
-    return found
-
-
-class _Processes:
-    """Subprocesses started in their own sessions; stopped by PID (their process group)."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = env
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("wb")
-        try:
-            proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            log.close()
-        self.procs.append((name, proc))
-        return proc
-
-    def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            self._signal(proc, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for _, proc in reversed(self.procs):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            # children (flower-superexec, flwr-clientapp/serverapp) share the group: stop them too
-            self._signal(proc, signal.SIGKILL)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                _log.warning("process %d did not stop", proc.pid)
-        self.procs.clear()
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)  # the group we created with start_new_session: its id is our child's PID
-
-
-def _check_path_for_node_config(path: Path) -> str:
-    text = str(path)
-    if "'" in text or "\n" in text:
-        raise ConfigError(f"{path}: a path with a quote or newline cannot be passed in a SuperNode's node config")
-    return text
-
-
-# --------------------------------------------------------------------------------------------
 # modes
 # --------------------------------------------------------------------------------------------
+
+
+def _app_pyproject() -> str:
+    """The statistics app's ``pyproject.toml``."""
+    return deploy.app_pyproject(
+        name="omopfl-stats",
+        description="omopfl federated statistics (global mean/std under minimum cell counts)",
+        serverapp="omopfl.federation.server_app:app", clientapp="omopfl.federation.client_app:app",
+        config=APP_CONFIG)
 
 
 def _run_inprocess(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any]) -> None:
@@ -295,57 +184,31 @@ def _run_inprocess(adapters: list[Path], prepared_dir: Path, run_config: dict[st
 
 def _run_deployment(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any], superlink: str | None,
                     work: Path, run_timeout: float, timings: dict[str, float], *,
-                    app_pyproject: str | None = None) -> str:
-    """Run a Flower app with ``flwr run``: on a loopback SuperLink with one SuperNode per site that this
-    function starts (``superlink=None``) or on an existing connection; every process stopped by PID.
+                    app_pyproject: str | None = None, tuned: bool = True) -> str:
+    """Run a Flower app with ``flwr run``: on a loopback SuperLink with one SuperNode per site started
+    through ``omopfl train --site ... --superlink ...`` (``superlink=None``) or on an existing
+    connection of the user's Flower configuration; every process stopped by PID.
 
-    ``app_pyproject`` is the app's ``pyproject.toml`` (default: the statistics app); the training
-    runner passes its own components.
+    ``app_pyproject`` is the app's ``pyproject.toml`` (default: the statistics app); ``tuned=False``
+    starts the SuperNodes with Flower's stock polling (for before/after figures).
     """
-    env = {**os.environ, **FLOWER_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    # Flower's processes start each other by name (flower-superexec, flwr-clientapp, ...): make the
-    # interpreter's own bin folder come first even when the virtual environment is not activated.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    app_dir = work / "app"
-    app_dir.mkdir()
-    (app_dir / "pyproject.toml").write_text(app_pyproject or _app_pyproject())
-    config_file = work / "run_config.toml"
-    config_file.write_text(_toml_table(run_config))
-    procs = _Processes(env, work)
+    env = deploy.flower_env(tuned=tuned)
+    procs = deploy.Processes(env, work)
     connection = superlink
     t0 = time.perf_counter()
     try:
         if superlink is None:
-            home = work / "flwr_home"
-            home.mkdir()
-            env["FLWR_HOME"] = str(home)
-            port = _free_port()
-            link = procs.start("superlink", [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                             "--port", str(port)])
-            _wait_for_port(port, link)
-            (home / "config.toml").write_text(
-                f'[superlink]\ndefault = "omopfl"\n\n[superlink.omopfl]\naddress = "127.0.0.1:{port}"\n'
-                "insecure = true\n")
-            prepared = _check_path_for_node_config(prepared_dir)
+            env["FLWR_HOME"] = str(work / "flwr_home")
+            port = deploy.start_superlink(procs)
+            connection = deploy.write_connection(work / "flwr_home", f"127.0.0.1:{port}")
             for i, adapter in enumerate(adapters):
-                node_config = f"site-config='{_check_path_for_node_config(adapter)}' prepared-dir='{prepared}'"
-                procs.start(f"supernode_{i}", [
-                    _executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                    "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config])
-            connection = "omopfl"
+                deploy.start_site_node(procs, adapter, f"127.0.0.1:{port}", prepared_dir, name=f"supernode_{i}",
+                                       tuned=tuned)
         timings["start_processes"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
-        args = [_executable("flwr"), "run", str(app_dir), str(connection), "--run-config", str(config_file),
-                "--stream"]
-        with (work / "flwr_run.log").open("wb") as log:
-            try:
-                completed = subprocess.run(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, timeout=run_timeout, start_new_session=True)
-            except subprocess.TimeoutExpired:
-                raise FederationError(f"flwr run did not finish within {run_timeout:.0f} s (logs: {work})") from None
+        deploy.flwr_run(work, app_pyproject or _app_pyproject(), str(connection), run_config, env,
+                        timeout=run_timeout)
         timings["flwr_run"] = round(time.perf_counter() - t0, 3)
-        if completed.returncode != 0:
-            raise FederationError(f"flwr run exited with code {completed.returncode} (logs: {work})")
     finally:
         t0 = time.perf_counter()
         procs.stop()

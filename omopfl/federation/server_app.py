@@ -19,7 +19,8 @@ It imports the wire format (:mod:`omopfl.federation.codec`), the pure statistics
 Run config (kebab-case, as in ``[tool.flwr.app.config]``)
 ----------------------------------------------------------
 ``result-path`` (str, required), ``audit-path`` (str, ``""``: none), ``study-hash`` (str, ``""``:
-not checked), ``min-sites`` (int, 1), ``min-contributing`` (int, 1), ``wait-seconds`` (float, 120),
+not checked), ``min-sites`` (int, 1), ``min-contributing`` (int, 1), ``expected-sites`` (int, 0: ``min-sites``;
+how many SuperNodes to wait for before starting), ``wait-seconds`` (float, 120),
 ``timeout`` (float, 600), ``send-scaler`` (bool, true), ``dp-epsilon`` (float, 0: no noise),
 ``dp-delta`` (float, 1e-6), ``dp-bounds`` (str: JSON object ``{"feature": [low, high], ...}``).
 """
@@ -62,6 +63,7 @@ class Settings:
     audit_path: str = ""
     study_hash: str = ""
     min_sites: int = 1
+    expected_sites: int = 0
     min_contributing: int = 1
     wait_seconds: float = 120.0
     timeout: float = 600.0
@@ -93,6 +95,7 @@ class Settings:
         settings = cls(
             result_path=get("result-path", str, ""), audit_path=get("audit-path", str, ""),
             study_hash=get("study-hash", str, ""), min_sites=int(get("min-sites", int, 1)),
+            expected_sites=int(get("expected-sites", int, 0)),
             min_contributing=int(get("min-contributing", int, 1)),
             wait_seconds=float(get("wait-seconds", (int, float), 120.0)),
             timeout=float(get("timeout", (int, float), 600.0)), send_scaler=bool(get("send-scaler", bool, True)),
@@ -123,9 +126,10 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def _wait_for_nodes(grid: Grid, settings: Settings) -> list[int]:
     deadline = time.monotonic() + settings.wait_seconds
+    wanted = max(settings.min_sites, settings.expected_sites)
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= settings.min_sites or time.monotonic() >= deadline:
+        if len(nodes) >= wanted or time.monotonic() >= deadline:
             return nodes
         time.sleep(settings.poll_interval)
 
@@ -237,6 +241,7 @@ def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
             "no_reply": no_reply,
             "persons": {r.site: int(r.released.persons) for _, r in contributing if r.released is not None},
             "scaler_acknowledged": [],
+            "scaler_nodes": {},
         },
     }
     scaler_seconds = 0.0
@@ -274,6 +279,7 @@ def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
                         _log.warning("omopfl stats: site %s did not take the global scaler: %s", site, code)
                     else:
                         acknowledged.append(site)
+                        result["sites"]["scaler_nodes"][site] = int(node)
                 result["sites"]["scaler_acknowledged"] = acknowledged
                 scaler_seconds = time.monotonic() - t0
         else:

@@ -1,0 +1,220 @@
+"""``omopfl server --study study.toml``: the researcher's side of a federated run.
+
+Starts a Flower SuperLink (its Fleet/Control HTTP API on ``host:port``; TLS when certificates are
+given), waits for the sites' SuperNodes (``omopfl train --site ... --superlink HOST:PORT`` at each
+site), runs the training app with ``flwr run --stream``, shows the run's progress as it comes
+(a rich progress bar over rounds, plus every omopfl line of the ServerApp's log), then writes the
+plots and the markdown report into the run directory and stops the SuperLink by PID.
+
+The run directory (``--out``) is written by the ServerApp, which the SuperLink runs on this machine:
+``model.npz``, ``scaler.json``, ``features.json``, ``stats.json``, ``metrics.json``/``.csv``,
+``metrics.png``, ``report.md``, ``manifest.json`` (cohort hashes, study hash, file hashes), and
+``checkpoint.json``/``.npz`` after every round, which ``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omopfl.errors import ConfigError, FederationError
+
+__all__ = ["ServerOptions", "serve_study", "training_run_config", "training_pyproject"]
+
+_ROUND = re.compile(r"omopfl round (\d+)/(\d+)")
+_FAILURE = re.compile(r"\b\w*(Error|Failed|Exception): ")
+
+
+@dataclass
+class ServerOptions:
+    """What ``omopfl server`` was asked for (see :func:`serve_study`)."""
+
+    host: str = "0.0.0.0"
+    port: int = 9092
+    out: Path | None = None
+    rounds: int | None = None
+    strategy: str | None = None
+    min_sites: int | None = None
+    expected_sites: int | None = None
+    wait_seconds: float = 300.0
+    timeout: float = 600.0
+    round_timeout: float = 600.0
+    resume: bool = False
+    audit: bool = False
+    evaluate_on_train: bool = True
+    tls: dict[str, Path] | None = None
+    keep_logs: bool = False
+    extra_run_config: dict[str, Any] = field(default_factory=dict)
+
+
+def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_sites: int = 0, audit: bool = False,
+                        rounds: int | None = None, strategy: str | None = None, proximal_mu: float | None = None,
+                        resume: bool = False, wait_seconds: float = 120.0, timeout: float = 600.0,
+                        round_timeout: float = 600.0, evaluate_on_train: bool = True) -> dict[str, Any]:
+    """The training ServerApp's run config for a study (every key of ``[tool.flwr.app.config]``)."""
+    import hashlib
+
+    from omopfl.federation.runner import APP_CONFIG
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    if strategy is not None and strategy not in ("fedavg", "fedprox", "fedadam"):
+        raise ConfigError("strategy must be one of fedavg, fedprox, fedadam")
+    t = spec.training
+    return {
+        **APP_CONFIG, "result-path": str(run_dir / "stats_result.json"), "study-hash": spec.hash,
+        "min-sites": int(min_sites), "expected-sites": int(expected_sites), "min-contributing": 1,
+        "send-scaler": True, "wait-seconds": float(wait_seconds), "timeout": float(timeout),
+        "run-dir": str(run_dir), "audit": bool(audit), "resume": bool(resume), "study-name": spec.name,
+        "cohort-hashes": json.dumps({"target": sha(spec.target_cohort), "outcome": sha(spec.outcome_cohort)}),
+        "model-kind": spec.model.kind, "model-hidden": json.dumps([int(h) for h in spec.model.hidden]),
+        "model-dropout": json.dumps([float(d) for d in spec.model.dropout]),
+        "rounds": int(rounds if rounds is not None else t.rounds), "local-epochs": int(t.local_epochs),
+        "batch-size": int(t.batch_size), "learning-rate": float(t.learning_rate),
+        "strategy": strategy if strategy is not None else t.strategy,
+        "proximal-mu": float(proximal_mu if proximal_mu is not None else t.proximal_mu),
+        "test-fraction": float(t.test_fraction), "seed": int(t.seed),
+        "round-timeout": float(round_timeout), "evaluate-on-train": bool(evaluate_on_train), "poll-interval": 0.02,
+    }
+
+
+def training_pyproject() -> str:
+    """The ``pyproject.toml`` of the training app (components and every run config key)."""
+    from omopfl.federation.deploy import app_pyproject
+    from omopfl.federation.runner import APP_CONFIG
+    from omopfl.federation.server_train import TRAIN_CONFIG
+
+    return app_pyproject(
+        name="omopfl-train",
+        description="omopfl federated training (stats, global scaler, FedAvg/FedProx/FedAdam)",
+        serverapp="omopfl.federation.server_train:train_app",
+        clientapp="omopfl.federation.site_train:client_app",
+        config={**APP_CONFIG, **TRAIN_CONFIG},
+    )
+
+
+def _check_resume(run_dir: Path, resume: bool) -> None:
+    from omopfl.federation.server_train import CHECKPOINT_JSON
+
+    if resume and not (run_dir / CHECKPOINT_JSON).is_file():
+        raise ConfigError(f"--resume: {run_dir / CHECKPOINT_JSON} not found: resume needs the run directory "
+                          "of an interrupted run")
+
+
+def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str], None] | None = None,
+                on_started: Callable[[int], None] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Start the SuperLink, run the training app on the sites that connect, write the run directory.
+
+    Parameters
+    ----------
+    study:
+        The study file (the sites must have prepared their datasets for it: its hash is checked).
+    options:
+        :class:`ServerOptions`: where to listen, how many sites (``min_sites`` default: the study's
+        ``[training] min_sites``; ``expected_sites`` default: ``min_sites``), bounded waits
+        (``wait_seconds`` for SuperNodes, ``timeout`` per statistics query, ``round_timeout`` per
+        round), ``resume``, TLS files ``{"ca", "cert", "key"}``.
+    on_line:
+        Called with every output line of ``flwr run --stream`` (default: omopfl's lines are printed).
+    on_started:
+        Called with the SuperLink's port once it listens (tests start SuperNodes then).
+
+    Returns
+    -------
+    dict
+        The run's manifest (also ``<out>/manifest.json``) with ``runner`` timings.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from omopfl.federation import deploy
+    from omopfl.report import plot_metrics, write_report
+    from omopfl.study import load_study
+
+    spec = load_study(study)
+    run_dir = Path(options.out or Path("runs") / spec.name).resolve()
+    _check_resume(run_dir, options.resume)
+    min_sites = int(options.min_sites if options.min_sites is not None else spec.training.min_sites)
+    if min_sites < 1:
+        raise ConfigError("--min-sites must be at least 1")
+    expected = int(options.expected_sites if options.expected_sites is not None else min_sites)
+    run_config = training_run_config(
+        spec, run_dir, min_sites=min_sites, expected_sites=expected, audit=options.audit, rounds=options.rounds,
+        strategy=options.strategy, resume=options.resume, wait_seconds=options.wait_seconds,
+        timeout=options.timeout, round_timeout=options.round_timeout, evaluate_on_train=options.evaluate_on_train)
+    run_config.update(options.extra_run_config)
+    num_rounds = int(run_config["rounds"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "manifest.json").unlink(missing_ok=True)
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="omopfl-server-"))
+    env = deploy.flower_env()
+    env["FLWR_HOME"] = str(work / "flwr_home")
+    procs = deploy.Processes(env, work)
+    ok = False
+    timings: dict[str, float] = {}
+    bar = Progress(TextColumn("[bold]federated training"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
+                   TimeElapsedColumn(), console=console, disable=not progress, transient=False)
+    task = bar.add_task("rounds", total=num_rounds)
+    failures: list[str] = []
+
+    def show(line: str) -> None:
+        match = _ROUND.search(line)
+        if match:
+            bar.update(task, completed=int(match.group(1)))
+        if on_line is not None:
+            on_line(line)
+        elif "omopfl" in line or "ERROR" in line:
+            bar.console.print(line[line.index("omopfl"):] if "omopfl" in line else line, markup=False,
+                              highlight=False)
+        if _FAILURE.search(line):
+            failures.append(line.strip())
+
+    try:
+        port = deploy.start_superlink(procs, host=options.host, port=options.port, tls=options.tls)
+        connect_host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
+        connection = deploy.write_connection(work / "flwr_home", f"{connect_host}:{port}",
+                                             root_certificates=(options.tls or {}).get("ca"))
+        timings["start_superlink"] = round(time.perf_counter() - started, 3)
+        console.print(f"SuperLink listening on {options.host}:{port}; waiting for {expected} site(s) "
+                      f"(at least {min_sites}, at most {options.wait_seconds:.0f} s)")
+        if on_started is not None:
+            on_started(port)
+        budget = (options.wait_seconds + 3 * options.timeout + (num_rounds + 1) * options.round_timeout + 300)
+        t0 = time.perf_counter()
+        with bar:
+            try:
+                deploy.flwr_run(work, training_pyproject(), connection, run_config, env, timeout=budget,
+                                on_line=show)
+            except FederationError as exc:
+                if failures:  # the ServerApp's own message (server-side text; sites send fixed codes only)
+                    raise FederationError(f"the run failed: {failures[-1][-300:]} (logs: {work})") from None
+                raise exc
+        timings["flwr_run"] = round(time.perf_counter() - t0, 3)
+        ok = True
+    finally:
+        t0 = time.perf_counter()
+        procs.stop()
+        timings["stop"] = round(time.perf_counter() - t0, 3)
+        if ok and not options.keep_logs:
+            shutil.rmtree(work, ignore_errors=True)
+        elif not ok:
+            console.print(f"Flower logs kept in {work}")
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FederationError(f"the training ServerApp wrote no run directory at {run_dir} (logs: {work})")
+    plot_metrics(run_dir)
+    write_report(run_dir)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["runner"] = {"mode": "server", "engine": f"deployment (SuperLink on {options.host}:{options.port})",
+                          "seconds": round(time.perf_counter() - started, 3), "phases": timings}
+    return manifest

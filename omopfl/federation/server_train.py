@@ -1,0 +1,572 @@
+"""The coordinator's training ServerApp: statistics, global scaler, rounds, checkpoints, run directory.
+
+``main(grid, context)`` (component ``omopfl.federation.server_train:train_app``):
+
+1. the statistics phase (:func:`omopfl.federation.server_app.federated_statistics`): global scaler,
+   sent to every site; the sites that acknowledged it take part in training;
+2. ``rounds`` rounds of Flower's FedAvg / FedProx / FedAdam (``flwr.serverapp.strategy``), driven
+   by :func:`run_rounds` through the strategy's public ``configure_train`` / ``aggregate_train``
+   (and ``configure_evaluate`` / ``aggregate_evaluate``), so that each round can be checkpointed and
+   a dead site dropped;
+3. a final federated evaluation and the run directory (:func:`write_run_dir`).
+
+Faults
+    Every wait is bounded: SuperNodes are awaited at most ``wait-seconds``, each statistics query at
+    most ``timeout`` and each round at most ``round-timeout``.  A site whose reply does not come in
+    time, or comes as an error, is dropped for the rest of the run and the log says so
+    (``omopfl: site X dropped in round r: ...``); the run goes on while at least ``min-sites`` sites
+    reply, and otherwise stops with an error, the last checkpoint kept.
+
+Checkpoints and resume
+    After every round ``checkpoint.npz`` (the global model and the strategy's server-side state,
+    e.g. FedAdam's moments) and ``checkpoint.json`` (round, per-round metrics so far, sites,
+    dropped sites, the scaler's and the training settings' digests) are replaced atomically in the
+    run directory.  With ``resume`` the run starts after the checkpoint's round, once the new
+    statistics phase gave the same scaler and the training settings are the same.
+
+Round overhead
+    :class:`FastGrid` collects replies with the Grid's public ``push_messages``/``pull_messages`` in a
+    tight loop instead of ``send_and_receive``'s 3 s poll, and with ``evaluate-on-train`` each
+    ``train`` message also asks the sites to evaluate the weights it carries (the previous round's
+    global model), so a round is one exchange instead of two; a final ``evaluate`` exchange
+    evaluates the last model.  Bytes sent and received per round are measured (Flower's protobuf
+    serialisation of each message's content).
+
+The server imports Flower, numpy and the pure codec/statistics; torch only to build the initial
+model (:func:`omopfl.models.build_model`), never a module that reads patient data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from omopfl.federation import codec
+from omopfl.federation.server_app import Settings, federated_statistics, write_json
+
+__all__ = ["train_app", "federated_training", "run_rounds", "FastGrid", "TRAIN_CONFIG", "write_run_dir",
+           "CHECKPOINT_JSON", "CHECKPOINT_NPZ", "RoundsFailed"]
+
+_log = logging.getLogger("flwr.omopfl")
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+EVALUATE = "evaluate"
+WEIGHT_KEY = "num-examples"
+EVALUATE_METRICS = ("loss", "auc", "accuracy", "f1", "kappa")
+CHECKPOINT_JSON = "checkpoint.json"
+CHECKPOINT_NPZ = "checkpoint.npz"
+_STRATEGY_STATE = ("m_t", "v_t")
+
+TRAIN_CONFIG: dict[str, Any] = {
+    "run-dir": "",
+    "audit": False,
+    "resume": False,
+    "study-name": "",
+    "cohort-hashes": "{}",
+    "model-kind": "logistic",
+    "model-hidden": "[]",
+    "model-dropout": "[0.0, 0.0]",
+    "rounds": 5,
+    "local-epochs": 1,
+    "batch-size": 64,
+    "learning-rate": 0.01,
+    "strategy": "fedavg",
+    "proximal-mu": 0.0,
+    "test-fraction": 0.25,
+    "seed": 0,
+    "round-timeout": 600.0,
+    "evaluate-on-train": True,
+    "poll-interval": 0.02,
+}
+"""The training ServerApp's run config keys (besides :data:`omopfl.federation.runner.APP_CONFIG`)."""
+
+train_app = ServerApp()
+
+
+class RoundsFailed(RuntimeError):
+    """Too few sites replied in a round to go on (the last checkpoint is kept)."""
+
+
+# --------------------------------------------------------------------------------------------
+# grid
+# --------------------------------------------------------------------------------------------
+
+
+def _content_bytes(message: Message) -> int:
+    from flwr.common.serde import recorddict_to_proto
+
+    if message.has_error():
+        return 0
+    return int(recorddict_to_proto(message.content).ByteSize())
+
+
+class FastGrid:
+    """A Grid whose ``send_and_receive`` pulls replies in a tight loop (public push/pull calls).
+
+    Flower's deployment grid sleeps 3 s between pulls; this one starts at ``poll`` seconds and backs
+    off to at most ``max_poll``.  It also counts the bytes of every message sent and received and, if
+    given a list, records every reply's content as received (:func:`codec.to_plain`: record names,
+    keys, array shapes, metric values) for audit.  ``nodes`` restricts ``get_node_ids`` (the sites
+    still taking part).
+    """
+
+    def __init__(self, grid: Grid, *, poll: float = 0.02, max_poll: float = 0.25,
+                 audit: list[dict[str, Any]] | None = None) -> None:
+        self._grid = grid
+        self.poll = max(0.001, float(poll))
+        self.max_poll = max(self.poll, float(max_poll))
+        self.audit = audit
+        self.nodes: list[int] | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        if self.nodes is not None:
+            return list(self.nodes)
+        return self._grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        types = {m.metadata.message_type for m in messages}
+        self.bytes_sent += sum(_content_bytes(m) for m in messages)
+        pending = {i for i in self._grid.push_messages(messages) if i}
+        replies: list[Message] = []
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        wait = self.poll
+        while pending:
+            got = list(self._grid.pull_messages(list(pending)))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
+            wait = wait if got else min(self.max_poll, wait * 1.5)
+        self.bytes_received += sum(_content_bytes(m) for m in replies)
+        if self.audit is not None:
+            for reply in replies:
+                entry: dict[str, Any] = {"node": reply.metadata.src_node_id,
+                                         "message_type": reply.metadata.message_type or "/".join(sorted(types))}
+                if reply.has_error():
+                    entry["flower_error_code"] = int(reply.error.code)
+                else:
+                    entry["content"] = codec.to_plain(reply.content)
+                self.audit.append(entry)
+        return replies
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+
+
+def aggregate_metrics(records: Sequence[RecordDict | MetricRecord], weighting_key: str = WEIGHT_KEY,
+                      record: str | None = None) -> MetricRecord:
+    """n-weighted mean of every metric over the replies where it is present; ``n`` = total weight."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    total = 0
+    for item in records:
+        if isinstance(item, MetricRecord):
+            metrics = item
+        elif record is not None:
+            metrics = item.metric_records[record]
+        else:
+            metrics = next(iter(item.metric_records.values()))
+        n = float(metrics[weighting_key])  # type: ignore[arg-type]
+        total += int(n)
+        for key, value in metrics.items():
+            if key == weighting_key or not isinstance(value, int | float) or n <= 0:
+                continue
+            sums[key] = sums.get(key, 0.0) + n * float(value)
+            weights[key] = weights.get(key, 0.0) + n
+    out = MetricRecord({key: sums[key] / weights[key] for key in sums if weights[key] > 0})
+    out["n"] = total
+    return out
+
+
+def _finite(value: Any) -> Any:
+    return float(value) if isinstance(value, int | float) and math.isfinite(float(value)) else None
+
+
+def _eval_fields(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    metrics = dict(metrics or {})
+    return {**{f"eval_{k}": _finite(metrics.get(k)) for k in EVALUATE_METRICS}, "eval_n": metrics.get("n")}
+
+
+# --------------------------------------------------------------------------------------------
+# strategy, checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def make_strategy(name: str, mu: float) -> Any:
+    """Flower's FedAvg / FedProx / FedAdam, weighting by ``num-examples``; sampling every site left."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    common = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1,
+              "weighted_by_key": WEIGHT_KEY, "arrayrecord_key": ARRAYS, "configrecord_key": CONFIG,
+              "train_metrics_aggr_fn": aggregate_metrics, "evaluate_metrics_aggr_fn": aggregate_metrics}
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(**common, proximal_mu=float(mu))
+    if name == "fedadam":
+        return FedAdam(**common)
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Checkpoint:
+    """The state after a completed round (see the module docstring)."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, dict[str, np.ndarray]]
+    rows: list[dict[str, Any]]
+    sites: dict[str, int]
+    dropped: list[dict[str, Any]]
+    identity: dict[str, str]
+
+    def save(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        flat = {f"model/{k}": v for k, v in self.arrays.items()}
+        for name, state in self.strategy_state.items():
+            flat.update({f"{name}/{k}": v for k, v in state.items()})
+        buffer = io.BytesIO()
+        np.savez(buffer, **flat)
+        payload = buffer.getvalue()
+        _atomic_write(run_dir / CHECKPOINT_NPZ, payload)
+        meta = {"version": 1, "round": self.round, "arrays_sha256": hashlib.sha256(payload).hexdigest(),
+                "array_names": list(self.arrays),
+                "strategy_state": {k: list(v) for k, v in self.strategy_state.items()},
+                "rows": self.rows, "sites": self.sites, "dropped": self.dropped, "identity": self.identity}
+        _atomic_write(run_dir / CHECKPOINT_JSON, json.dumps(meta, indent=1).encode())
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Checkpoint:
+        meta = json.loads((run_dir / CHECKPOINT_JSON).read_text())
+        payload = (run_dir / CHECKPOINT_NPZ).read_bytes()
+        if hashlib.sha256(payload).hexdigest() != meta["arrays_sha256"]:
+            raise ValueError(f"{run_dir / CHECKPOINT_NPZ} does not match {CHECKPOINT_JSON}")
+        with np.load(io.BytesIO(payload)) as saved:
+            arrays = {k: saved[f"model/{k}"] for k in meta["array_names"]}
+            state = {name: {k: saved[f"{name}/{k}"] for k in keys} for name, keys in meta["strategy_state"].items()}
+        return cls(round=int(meta["round"]), arrays=arrays, strategy_state=state, rows=list(meta["rows"]),
+                   sites={str(k): int(v) for k, v in meta["sites"].items()}, dropped=list(meta["dropped"]),
+                   identity=dict(meta["identity"]))
+
+
+def _strategy_state(strategy: Any) -> dict[str, dict[str, np.ndarray]]:
+    state = {}
+    for name in _STRATEGY_STATE:
+        value = getattr(strategy, name, None)
+        if isinstance(value, dict) and value:
+            state[name] = {k: np.asarray(v) for k, v in value.items()}
+    return state
+
+
+def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# rounds
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundPlan:
+    """What :func:`run_rounds` needs besides the grid and the strategy."""
+
+    num_rounds: int
+    train_config: dict[str, Any]
+    evaluate_config: dict[str, Any]
+    round_timeout: float
+    min_sites: int
+    evaluate_on_train: bool
+    run_dir: Path
+    identity: dict[str, str]
+
+
+def _drop(sites: dict[str, int], dropped: list[dict[str, Any]], node: int, server_round: int, reason: str) -> None:
+    name = next((s for s, n in sites.items() if n == node), f"node {node}")
+    sites.pop(name, None)
+    dropped.append({"site": name, "round": server_round, "reason": reason})
+    _log.warning("omopfl: site %s dropped in round %d: %s; going on with %d site(s)", name, server_round, reason,
+                 len(sites))
+
+
+def _exchange(grid: FastGrid, messages: list[Message], sites: dict[str, int], dropped: list[dict[str, Any]],
+              server_round: int, timeout: float, min_sites: int, what: str) -> list[Message]:
+    """Send, collect within ``timeout``, drop the sites that did not answer well; the good replies."""
+    targets = {m.metadata.dst_node_id for m in messages}
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    good = [r for r in replies if not r.has_error()]
+    answered = {r.metadata.src_node_id for r in replies}
+    for reply in replies:
+        if reply.has_error():
+            _drop(sites, dropped, reply.metadata.src_node_id, server_round,
+                  f"error reply (Flower error code {int(reply.error.code)})")
+    for node in sorted(targets - answered):
+        _drop(sites, dropped, node, server_round, f"no {what} reply within {timeout:.0f} s")
+    grid.nodes = list(sites.values())
+    if len(good) < min_sites:
+        raise RoundsFailed(f"round {server_round}: {len(good)} site(s) replied, fewer than min-sites {min_sites}")
+    return good
+
+
+def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint) -> Checkpoint:
+    """Rounds ``start.round + 1 .. plan.num_rounds`` and the final evaluation; checkpoint after each."""
+    sites, dropped, rows = dict(start.sites), list(start.dropped), [dict(r) for r in start.rows]
+    arrays = _array_record(start.arrays)
+    for name, state in start.strategy_state.items():
+        setattr(strategy, name, {k: np.array(v) for k, v in state.items()})
+    grid.nodes = list(sites.values())
+    checkpoint = start
+    for server_round in range(start.round + 1, plan.num_rounds + 1):
+        t0 = time.monotonic()
+        sent0, received0 = grid.bytes_sent, grid.bytes_received
+        evaluate_received = plan.evaluate_on_train and server_round > 1
+        config = ConfigRecord({**plan.train_config, "evaluate-received": evaluate_received})
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        good = _exchange(grid, messages, sites, dropped, server_round, plan.round_timeout, plan.min_sites, "train")
+        evaluations = [r.content.metric_records[EVALUATE] for r in good if EVALUATE in r.content.metric_records]
+        for reply in good:
+            if EVALUATE in reply.content.metric_records:
+                del reply.content[EVALUATE]
+        aggregated, train_metrics = strategy.aggregate_train(server_round, good)
+        if aggregated is None:
+            raise RoundsFailed(f"round {server_round}: the strategy could not aggregate the replies")
+        if evaluate_received and rows and evaluations:
+            rows[-1].update(_eval_fields(aggregate_metrics(evaluations)))
+        arrays = aggregated
+        row: dict[str, Any] = {"round": server_round, "sites": len(good)}
+        train = dict(train_metrics or {})
+        row.update({"train_loss": _finite(train.get("loss")), "train_n": train.get("n")})
+        if not plan.evaluate_on_train:
+            row.update(_evaluate(grid, strategy, arrays, plan, sites, dropped, server_round))
+        else:
+            row.update(_eval_fields(None))
+        row.update({"seconds": round(time.monotonic() - t0, 3), "bytes_sent": grid.bytes_sent - sent0,
+                    "bytes_received": grid.bytes_received - received0})
+        rows.append(row)
+        checkpoint = Checkpoint(round=server_round, arrays=_numpy(arrays), strategy_state=_strategy_state(strategy),
+                                rows=rows, sites=dict(sites), dropped=list(dropped), identity=plan.identity)
+        checkpoint.save(plan.run_dir)
+        _log.info("omopfl round %d/%d: %d site(s), train loss %s, %.2f s", server_round, plan.num_rounds, len(good),
+                  "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}", row["seconds"])
+    if plan.evaluate_on_train and rows and rows[-1].get("eval_auc") is None and rows[-1].get("eval_n") is None:
+        t0 = time.monotonic()
+        sent0, received0 = grid.bytes_sent, grid.bytes_received
+        rows[-1].update(_evaluate(grid, strategy, arrays, plan, sites, dropped, plan.num_rounds))
+        rows[-1]["final_evaluation_seconds"] = round(time.monotonic() - t0, 3)
+        rows[-1]["bytes_sent"] = int(rows[-1].get("bytes_sent", 0)) + grid.bytes_sent - sent0
+        rows[-1]["bytes_received"] = int(rows[-1].get("bytes_received", 0)) + grid.bytes_received - received0
+        checkpoint = Checkpoint(round=plan.num_rounds, arrays=_numpy(arrays), strategy_state=_strategy_state(strategy),
+                                rows=rows, sites=dict(sites), dropped=list(dropped), identity=plan.identity)
+        checkpoint.save(plan.run_dir)
+    return checkpoint
+
+
+def _evaluate(grid: FastGrid, strategy: Any, arrays: ArrayRecord, plan: RoundPlan, sites: dict[str, int],
+              dropped: list[dict[str, Any]], server_round: int) -> dict[str, Any]:
+    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(plan.evaluate_config)), grid))
+    good = _exchange(grid, messages, sites, dropped, server_round, plan.round_timeout, plan.min_sites, "evaluate")
+    metrics = strategy.aggregate_evaluate(server_round, good)
+    return _eval_fields(metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# run directory
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+CSV_COLUMNS = ["round", "sites", "train_loss", "train_n", *(f"eval_{k}" for k in EVALUATE_METRICS), "eval_n",
+               "seconds", "bytes_sent", "bytes_received"]
+
+
+def write_run_dir(run_dir: Path, *, state: Mapping[str, np.ndarray], scaler: Mapping[str, Any],
+                  stats: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]],
+                  manifest: Mapping[str, Any], audit: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write the run directory: model.npz, scaler/features/stats/metrics JSON, metrics.csv, manifest."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in state.items()})
+    (run_dir / "model.npz").write_bytes(buffer.getvalue())
+    write_json(run_dir / "scaler.json", dict(scaler))
+    write_json(run_dir / "features.json", {"feature_names": list(scaler["feature_names"])})
+    write_json(run_dir / "stats.json", dict(stats))
+    write_json(run_dir / "metrics.json", {"rounds": list(rounds)})
+    with (run_dir / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rounds:
+            writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS})
+    if audit is not None:
+        write_json(run_dir / "audit.json", {"replies": audit})
+    skip = {"manifest.json", CHECKPOINT_JSON, CHECKPOINT_NPZ}
+    files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.name not in skip
+                   and not p.name.startswith("."))
+    full = {**manifest, "files": {name: _sha256(run_dir / name) for name in files}}
+    write_json(run_dir / "manifest.json", full)
+    return full
+
+
+# --------------------------------------------------------------------------------------------
+# the ServerApp
+# --------------------------------------------------------------------------------------------
+
+
+def _spec(config: Mapping[str, Any]) -> Any:
+    from omopfl.study import ModelSpec
+
+    hidden = json.loads(str(config["model-hidden"]))
+    dropout = json.loads(str(config["model-dropout"]))
+    return ModelSpec(kind=str(config["model-kind"]), hidden=tuple(int(h) for h in hidden) or ModelSpec().hidden,
+                     dropout=tuple(float(d) for d in dropout))
+
+
+_IDENTITY_KEYS = ("study-hash", "model-kind", "model-hidden", "model-dropout", "local-epochs", "batch-size",
+                  "learning-rate", "strategy", "proximal-mu", "test-fraction", "seed")
+
+
+def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Stats -> scaler -> rounds (checkpointed) -> final evaluation -> run directory; returns the manifest."""
+    from omopfl.models import build_model
+    from omopfl.study import TrainingSpec
+
+    started = time.monotonic()
+    config = {**TRAIN_CONFIG, **dict(run_config)}
+    if not str(config["run-dir"]):
+        raise ValueError("run config run-dir is required")
+    run_dir = Path(str(config["run-dir"]))
+    audit: list[dict[str, Any]] | None = [] if config["audit"] else None
+    fast = FastGrid(grid, poll=float(config["poll-interval"]), audit=audit)
+    settings = Settings.from_run_config({**dict(run_config), "send-scaler": True})
+    resume = bool(config["resume"])
+    previous = None
+    if resume:
+        if not (run_dir / CHECKPOINT_JSON).is_file():
+            raise ValueError(f"resume: no {CHECKPOINT_JSON} in the run directory")
+        previous = Checkpoint.load(run_dir)
+    stats = federated_statistics(fast, settings)
+    if stats["scaler"] is None:
+        raise RuntimeError("no global scaler (too few sites contributed statistics): no training")
+    stats_seconds = time.monotonic() - started
+    scaler = codec.GlobalScaler.from_dict(stats["scaler"])
+    identity = {"settings": _digest({k: config[k] for k in _IDENTITY_KEYS}), "scaler": _digest(stats["scaler"])}
+    sites = {str(k): int(v) for k, v in stats["sites"].get("scaler_nodes", {}).items()}
+    if len(sites) < settings.min_sites:
+        raise RoundsFailed(f"{len(sites)} site(s) took the global scaler, fewer than min-sites {settings.min_sites}")
+    spec = _spec(config)
+    num_rounds = int(config["rounds"])
+    if previous is not None:
+        if previous.identity != identity:
+            which = [k for k in identity if previous.identity.get(k) != identity[k]]
+            raise ValueError(f"resume: the checkpoint's {' and '.join(which)} differ from this run's "
+                             "(other study settings or other data): start a new run directory")
+        if previous.round >= num_rounds:
+            raise ValueError(f"resume: the checkpoint already has round {previous.round} of {num_rounds}: "
+                             "pass more rounds to continue")
+        gone = sorted(set(previous.sites) - set(sites))
+        if gone:
+            _log.warning("omopfl: resuming without %s", ", ".join(gone))
+        start = Checkpoint(round=previous.round, arrays=previous.arrays, strategy_state=previous.strategy_state,
+                           rows=previous.rows, sites=sites, dropped=previous.dropped, identity=identity)
+        _log.info("omopfl: resuming after round %d of %d", previous.round, num_rounds)
+    else:
+        model = build_model(spec, len(scaler.feature_names), seed=int(config["seed"]))
+        initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        start = Checkpoint(round=0, arrays=initial, strategy_state={}, rows=[], sites=sites, dropped=[],
+                           identity=identity)
+        for name in (CHECKPOINT_JSON, CHECKPOINT_NPZ):
+            (run_dir / name).unlink(missing_ok=True)
+    shared = {key: config[key] for key in ("model-kind", "model-hidden", "model-dropout", "test-fraction", "seed")}
+    plan = RoundPlan(
+        num_rounds=num_rounds,
+        train_config={**shared, "local-epochs": int(config["local-epochs"]), "batch-size": int(config["batch-size"]),
+                      "learning-rate": float(config["learning-rate"])},
+        evaluate_config=shared, round_timeout=float(config["round-timeout"]), min_sites=settings.min_sites,
+        evaluate_on_train=bool(config["evaluate-on-train"]), run_dir=run_dir, identity=identity)
+    strategy = make_strategy(str(config["strategy"]), float(config["proximal-mu"]))
+    t0 = time.monotonic()
+    final = run_rounds(fast, strategy, plan, start)
+    train_seconds = time.monotonic() - t0
+    rounds = final.rows
+    training = asdict(TrainingSpec())
+    training.update(rounds=num_rounds, local_epochs=int(config["local-epochs"]),
+                    batch_size=int(config["batch-size"]), learning_rate=float(config["learning-rate"]),
+                    strategy=str(config["strategy"]), proximal_mu=float(config["proximal-mu"]),
+                    test_fraction=float(config["test-fraction"]), seed=int(config["seed"]),
+                    min_sites=settings.min_sites)
+    resumed_rounds = len(rounds) - (start.round if previous is not None else 0)
+    manifest = {
+        "version": 1, "study_name": str(config["study-name"]), "study_hash": settings.study_hash,
+        "cohort_hashes": json.loads(str(config["cohort-hashes"])),
+        "model": {"kind": spec.kind, "hidden": list(spec.hidden), "dropout": list(spec.dropout),
+                  "n_features": len(scaler.feature_names)},
+        "training": training, "sites": sorted(final.sites), "dropped": final.dropped,
+        "resumed_from_round": previous.round if previous is not None else None,
+        "stats_sites": stats["sites"], "final": rounds[-1] if rounds else None,
+        "seconds": {"stats": round(stats_seconds, 3), "training": round(train_seconds, 3),
+                    "per_round": round(train_seconds / max(1, resumed_rounds), 3),
+                    "total": round(time.monotonic() - started, 3)},
+        "bytes": {"sent": fast.bytes_sent, "received": fast.bytes_received,
+                  "model": int(sum(v.nbytes for v in final.arrays.values()))},
+    }
+    if final.dropped:
+        _log.warning("omopfl: the run finished without %s", ", ".join(d["site"] for d in final.dropped))
+    return write_run_dir(run_dir, state=final.arrays, scaler=stats["scaler"], stats=stats, rounds=rounds,
+                         manifest=manifest, audit=audit)
+
+
+@train_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    federated_training(grid, dict(context.run_config))

@@ -1,0 +1,235 @@
+"""The site's Flower ClientApp handlers for training: ``train`` and ``evaluate``.
+
+They are registered on the statistics ClientApp (:data:`omopfl.federation.client_app.app`), so one
+SuperNode app answers ``query.stats``, ``query.scaler``, ``train`` and ``evaluate``; the app's
+component is ``omopfl.federation.site_train:client_app``.
+
+What a site does
+    Loads its prepared dataset (node config ``site-config``, ``prepared-dir``) and the global scaler
+    (kept by ``query.scaler`` in the context state, else ``<prepared-dir>/<site>/scaler.json``),
+    builds :class:`omopfl.models.SiteTensors`, splits it deterministically
+    (:func:`omopfl.models.split` with the study's ``test-fraction`` and ``seed``), and
+
+    * ``train``: when the config says ``evaluate-received`` (every round after the first), first
+      evaluates the weights it received, which are the global model of the previous round, on its
+      test rows and adds them as the MetricRecord ``evaluate``; then loads them, trains
+      ``local-epochs`` on its train rows (with the proximal term when ``proximal-mu`` > 0, FedProx)
+      and replies ArrayRecord ``arrays`` (the state dict) + MetricRecord ``metrics``
+      (``num-examples`` = train rows, ``loss``).  Evaluating on the training message halves the
+      messages per round; it is sound because the weights and the test rows are exactly those a
+      separate ``evaluate`` message would have carried.
+    * ``evaluate``: replies MetricRecord ``metrics`` with ``num-examples`` = test rows and the
+      finite ones of ``loss``, ``auc``, ``accuracy``, ``f1``, ``kappa``.
+
+    Nothing else leaves the site (:data:`TRAIN_REPLY_KEYS`, :data:`EVALUATE_REPLY_KEYS`).  A failure
+    raises an exception whose text is a fixed code only (Flower turns it into an error reply).
+
+Long-lived worker
+    Flower 1.41 starts a new ``flwr-clientapp`` process for every message, which would import torch
+    and load the dataset every time.  When the node config names a ``worker-socket`` (``omopfl
+    train --site`` starts one, :mod:`omopfl.federation.worker`), the handler forwards the message
+    content and the context state to that long-lived process, which runs the same functions
+    with torch imported and the dataset cached; without it (or if it is gone) the work is done here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from omopfl.federation import codec
+from omopfl.federation.client_app import SCALER_FILE, SiteFailure, load_site_dataset
+from omopfl.federation.client_app import app as client_app
+
+__all__ = ["client_app", "site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
+           "EVALUATE_METRICS", "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY"]
+
+_log = logging.getLogger("flwr.omopfl")
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+EVALUATE = "evaluate"
+WEIGHT_KEY = "num-examples"
+EVALUATE_METRICS = ("loss", "auc", "accuracy", "f1", "kappa")
+TRAIN_REPLY_KEYS: Mapping[str, frozenset[str]] = {
+    METRICS: frozenset({WEIGHT_KEY, "loss"}),
+    EVALUATE: frozenset({WEIGHT_KEY, *EVALUATE_METRICS}),
+}
+"""Metric records and keys of a train reply (besides the ArrayRecord ``arrays`` of the state dict);
+``evaluate`` is present only when the config asked for ``evaluate-received``."""
+EVALUATE_REPLY_KEYS: Mapping[str, frozenset[str]] = {METRICS: frozenset({WEIGHT_KEY, *EVALUATE_METRICS})}
+"""Metric keys of an evaluate reply (no arrays)."""
+
+_CACHE: dict[tuple, tuple[Any, Any, Any]] = {}
+_CACHE_SIZE = 4
+
+
+def _site_scaler(context: Context, prepared: Any, prepared_dir: Path) -> codec.GlobalScaler:
+    try:
+        scaler = codec.decode_scaler(context.state)
+    except codec.CodecError:
+        path = prepared_dir / prepared.site / SCALER_FILE
+        if not path.is_file():
+            raise SiteFailure("not_prepared") from None
+        scaler = codec.GlobalScaler.from_dict(json.loads(path.read_text()))
+    if list(scaler.feature_names) != list(prepared.feature_names):
+        raise SiteFailure("feature_mismatch")
+    study_hash = prepared.manifest.get("study_hash", "")
+    if scaler.study_hash and study_hash and scaler.study_hash != study_hash:
+        raise SiteFailure("study_mismatch")
+    return scaler
+
+
+def _cfg(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = config.get(key, default)
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise codec.CodecError(f"config key {key!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise codec.CodecError(f"config key {key!r} has the wrong type")
+    return value
+
+
+def spec_from_config(config: Mapping[str, Any]) -> Any:
+    """The :class:`omopfl.study.ModelSpec` a training/evaluate config describes."""
+    from omopfl.study import ModelSpec
+
+    hidden = json.loads(_cfg(config, "model-hidden", str, "[]"))
+    dropout = json.loads(_cfg(config, "model-dropout", str, "[0.0, 0.0]"))
+    kind = _cfg(config, "model-kind", str, "logistic")
+    return ModelSpec(kind=kind, hidden=tuple(int(h) for h in hidden) or ModelSpec().hidden,
+                     dropout=tuple(float(d) for d in dropout))
+
+
+def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """(tensors, train rows, test rows), cached per dataset version, scaler and split in this process."""
+    from omopfl.models import SiteTensors, split
+
+    _site, prepared = load_site_dataset(dict(context.node_config))
+    prepared_dir = Path(str(context.node_config["prepared-dir"]))
+    scaler = _site_scaler(context, prepared, prepared_dir)
+    test_fraction = float(_cfg(config, "test-fraction", (int, float), 0.25))
+    seed = int(_cfg(config, "seed", int, 0))
+    manifest = prepared_dir / prepared.site / "manifest.json"
+    version = manifest.stat().st_mtime_ns if manifest.is_file() else 0
+    key = (str(prepared_dir / prepared.site), version, json.dumps(scaler.to_dict(), sort_keys=True),
+           test_fraction, seed)
+    cached = _CACHE.get(key)
+    if cached is None:
+        tensors = SiteTensors.from_prepared(prepared, scaler)
+        train_idx, test_idx = split(tensors.n, test_fraction, seed, prepared.y)
+        cached = (tensors, train_idx, test_idx)
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = cached
+    return cached
+
+
+def _config(content: RecordDict) -> dict[str, Any]:
+    if CONFIG not in content.config_records:
+        raise codec.CodecError("config record missing")
+    return dict(content.config_records[CONFIG])
+
+
+def _model(spec: Any, tensors: Any, content: RecordDict) -> Any:
+    from omopfl.models import build_model
+
+    if ARRAYS not in content.array_records:
+        raise codec.CodecError("arrays record missing")
+    model = build_model(spec, tensors.n_features, tensors.n_genes, tensors.image_size)
+    model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict(), strict=True)
+    return model
+
+
+def _evaluation(model: Any, tensors: Any, test_idx: Any) -> MetricRecord:
+    from omopfl.models import evaluate
+
+    result = evaluate(model, tensors, test_idx)
+    metrics: dict[str, Any] = {WEIGHT_KEY: int(test_idx.size)}
+    for key in EVALUATE_METRICS:
+        value = float(result.get(key, math.nan))
+        if math.isfinite(value):
+            metrics[key] = value
+    return MetricRecord(metrics)
+
+
+def site_train(content: RecordDict, context: Context) -> RecordDict:
+    """A site's reply to ``train`` (see the module docstring)."""
+    from omopfl.models import get_weights, train_local
+
+    config = _config(content)
+    tensors, train_idx, test_idx = _tensors_and_split(context, config)
+    spec = spec_from_config(config)
+    model = _model(spec, tensors, content)
+    reply: dict[str, Any] = {}
+    if _cfg(config, "evaluate-received", bool, False):
+        reply[EVALUATE] = _evaluation(model, tensors, test_idx)
+    mu = float(_cfg(config, "proximal-mu", (int, float), 0.0))
+    server_round = int(_cfg(config, "server-round", int, 1))
+    stats = train_local(model, tensors, train_idx, epochs=int(_cfg(config, "local-epochs", int, 1)),
+                        batch_size=int(_cfg(config, "batch-size", int, 64)),
+                        lr=float(_cfg(config, "learning-rate", (int, float), 0.01)), proximal_mu=mu,
+                        global_params=get_weights(model) if mu > 0 else None,
+                        seed=int(_cfg(config, "seed", int, 0)) * 1000 + server_round)
+    metrics: dict[str, Any] = {WEIGHT_KEY: int(stats["n"])}
+    if math.isfinite(float(stats["loss"])):
+        metrics["loss"] = float(stats["loss"])
+    return RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics), **reply})
+
+
+def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
+    """A site's reply to ``evaluate``: finite test metrics and the test rows' count."""
+    config = _config(content)
+    tensors, _train_idx, test_idx = _tensors_and_split(context, config)
+    model = _model(spec_from_config(config), tensors, content)
+    return RecordDict({METRICS: _evaluation(model, tensors, test_idx)})
+
+
+HANDLERS = {"train": site_train, "evaluate": site_evaluate}
+
+
+def error_code(exc: BaseException) -> str:
+    """The fixed code a failure is reported with (never its text: it may echo data)."""
+    if isinstance(exc, SiteFailure):
+        return SiteFailure(exc.code).code
+    return "bad_request" if isinstance(exc, codec.CodecError) else "internal"
+
+
+def handle(message_type: str, content: RecordDict, context: Context) -> RecordDict:
+    """Run the handler of ``message_type`` here, or in the node's long-lived worker if it has one."""
+    socket_path = context.node_config.get("worker-socket")
+    if isinstance(socket_path, str) and socket_path:
+        from omopfl.federation import worker
+
+        try:
+            return worker.call(socket_path, message_type, content, context)
+        except worker.WorkerUnavailable:
+            _log.warning("omopfl: the site worker is not reachable; running %s in this process", message_type)
+    return HANDLERS[message_type](content, context)
+
+
+def _guarded(message: Message, context: Context) -> Message:
+    message_type = message.metadata.message_type
+    try:
+        content = handle(message_type, message.content, context)
+    except Exception as exc:  # the text may echo data: only a fixed code leaves the site
+        code = error_code(exc)
+        _log.error("omopfl %s failed: %s (%s)", message_type, code, type(exc).__name__)
+        raise RuntimeError(f"omopfl site error: {code}") from None
+    return Message(content, reply_to=message)
+
+
+@client_app.train()
+def _train(message: Message, context: Context) -> Message:
+    return _guarded(message, context)
+
+
+@client_app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    return _guarded(message, context)

@@ -1,0 +1,122 @@
+"""``omopfl train --site ADAPTER --superlink HOST:PORT``: a Flower SuperNode serving one site.
+
+The SuperNode is Flower's own (``flower-supernode``'s entry point, run in this process) with:
+
+* node config ``site-config='<adapter>' prepared-dir='<folder>'`` (paths, never a secret; the
+  adapter's database password stays in the environment variable the adapter names), plus
+  ``worker-socket`` when the long-lived worker runs (:mod:`omopfl.federation.worker`);
+* TLS (``--root-certificates``) or ``--insecure``, and SuperNode authentication keys, passed through;
+* a Runtime API port of its own (a free local port unless given), so several sites can share a
+  machine;
+* shorter polling (``poll_seconds``): Flower 1.41's SuperNode sleeps a hard-coded 3 s whenever the
+  SuperLink has no message for it and 0.5 s while it waits for its ClientApp's reply.  On the Flower
+  version this was checked against (:data:`TUNED_FLOWER_VERSIONS`) those sleeps are capped at
+  ``poll_seconds``; on any other version the stock SuperNode runs unchanged and a warning says so.
+  The SuperExec's task poll is Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+from omopfl.federation.deploy import TASK_POLL_SECONDS, flower_env, free_port, node_config_text
+
+__all__ = ["serve_site", "TUNED_FLOWER_VERSIONS", "DEFAULT_POLL_SECONDS"]
+
+_log = logging.getLogger("omopfl.federation")
+
+TUNED_FLOWER_VERSIONS = ("1.41.0",)
+DEFAULT_POLL_SECONDS = 0.1
+
+
+class _CappedSleepTime(types.SimpleNamespace):
+    """The ``time`` module as seen by Flower's SuperNode loop, with ``sleep`` capped."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self._cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(float(seconds), self._cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _tune_polling(poll_seconds: float) -> bool:
+    import flwr
+    from flwr.supernode import start_client_internal
+
+    version = getattr(flwr, "__version__", "")
+    if version not in TUNED_FLOWER_VERSIONS:
+        _log.warning("Flower %s: SuperNode polling not tuned (checked against %s only)", version,
+                     ", ".join(TUNED_FLOWER_VERSIONS))
+        return False
+    if not hasattr(start_client_internal, "time"):
+        return False
+    start_client_internal.time = _CappedSleepTime(poll_seconds)  # type: ignore[attr-defined]
+    return True
+
+
+def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certificates: Path | None = None,
+               insecure: bool = False, auth_keys: tuple[Path, Path] | None = None, runtime_port: int | None = None,
+               poll_seconds: float | None = DEFAULT_POLL_SECONDS, worker: bool = True,
+               max_wait_time: float | None = None) -> None:
+    """Run the site's SuperNode until it is stopped (SIGTERM/SIGINT) or gives up connecting.
+
+    Parameters
+    ----------
+    adapter, prepared_dir:
+        The site's adapter TOML and the folder ``omopfl prepare`` wrote ``<site>/`` into.
+    superlink:
+        ``HOST:PORT`` of the SuperLink.
+    root_certificates, insecure:
+        TLS with this CA certificate (PEM), or no TLS (``insecure``, loopback and tests only).
+    auth_keys:
+        ``(private, public)`` SuperNode authentication key files (needs TLS).
+    runtime_port:
+        Port of the SuperNode's local Runtime API (default: a free one).
+    poll_seconds:
+        Cap on the SuperNode's idle sleeps; None keeps Flower's stock polling.
+    worker:
+        Run train/evaluate in this long-lived process (:mod:`omopfl.federation.worker`).
+    max_wait_time:
+        Give up after this many seconds without reaching the SuperLink (default: keep trying).
+    """
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    from omopfl.federation.worker import SiteWorker
+
+    os.environ.update(flower_env(dict(os.environ), tuned=poll_seconds is not None))
+    if poll_seconds is None:
+        os.environ.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)  # Flower's default
+    else:
+        os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_SECONDS))
+        _tune_polling(poll_seconds)
+    site_worker = SiteWorker({"site-config": str(Path(adapter).resolve()),
+                              "prepared-dir": str(Path(prepared_dir).resolve())}).start() if worker else None
+    try:
+        extra = {"worker-socket": site_worker.socket_path} if site_worker else None
+        args = ["flower-supernode", "--superlink", superlink,
+                "--node-config", node_config_text(adapter, prepared_dir, extra),
+                "--host", "127.0.0.1", "--port", str(runtime_port or free_port())]
+        args += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
+        if auth_keys:
+            args += ["--auth-supernode-private-key", str(auth_keys[0]),
+                     "--auth-supernode-public-key", str(auth_keys[1])]
+        if max_wait_time is not None:
+            args += ["--max-wait-time", str(float(max_wait_time))]
+        saved, sys.argv = sys.argv, args
+        try:
+            flower_supernode()
+        finally:
+            sys.argv = saved
+    finally:
+        if site_worker is not None:
+            site_worker.stop()
