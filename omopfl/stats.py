@@ -115,7 +115,6 @@ from types import MappingProxyType
 from typing import Any, Literal, overload
 
 import numpy as np
-import pandas as pd
 
 __all__ = [
     "WITHHELD_LEVEL",
@@ -606,6 +605,8 @@ class LevelCounts:
             arr = np.asarray(x, dtype=object)
         if arr.ndim != 2 or arr.shape[1] != len(names):
             raise ValueError(f"x must be a 2-D array (rows x features) with {len(names)} columns")
+        import pandas as pd  # only here: the wire format (codec) must not pay for pandas
+
         counts: dict[str, dict[str, int]] = {}
         for j, name in enumerate(names):
             col = arr[:, j]

@@ -32,16 +32,19 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from omopfl.config import SiteConfig, load_site
+from omopfl.config import load_site
 from omopfl.errors import ConfigError, DataError
 from omopfl.federation import codec
-from omopfl.prepare import PreparedSite, load_prepared
-from omopfl.stats import Moments, Released, binary_columns, noisy_moments, suppress
+
+if TYPE_CHECKING:  # the data modules (pandas, sqlalchemy) load only where a handler needs them
+    from omopfl.config import SiteConfig
+    from omopfl.prepare import PreparedSite
 
 __all__ = ["app", "site_statistics", "site_scaler", "load_site_dataset", "SiteFailure", "SCALER_FILE"]
 
@@ -108,6 +111,8 @@ def site_statistics(
         are withheld is decided on the true counts (the minimum-cell-count rule is about persons,
         not about noisy numbers); with ``dp`` only the released numbers are noisy.
     """
+    from omopfl.stats import Moments, Released, binary_columns, noisy_moments, suppress
+
     names = list(prepared.feature_names)
     exact = Moments.from_array(prepared.x, names, persons=prepared.n)
     released = suppress(exact, min_cell_count, binary=binary_columns(prepared.x))
@@ -143,6 +148,8 @@ def load_site_dataset(node_config: dict) -> tuple[SiteConfig, PreparedSite]:
     prepared_dir = node_config.get("prepared-dir")
     if not isinstance(adapter, str) or not adapter or not isinstance(prepared_dir, str) or not prepared_dir:
         raise SiteFailure("config")
+    from omopfl.prepare import load_prepared
+
     site = load_site(adapter)
     prepared = load_prepared(Path(prepared_dir) / site.name)
     if prepared.site != site.name:

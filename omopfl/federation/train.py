@@ -50,7 +50,9 @@ __all__ = ["client_app", "train_app", "run_training", "TRAIN_CONFIG", "TRAIN_REP
 MODES = ("inprocess", "deployment")
 
 
-def _run_inprocess(adapters: list[Path], prepared: Path, run_config: dict[str, Any]) -> None:
+def _run_inprocess(adapters: list[Path], prepared: Path, run_config: dict[str, Any], *,
+                   grid_class: Any = None) -> None:
+    """Run the training ServerApp on an :class:`InProcessGrid` (or ``grid_class``, same signature)."""
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
@@ -59,8 +61,8 @@ def _run_inprocess(adapters: list[Path], prepared: Path, run_config: dict[str, A
     from omopfl.federation.runner import InProcessGrid
     from omopfl.federation.server_train import RoundsFailed
 
-    grid = InProcessGrid(client_app, [{"site-config": str(a), "prepared-dir": str(prepared)} for a in adapters],
-                         run_config)
+    nodes = [{"site-config": str(a), "prepared-dir": str(prepared)} for a in adapters]
+    grid = (grid_class or InProcessGrid)(client_app, nodes, run_config)
     context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # Messages take their sender from the process's task identity (set by flwr-serverapp in a
     # deployment); set it for this run, then restore it.

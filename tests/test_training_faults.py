@@ -1,0 +1,156 @@
+"""Training faults and bookkeeping, in process with real Flower strategies and messages.
+
+* evaluation riding on the ``train`` message gives exactly the metrics of separate ``evaluate``
+  messages (it is the same model on the same test rows);
+* a run stopped after round 2 and resumed from its checkpoint ends with the same model and metrics
+  as an uninterrupted run (FedAdam: the server's optimizer state is checkpointed too);
+* a site that stops answering is dropped after the round timeout and the run finishes with the
+  others; with fewer than ``min-sites`` left the run stops, keeps its last checkpoint and resumes.
+
+The loss of a site is a grid whose messages to that node are never answered, as when a SuperNode
+dies (the deployment test in tests/test_deployment.py kills a real one).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import pytest
+
+from omopfl.errors import FederationError
+from omopfl.federation.runner import InProcessGrid
+from omopfl.federation.train import _run_inprocess, run_training
+
+
+@pytest.fixture(scope="module")
+def federation(prepared_sites_factory) -> dict[str, Any]:
+    return prepared_sites_factory("faults")
+
+
+def _model(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "model.npz") as saved:
+        return {k: saved[k] for k in saved.files}
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    return json.loads((run_dir / "metrics.json").read_text())["rounds"]
+
+
+def _same_metrics(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Equal up to float32 rounding (the order sites are summed in may differ)."""
+    assert [r["round"] for r in a] == [r["round"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("train_loss", "eval_loss", "eval_auc", "eval_accuracy", "eval_f1", "eval_kappa", "eval_n"):
+            assert x[key] is not None and x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (key, x, y)
+
+
+def test_evaluation_on_the_train_message_equals_separate_evaluation(federation) -> None:
+    runs = {}
+    for riding in (True, False):
+        run_dir = federation["tmp"] / f"eval_on_train_{riding}"
+        manifest = run_training(federation["study"], federation["adapters"], federation["prepared_dir"],
+                                out_dir=run_dir, rounds=3, evaluate_on_train=riding)
+        runs[riding] = (manifest, _rows(run_dir), _model(run_dir))
+    _same_metrics(runs[True][1], runs[False][1])
+    for name, array in runs[True][2].items():
+        np.testing.assert_allclose(array, runs[False][2][name], rtol=1e-5, atol=1e-7)
+    # one exchange per round plus a final evaluation, instead of two per round (model weights equal up to
+    # float32 rounding: the aggregation sums the sites in the order their replies arrive)
+    sent = {riding: runs[riding][0]["bytes"]["sent"] for riding in runs}
+    assert sent[True] < 0.8 * sent[False], sent  # the model goes out R + 1 times instead of 2R
+
+
+def test_resume_continues_exactly_where_the_run_stopped(federation) -> None:
+    whole = federation["tmp"] / "adam_whole"
+    run_training(federation["study"], federation["adapters"], federation["prepared_dir"], out_dir=whole, rounds=4,
+                 strategy="fedadam")
+    parts = federation["tmp"] / "adam_parts"
+    first = run_training(federation["study"], federation["adapters"], federation["prepared_dir"], out_dir=parts,
+                         rounds=2, strategy="fedadam")
+    assert first["resumed_from_round"] is None
+    checkpoint = json.loads((parts / "checkpoint.json").read_text())
+    assert checkpoint["round"] == 2 and set(checkpoint["strategy_state"]) == {"m_t", "v_t"}
+    resumed = run_training(federation["study"], federation["adapters"], federation["prepared_dir"], out_dir=parts,
+                           rounds=4, strategy="fedadam", resume=True)
+    assert resumed["resumed_from_round"] == 2
+    _same_metrics(_rows(parts), _rows(whole))
+    for name, array in _model(whole).items():
+        np.testing.assert_allclose(_model(parts)[name], array, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_refuses_other_settings_or_a_finished_run(federation) -> None:
+    run_dir = federation["tmp"] / "resume_checks"
+    run_training(federation["study"], federation["adapters"], federation["prepared_dir"], out_dir=run_dir, rounds=1)
+    with pytest.raises(FederationError, match="settings differ"):
+        run_training(federation["study"], federation["adapters"], federation["prepared_dir"], out_dir=run_dir,
+                     rounds=2, strategy="fedprox", proximal_mu=0.5, resume=True)
+    with pytest.raises(FederationError, match="already has round 1 of 1"):
+        run_training(federation["study"], federation["adapters"], federation["prepared_dir"], out_dir=run_dir,
+                     rounds=1, resume=True)
+    from omopfl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint.json not found"):
+        run_training(federation["study"], federation["adapters"], federation["prepared_dir"],
+                     out_dir=federation["tmp"] / "never_ran", rounds=1, resume=True)
+
+
+def _silent_grid(site_index: int, from_round: int):
+    """An InProcessGrid on which the ``site_index``-th node stops answering at train round ``from_round``."""
+
+    class SilentAfter(InProcessGrid):
+        def push_messages(self, messages):
+            ids, live = [], []
+            node = sorted(self.get_node_ids())[site_index]
+            for message in messages:
+                config = message.content.config_records.get("config", {})
+                dead = (message.metadata.dst_node_id == node and message.metadata.message_type in ("train", "evaluate")
+                        and int(config.get("server-round", 0)) >= from_round)
+                if dead:  # accepted by the link, never answered: the node is gone
+                    message.metadata.__dict__["_message_id"] = uuid4().hex
+                    ids.append(message.metadata.message_id)
+                else:
+                    live.append(message)
+            return ids + list(super().push_messages(live))
+
+    return SilentAfter
+
+
+def _config(federation, run_dir: Path, **overrides: Any) -> dict[str, Any]:
+    from omopfl.federation.server import training_run_config
+    from omopfl.study import load_study
+
+    values = {"min_sites": 2, "expected_sites": 3, "rounds": 3, "round_timeout": 1.0, **overrides}
+    return training_run_config(load_study(federation["study"]), run_dir, **values)
+
+
+def test_a_silent_site_is_dropped_and_the_run_finishes(federation) -> None:
+    run_dir = federation["tmp"] / "silent_site"
+    adapters = [Path(a).resolve() for a in federation["adapters"]]
+    _run_inprocess(adapters, federation["prepared_dir"].resolve(), _config(federation, run_dir),
+                   grid_class=_silent_grid(2, from_round=2))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [d["site"] for d in manifest["dropped"]] == ["site_c"]
+    assert manifest["dropped"][0]["round"] == 2 and "no train reply within 1 s" in manifest["dropped"][0]["reason"]
+    assert manifest["sites"] == ["site_a", "site_b"]
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3] and [r["sites"] for r in rows] == [3, 2, 2]
+    assert rows[-1]["eval_auc"] is not None and rows[-1]["train_n"] < rows[0]["train_n"]
+
+
+def test_too_few_sites_stop_the_run_which_resumes_from_its_checkpoint(federation) -> None:
+    run_dir = federation["tmp"] / "too_few"
+    adapters = [Path(a).resolve() for a in federation["adapters"]]
+    prepared = federation["prepared_dir"].resolve()
+    with pytest.raises(FederationError, match="round 2: 2 site\\(s\\) replied, fewer than min-sites 3"):
+        _run_inprocess(adapters, prepared, _config(federation, run_dir, min_sites=3),
+                       grid_class=_silent_grid(0, from_round=2))
+    assert not (run_dir / "manifest.json").exists()
+    assert json.loads((run_dir / "checkpoint.json").read_text())["round"] == 1
+    _run_inprocess(adapters, prepared, _config(federation, run_dir, min_sites=3, resume=True))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["resumed_from_round"] == 1 and manifest["dropped"] == []
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3]
