@@ -1,0 +1,149 @@
+"""Flower's Deployment Engine on loopback, started only through omopfl's commands.
+
+``omopfl server`` (SuperLink + the training app) and one ``omopfl train --site ... --superlink ...``
+per site (SuperNode + the site's long-lived worker) run as separate processes, as at real sites.
+
+* two sites: the run completes and writes the whole run directory (model, metrics, plot, report);
+* three sites, one SuperNode killed (SIGKILL of its process group) after the first checkpoint:
+  the server drops that site after the round timeout and finishes with the two others.
+
+Every process is started in its own session and stopped by its PID (process group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omopfl.federation.deploy import flower_env, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def federation(prepared_sites_factory) -> dict[str, Any]:
+    return prepared_sites_factory("deployment")
+
+
+def _omopfl() -> list[str]:
+    script = Path(sys.executable).parent / "omopfl"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "omopfl.cli"]
+
+
+class _Started:
+    """Processes started in their own sessions, stopped by PID (process group) at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        with (self.logs / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen([*_omopfl(), *args], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=flower_env(), start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(timeout=30)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (superexec, clientapp)
+            proc.wait(timeout=15)
+
+
+def _server_args(federation: dict[str, Any], port: int, run_dir: Path, *extra: str) -> list[str]:
+    return ["server", "--study", str(federation["study"]), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+            "--out", str(run_dir), "--wait-seconds", "120", "--timeout", "120", "--json", *extra]
+
+
+def _site_args(federation: dict[str, Any], index: int, port: int) -> list[str]:
+    return ["train", "--site", str(federation["adapters"][index]), "--superlink", f"127.0.0.1:{port}", "--insecure",
+            "--prepared", str(federation["prepared_dir"])]
+
+
+def _wait(proc: subprocess.Popen, seconds: float, started: _Started, name: str) -> int:
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name} did not finish within {seconds:.0f} s:\n{started.log(name)[-4000:]}")
+
+
+def test_server_and_two_supernodes_through_omopfl_commands(federation, tmp_path: Path) -> None:
+    port = free_port()
+    run_dir = tmp_path / "run"
+    started = _Started(tmp_path)
+    try:
+        server = started.start("server", _server_args(federation, port, run_dir, "--rounds", "2", "--sites", "2",
+                                                      "--min-sites", "2", "--audit"))
+        for index in (0, 1):
+            started.start(f"site_{index}", _site_args(federation, index, port))
+        code = _wait(server, 400, started, "server")
+    finally:
+        started.stop_all()
+    assert code == 0, started.log("server")[-4000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    print(json.dumps({"seconds": manifest["seconds"], "final": manifest["final"]}))
+    assert manifest["sites"] == ["site_a", "site_b"] and manifest["dropped"] == []
+    assert manifest["final"]["round"] == 2 and manifest["final"]["eval_auc"] > 0.6
+    for name in ("model.npz", "scaler.json", "features.json", "metrics.json", "metrics.csv", "metrics.png",
+                 "report.md", "checkpoint.json", "audit.json"):
+        assert (run_dir / name).is_file(), name
+    assert set(manifest["cohort_hashes"]) == {"target", "outcome"}
+    # the SuperNodes ran the site work in their long-lived workers and Flower's replies were clean
+    replies = json.loads((run_dir / "audit.json").read_text())["replies"]
+    assert replies and all("content" in r for r in replies)
+    assert "omopfl round 2/2" in started.log("server")
+
+
+def test_a_killed_supernode_is_dropped_and_the_run_finishes(federation, tmp_path: Path) -> None:
+    port = free_port()
+    run_dir = tmp_path / "run"
+    started = _Started(tmp_path)
+    try:
+        server = started.start("server", _server_args(federation, port, run_dir, "--rounds", "4", "--sites", "3",
+                                                      "--min-sites", "2", "--round-timeout", "20"))
+        for index in (0, 1, 2):
+            started.start(f"site_{index}", _site_args(federation, index, port))
+        deadline = time.monotonic() + 300
+        checkpoint = run_dir / "checkpoint.json"
+        while not (checkpoint.is_file() and json.loads(checkpoint.read_text())["round"] >= 1):
+            assert server.poll() is None, started.log("server")[-4000:]
+            assert time.monotonic() < deadline, "no round completed within 300 s"
+            time.sleep(0.2)
+        started.kill("site_2")  # site_c's SuperNode, its worker and any ClientApp it was running
+        code = _wait(server, 300, started, "server")
+    finally:
+        started.stop_all()
+    assert code == 0, started.log("server")[-4000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [d["site"] for d in manifest["dropped"]] == ["site_c"], manifest["dropped"]
+    assert manifest["sites"] == ["site_a", "site_b"]
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert rounds[0]["sites"] == 3 and rounds[-1]["sites"] == 2
+    assert rounds[-1]["eval_auc"] is not None
+    assert "site_c dropped in round" in started.log("server")
