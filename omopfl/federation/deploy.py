@@ -172,15 +172,19 @@ def start_superlink(procs: Processes, *, host: str = "127.0.0.1", port: int | No
 
 
 def start_site_node(procs: Processes, adapter: Path, superlink: str, prepared_dir: Path, *, name: str,
-                    tuned: bool = True, worker: bool = True) -> subprocess.Popen:
-    """Start ``omopfl train --site ADAPTER --superlink ADDRESS`` (a SuperNode serving the site)."""
+                    tuned: bool = True, worker: bool | None = None) -> subprocess.Popen:
+    """Start ``omopfl train --site ADAPTER --superlink ADDRESS`` (a SuperNode serving the site).
+
+    ``tuned=False`` keeps Flower's stock polling and, unless ``worker`` says otherwise, runs every
+    message in Flower's own ``flwr-clientapp`` process (no long-lived worker).
+    """
     omopfl = Path(sys.executable).parent / "omopfl"
     base = [str(omopfl)] if omopfl.is_file() else [sys.executable, "-m", "omopfl.cli"]
     args = [*base, "train", "--site", str(Path(adapter).resolve()), "--superlink", superlink,
             "--prepared", str(Path(prepared_dir).resolve()), "--insecure"]
     if not tuned:
         args.append("--stock-polling")
-    if not worker:
+    if not (tuned if worker is None else worker):
         args.append("--no-worker")
     return procs.start(name, args)
 

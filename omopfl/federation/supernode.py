@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import time
 import types
@@ -98,14 +99,22 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
         os.environ.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)  # Flower's default
     else:
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_SECONDS))
-        _tune_polling(poll_seconds)
+    warm = poll_seconds is not None and _tune_polling(poll_seconds)
     site_worker = SiteWorker({"site-config": str(Path(adapter).resolve()),
                               "prepared-dir": str(Path(prepared_dir).resolve())}).start() if worker else None
+    executor = None
     try:
         extra = {"worker-socket": site_worker.socket_path} if site_worker else None
+        port = runtime_port or free_port()
         args = ["flower-supernode", "--superlink", superlink,
                 "--node-config", node_config_text(adapter, prepared_dir, extra),
-                "--host", "127.0.0.1", "--port", str(runtime_port or free_port())]
+                "--host", "127.0.0.1", "--port", str(port)]
+        if warm:  # ClientApp tasks run in forks of a pre-imported SuperExec (omopfl.federation.warm_exec)
+            args += ["--isolation", "process"]
+            executor = subprocess.Popen(
+                [sys.executable, "-m", "omopfl.federation.warm_exec", "--runtime-api-address", f"127.0.0.1:{port}",
+                 "--insecure", "--parent-pid", str(os.getpid()), *([] if worker else ["--preload-torch"])],
+                stdin=subprocess.DEVNULL)
         args += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
         if auth_keys:
             args += ["--auth-supernode-private-key", str(auth_keys[0]),
@@ -118,5 +127,12 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
         finally:
             sys.argv = saved
     finally:
+        if executor is not None and executor.poll() is None:  # our child, stopped by its PID
+            executor.terminate()
+            try:
+                executor.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                executor.kill()
+                executor.wait()
         if site_worker is not None:
             site_worker.stop()
