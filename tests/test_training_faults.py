@@ -154,3 +154,31 @@ def test_too_few_sites_stop_the_run_which_resumes_from_its_checkpoint(federation
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["resumed_from_round"] == 1 and manifest["dropped"] == []
     assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3]
+
+
+def test_a_site_below_its_min_cell_count_sends_nothing_learnt_from_its_rows(federation) -> None:
+    """site_c with a min_cell_count above its cohort: its statistics are withheld, its train replies
+    carry the weights back unchanged with num-examples 0 and its evaluations only num-examples 0, so
+    the model is exactly the one the two other sites train alone."""
+    strict = federation["tmp"] / "synth" / "adapters" / "site_c_strict.toml"
+    text = (federation["tmp"] / "synth" / "adapters" / "site_c.toml").read_text()
+    strict.write_text(text.replace("min_cell_count = ", "min_cell_count = 100000  # was ", 1))
+    assert "min_cell_count = 100000" in strict.read_text()
+    adapters = [federation["adapters"][0], federation["adapters"][1], strict]
+    run_dir = federation["tmp"] / "strict_c"
+    manifest = run_training(federation["study"], adapters, federation["prepared_dir"], out_dir=run_dir, rounds=2,
+                            audit=True)
+    assert manifest["stats_sites"]["withheld"] == ["site_c"]
+    two = federation["tmp"] / "two_sites"
+    run_training(federation["study"], federation["adapters"][:2], federation["prepared_dir"], out_dir=two, rounds=2)
+    for name, array in _model(two).items():
+        np.testing.assert_allclose(_model(run_dir)[name], array, rtol=1e-6, atol=1e-7)
+    nodes = {entry["node"] for entry in json.loads((run_dir / "audit.json").read_text())["replies"]
+             if entry["message_type"] == "query.stats" and entry["content"]["omopfl.site"]["site"] == "site_c"}
+    replies = [r for r in json.loads((run_dir / "audit.json").read_text())["replies"]
+               if r["node"] in nodes and r["message_type"] in ("train", "evaluate")]
+    assert len(replies) == 3  # two train rounds, one final evaluation
+    for reply in replies:
+        for record, values in reply["content"].items():
+            if record != "arrays":
+                assert values == {"num-examples": 0}, (record, values)

@@ -357,6 +357,14 @@ def _exchange(grid: FastGrid, messages: list[Message], sites: dict[str, int], dr
     return good
 
 
+def _weight(reply: Message) -> int:
+    """A reply's ``num-examples`` (0 when missing: a site below its min_cell_count sends 0)."""
+    try:
+        return int(reply.content.metric_records[METRICS][WEIGHT_KEY])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint) -> Checkpoint:
     """Rounds ``start.round + 1 .. plan.num_rounds`` and the final evaluation; checkpoint after each."""
     sites, dropped, rows = dict(start.sites), list(start.dropped), [dict(r) for r in start.rows]
@@ -376,7 +384,10 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
         for reply in good:
             if EVALUATE in reply.content.metric_records:
                 del reply.content[EVALUATE]
-        aggregated, train_metrics = strategy.aggregate_train(server_round, good)
+        weighted = [r for r in good if _weight(r) > 0]
+        if not weighted:
+            raise RoundsFailed(f"round {server_round}: no site had enough rows to train on (min_cell_count)")
+        aggregated, train_metrics = strategy.aggregate_train(server_round, weighted)
         if aggregated is None:
             raise RoundsFailed(f"round {server_round}: the strategy could not aggregate the replies")
         if evaluate_received and rows and evaluations:
@@ -414,7 +425,8 @@ def _evaluate(grid: FastGrid, strategy: Any, arrays: ArrayRecord, plan: RoundPla
               dropped: list[dict[str, Any]], server_round: int) -> dict[str, Any]:
     messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(plan.evaluate_config)), grid))
     good = _exchange(grid, messages, sites, dropped, server_round, plan.round_timeout, plan.min_sites, "evaluate")
-    metrics = strategy.aggregate_evaluate(server_round, good)
+    weighted = [r for r in good if _weight(r) > 0]
+    metrics = strategy.aggregate_evaluate(server_round, weighted) if weighted else None
     return _eval_fields(metrics)
 
 

@@ -21,7 +21,10 @@ What a site does
     * ``evaluate``: replies MetricRecord ``metrics`` with ``num-examples`` = test rows and the
       finite ones of ``loss``, ``auc``, ``accuracy``, ``f1``, ``kappa``.
 
-    Nothing else leaves the site (:data:`TRAIN_REPLY_KEYS`, :data:`EVALUATE_REPLY_KEYS`).  A failure
+    Nothing else leaves the site (:data:`TRAIN_REPLY_KEYS`, :data:`EVALUATE_REPLY_KEYS`), and nothing
+    computed over fewer persons than the site's ``min_cell_count``: with fewer train rows the site sends
+    the weights back as received with ``num-examples`` 0 (the server leaves it out of the average), with
+    fewer test rows its evaluation is ``num-examples`` 0 alone.  A failure
     raises an exception whose text is a fixed code only (Flower turns it into an error reply).
 
 Long-lived worker
@@ -107,11 +110,12 @@ def spec_from_config(config: Mapping[str, Any]) -> Any:
                      dropout=tuple(float(d) for d in dropout))
 
 
-def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    """(tensors, train rows, test rows), cached per dataset version, scaler and split in this process."""
+def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any, Any, Any, int]:
+    """(tensors, train rows, test rows, the site's min_cell_count); tensors and split cached per dataset
+    version, scaler and split settings in this process."""
     from omopfl.models import SiteTensors, split
 
-    _site, prepared = load_site_dataset(dict(context.node_config))
+    site, prepared = load_site_dataset(dict(context.node_config))
     prepared_dir = Path(str(context.node_config["prepared-dir"]))
     scaler = _site_scaler(context, prepared, prepared_dir)
     test_fraction = float(_cfg(config, "test-fraction", (int, float), 0.25))
@@ -128,7 +132,7 @@ def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = cached
-    return cached
+    return (*cached, int(site.min_cell_count))
 
 
 def _config(content: RecordDict) -> dict[str, Any]:
@@ -147,9 +151,12 @@ def _model(spec: Any, tensors: Any, content: RecordDict) -> Any:
     return model
 
 
-def _evaluation(model: Any, tensors: Any, test_idx: Any) -> MetricRecord:
+def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int) -> MetricRecord:
+    """Test metrics, or only ``num-examples`` = 0 when the test rows are fewer than ``min_cell_count``."""
     from omopfl.models import evaluate
 
+    if test_idx.size < min_cell_count:
+        return MetricRecord({WEIGHT_KEY: 0})
     result = evaluate(model, tensors, test_idx)
     metrics: dict[str, Any] = {WEIGHT_KEY: int(test_idx.size)}
     for key in EVALUATE_METRICS:
@@ -164,12 +171,14 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
     from omopfl.models import get_weights, train_local
 
     config = _config(content)
-    tensors, train_idx, test_idx = _tensors_and_split(context, config)
+    tensors, train_idx, test_idx, min_cell_count = _tensors_and_split(context, config)
     spec = spec_from_config(config)
     model = _model(spec, tensors, content)
     reply: dict[str, Any] = {}
     if _cfg(config, "evaluate-received", bool, False):
-        reply[EVALUATE] = _evaluation(model, tensors, test_idx)
+        reply[EVALUATE] = _evaluation(model, tensors, test_idx, min_cell_count)
+    if train_idx.size < min_cell_count:  # nothing learnt from so few persons leaves: the weights go back as received
+        return RecordDict({ARRAYS: content.array_records[ARRAYS], METRICS: MetricRecord({WEIGHT_KEY: 0}), **reply})
     mu = float(_cfg(config, "proximal-mu", (int, float), 0.0))
     server_round = int(_cfg(config, "server-round", int, 1))
     stats = train_local(model, tensors, train_idx, epochs=int(_cfg(config, "local-epochs", int, 1)),
@@ -186,9 +195,9 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
 def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
     """A site's reply to ``evaluate``: finite test metrics and the test rows' count."""
     config = _config(content)
-    tensors, _train_idx, test_idx = _tensors_and_split(context, config)
+    tensors, _train_idx, test_idx, min_cell_count = _tensors_and_split(context, config)
     model = _model(spec_from_config(config), tensors, content)
-    return RecordDict({METRICS: _evaluation(model, tensors, test_idx)})
+    return RecordDict({METRICS: _evaluation(model, tensors, test_idx, min_cell_count)})
 
 
 HANDLERS = {"train": site_train, "evaluate": site_evaluate}
