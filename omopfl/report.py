@@ -94,6 +94,19 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     for key in ("eval_auc", "eval_accuracy", "eval_f1", "eval_kappa", "eval_loss", "eval_n"):
         lines.append(f"| {key.removeprefix('eval_')} | {_fmt(last.get(key))} |")
+    pooled = _read(run_dir / "pooled.json").get("metrics", {})
+    if pooled:
+        weighted = pooled.get("site_weighted", {})
+        lines += ["", "## Federated beside the pooled baseline (same per-site test rows)", "",
+                  "| metric | federated | pooled (site-weighted) |", "|---|---|---|"]
+        for key in ("auc", "accuracy", "f1", "kappa", "loss"):
+            lines.append(f"| {key} | {_fmt(last.get('eval_' + key))} | {_fmt(weighted.get(key))} |")
+    dropped = manifest.get("dropped") or []
+    if dropped or manifest.get("resumed_from_round"):
+        lines += ["", "## Faults", ""]
+        lines += [f"- site {d['site']} dropped in round {d['round']}: {d['reason']}" for d in dropped]
+        if manifest.get("resumed_from_round"):
+            lines.append(f"- resumed from the checkpoint of round {manifest['resumed_from_round']}")
     lines += ["", "## Per round", "", "| round | train loss | eval loss | AUC | accuracy | F1 | kappa |",
               "|---|---|---|---|---|---|---|"]
     for row in rounds:

@@ -92,3 +92,21 @@ def test_cli_pooled_flag_refuses_without_study(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["train", "--pooled"])
     assert info.value.code == 2 and "--study" in capsys.readouterr().err
+
+
+def test_cli_simulate_with_pooled_reports_both(federation, capsys) -> None:
+    from omopfl.cli import main
+
+    run_dir = federation["tmp"] / "cli_both"
+    args = ["train", "--simulate", "--pooled", "--study", str(federation["study"]), "--prepared",
+            str(federation["prepared_dir"]), "--out", str(run_dir), "--rounds", "2"]
+    for adapter in federation["adapters"]:
+        args += ["--site", str(adapter)]
+    main(args)
+    printed = capsys.readouterr().out
+    assert "pooled baseline on the same split: AUC" in printed and "trained logistic" in printed
+    report = (run_dir / "report.md").read_text()
+    assert "## Federated beside the pooled baseline" in report
+    pooled = json.loads((run_dir / POOLED_FILE).read_text())["metrics"]["site_weighted"]["auc"]
+    assert f"| {pooled:.3f} |" in report
+    assert POOLED_FILE in json.loads((run_dir / "manifest.json").read_text())["files"]

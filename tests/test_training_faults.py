@@ -93,7 +93,7 @@ def test_resume_refuses_other_settings_or_a_finished_run(federation) -> None:
                      rounds=1, resume=True)
     from omopfl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="checkpoint.json not found"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.json not found"):
         run_training(federation["study"], federation["adapters"], federation["prepared_dir"],
                      out_dir=federation["tmp"] / "never_ran", rounds=1, resume=True)
 
