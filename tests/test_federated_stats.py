@@ -355,13 +355,19 @@ FORBIDDEN = ("omopfl.prepare", "omopfl.features", "omopfl.linking", "omopfl.db",
              "psycopg2", "pydicom", "great_expectations", "torch")
 
 
-def test_server_app_imports_no_patient_data_code() -> None:
-    tree = ast.parse((ROOT / "omopfl" / "federation" / "server_app.py").read_text())
+@pytest.mark.parametrize(("module", "allowed"), [
+    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats"}),
+    # the training ServerApp builds the initial model (omopfl.models, torch) only when it runs
+    ("server_train", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats", "omopfl.federation.server_app",
+                      "omopfl.models", "omopfl.study"}),
+])
+def test_server_apps_import_no_patient_data_code(module: str, allowed: set[str]) -> None:
+    tree = ast.parse((ROOT / "omopfl" / "federation" / f"{module}.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     omopfl = {name for name in imported if name.split(".")[0] == "omopfl"}
-    assert omopfl <= {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats"}, omopfl
-    code = ("import json, sys; import omopfl.federation.server_app; "
+    assert omopfl <= allowed, omopfl
+    code = (f"import json, sys; import omopfl.federation.{module}; "
             "print(json.dumps(sorted(sys.modules)))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                        text=True).stdout)

@@ -1,10 +1,20 @@
 """Flower apps of omopfl, split by where the code runs.
 
-``codec``       the wire format: the only module that knows record names and keys (both sides)
-``client_app``  runs at a site: reads the site's prepared dataset, replies with released aggregates
-``server_app``  runs at the coordinator: merges released moments into the global scaler; it imports
-                nothing that reads patient data (no prepare, features, linking or db)
-``runner``      runs everything on one machine (in-process, or a loopback SuperLink + SuperNodes)
+Site side
+    ``client_app``   statistics handlers: reads the site's prepared dataset, replies with released aggregates
+    ``site_train``   ``train`` / ``evaluate`` handlers on the same ClientApp
+    ``worker``       the site's long-lived worker (torch loaded, tensors cached) the handlers forward to
+    ``supernode``    ``omopfl train --site --superlink``: Flower's SuperNode with omopfl's polling and worker
+    ``warm_exec``    Flower's SuperExec running each ClientApp message in a fork of a pre-imported process
+Coordinator side (imports nothing that reads patient data: no prepare, features, linking or db)
+    ``server_app``   statistics: merges released moments into the global scaler
+    ``server_train`` training: rounds over Flower strategies, checkpoints, dropped sites, run directory
+    ``server``       ``omopfl server``: SuperLink + the training app + progress + report
+Both / one machine
+    ``codec``        the wire format: the only module that knows record names and keys
+    ``deploy``       SuperLink, SuperNodes (through ``omopfl train --site``), ``flwr run``; stopped by PID
+    ``runner``       statistics on one machine (in-process grid, or loopback deployment)
+    ``train``        training on one machine (in-process grid, or loopback deployment)
 
 This package imports none of them, so importing the server side never pulls in the site side.
 """
