@@ -117,9 +117,10 @@ def _run(engine: str, study: Path, adapters: list[Path], prepared: Path, out: Pa
 
     kwargs: dict[str, Any] = {"mode": "inprocess" if engine == "inprocess" else "deployment", "timeout": 1800}
     if engine == "deployment_stock":
-        kwargs.update(tuned=False, evaluate_on_train=False, extra_run_config={"poll-interval": 3.0})
+        kwargs.update(tuned=False, evaluate_on_train=False,
+                      extra_run_config={"poll-interval": 3.0, "tune-pulls": False})
     elif engine == "deployment_server_tuned":
-        kwargs.update(tuned=False)
+        kwargs.update(tuned=False, extra_run_config={"tune-pulls": False})
     t0 = time.perf_counter()
     manifest = run_training(study, adapters, prepared, out_dir=out, rounds=rounds, **kwargs)
     rows = json.loads((out / "metrics.json").read_text())["rounds"]

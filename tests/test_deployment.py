@@ -145,3 +145,65 @@ def test_a_killed_supernode_is_dropped_and_the_run_finishes(federation, tmp_path
     assert rounds[0]["sites"] == 3 and rounds[-1]["sites"] == 2
     assert rounds[-1]["eval_auc"] is not None
     assert "site_c dropped in round" in started.log("server")
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost (what a coordinator would issue)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("omopfl test CA")).issuer_name(name("omopfl test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return files
+
+
+def test_tls_between_server_and_supernodes(federation, tmp_path: Path) -> None:
+    """The same run over TLS: the SuperLink serves the coordinator's certificate, the SuperNodes verify it
+    with --root-certificates (no --insecure anywhere)."""
+    tls = _certificates(tmp_path)
+    port = free_port()
+    run_dir = tmp_path / "run"
+    started = _Started(tmp_path)
+    server_args = [a for a in _server_args(federation, port, run_dir, "--rounds", "1", "--sites", "2", "--min-sites",
+                                           "2") if a != "--insecure"]
+    server_args += ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]),
+                    "--ssl-keyfile", str(tls["key"])]
+    try:
+        server = started.start("server", server_args)
+        for index in (0, 1):
+            site_args = [a for a in _site_args(federation, index, port) if a != "--insecure"]
+            started.start(f"site_{index}", [*site_args, "--root-certificates", str(tls["ca"])])
+        code = _wait(server, 400, started, "server")
+    finally:
+        started.stop_all()
+    assert code == 0, started.log("server")[-4000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["sites"] == ["site_a", "site_b"] and manifest["final"]["round"] == 1
+    assert "insecure" not in started.log("site_0").lower()

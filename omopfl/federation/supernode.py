@@ -12,11 +12,15 @@ The SuperNode is Flower's own (``flower-supernode``'s entry point, run in this p
   SuperLink has no message for it and 0.5 s while it waits for its ClientApp's reply.  On the Flower
   version this was checked against (:data:`TUNED_FLOWER_VERSIONS`) those sleeps are capped at
   ``poll_seconds``; on any other version the stock SuperNode runs unchanged and a warning says so.
-  The SuperExec's task poll is Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``.
+  The SuperExec's task poll is Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; the retry
+  backoff of pulling a message's objects (1 s, doubling, when a message is seen before all its objects
+  arrived) starts at 20 ms.  ClientApp messages run in forks of a warm SuperExec
+  (:mod:`omopfl.federation.warm_exec`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -34,6 +38,7 @@ _log = logging.getLogger("omopfl.federation")
 
 TUNED_FLOWER_VERSIONS = ("1.41.0",)
 DEFAULT_POLL_SECONDS = 0.1
+PULL_BACKOFF_SECONDS = (0.02, 0.25)
 
 
 class _CappedSleepTime(types.SimpleNamespace):
@@ -62,6 +67,11 @@ def _tune_polling(poll_seconds: float) -> bool:
     if not hasattr(start_client_internal, "time"):
         return False
     start_client_internal.time = _CappedSleepTime(poll_seconds)  # type: ignore[attr-defined]
+    # A message is visible before the server has pushed all its objects; Flower's pull then backs
+    # off 1 s (doubling to 10 s).  Retry sooner (the same race is handled on the server's side).
+    start_client_internal.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        start_client_internal.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS[0],
+        backoff_cap=PULL_BACKOFF_SECONDS[1])
     return True
 
 

@@ -90,6 +90,22 @@ def fork_executor() -> Any:
     return ForkExecutor()
 
 
+PULL_BACKOFF_SECONDS = (0.02, 0.25)
+"""(initial, cap) of the ClientApp's retry backoff while the SuperNode is still receiving the message."""
+
+
+def _short_pull_backoff() -> None:
+    """A forked ClientApp starts before its SuperNode has stored the message's objects; Flower's pull
+    then backs off 1 s (doubling to 10 s).  Retry sooner: the objects are arriving over loopback."""
+    import functools
+
+    from flwr.supernode.runtime import run_clientapp
+
+    original = run_clientapp.pull_and_inflate_object_from_tree
+    run_clientapp.pull_and_inflate_object_from_tree = functools.partial(  # type: ignore[attr-defined]
+        original, initial_backoff=PULL_BACKOFF_SECONDS[0], backoff_cap=PULL_BACKOFF_SECONDS[1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="omopfl's warm Flower SuperExec for a site's SuperNode")
     parser.add_argument("--runtime-api-address", required=True)
@@ -106,11 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.superexec import run_superexec as superexec
 
     import omopfl.federation.site_train
-    import omopfl.federation.worker  # noqa: F401
+    import omopfl.federation.worker
+    import omopfl.prepare  # noqa: F401  (the statistics handlers: pandas)
 
     if args.preload_torch:  # the handlers run torch in the fork when there is no site worker
         import torch  # noqa: F401
 
+    _short_pull_backoff()
     executor = fork_executor()
     superexec.get_executor = lambda *_args, **_kwargs: executor  # Flower's loop, our executor
     superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=args.insecure,

@@ -199,6 +199,11 @@ class SiteWorker:
 
 
 def _warm() -> None:
+    """Import what the first train/evaluate needs (torch, scikit-learn's metrics, the data loader)."""
     with contextlib.suppress(Exception):
+        import sklearn.metrics  # noqa: F401
+        import torch  # noqa: F401
+
         import omopfl.federation.site_train
-        import omopfl.models  # noqa: F401
+        import omopfl.models
+        import omopfl.prepare  # noqa: F401
