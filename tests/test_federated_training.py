@@ -221,3 +221,16 @@ def test_cli_train_needs_a_mode(capsys) -> None:
         main(["train"])
     assert info.value.code == 2
     assert "--simulate" in capsys.readouterr().err
+
+
+def test_project_pyproject_declares_the_flower_app() -> None:
+    """`[tool.flwr.app]` of the project is the app omopfl runs (same components, same config keys)."""
+    import tomllib
+
+    from omopfl.federation.server import training_pyproject
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    generated = tomllib.loads(training_pyproject())["tool"]["flwr"]["app"]
+    assert project["components"] == generated["components"]
+    assert project["config"] == generated["config"]
+    assert project["components"]["serverapp"] == "omopfl.federation.server_train:train_app"
