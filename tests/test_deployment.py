@@ -48,8 +48,9 @@ class _Started:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         with (self.logs / f"{name}.log").open("wb") as log:
+            env = {**flower_env(), "FLWR_HOME": str(self.logs / f"flwr_home_{name}")}  # not the user's ~/.flwr
             proc = subprocess.Popen([*_omopfl(), *args], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=flower_env(), start_new_session=True)
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.procs[name] = proc
         return proc
 

@@ -83,6 +83,8 @@ TRAIN_CONFIG: dict[str, Any] = {
     "model-kind": "logistic",
     "model-hidden": "[]",
     "model-dropout": "[0.0, 0.0]",
+    "model-image-size": 0,
+    "model-genes": 0,
     "rounds": 5,
     "local-epochs": 1,
     "batch-size": 64,
@@ -514,13 +516,20 @@ def _spec(config: Mapping[str, Any]) -> Any:
                      dropout=tuple(float(d) for d in dropout))
 
 
+def initial_model(config: Mapping[str, Any], n_features: int) -> Any:
+    """The round-0 model: the study's kind and widths, the image side and gene count its sites prepare."""
+    from omopfl.models import build_model
+
+    return build_model(_spec(config), n_features, int(config["model-genes"]), int(config["model-image-size"]),
+                       seed=int(config["seed"]))
+
+
 _IDENTITY_KEYS = ("study-hash", "model-kind", "model-hidden", "model-dropout", "local-epochs", "batch-size",
                   "learning-rate", "strategy", "proximal-mu", "test-fraction", "seed")
 
 
 def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Stats -> scaler -> rounds (checkpointed) -> final evaluation -> run directory; returns the manifest."""
-    from omopfl.models import build_model
     from omopfl.study import TrainingSpec
 
     started = time.monotonic()
@@ -565,7 +574,7 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
                            rows=previous.rows, sites=sites, dropped=previous.dropped, identity=identity)
         _log.info("omopfl: resuming after round %d of %d", previous.round, num_rounds)
     else:
-        model = build_model(spec, len(scaler.feature_names), seed=int(config["seed"]))
+        model = initial_model(config, len(scaler.feature_names))
         initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         start = Checkpoint(round=0, arrays=initial, strategy_state={}, rows=[], sites=sites, dropped=[],
                            identity=identity)
@@ -594,7 +603,8 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
         "version": 1, "study_name": str(config["study-name"]), "study_hash": settings.study_hash,
         "cohort_hashes": json.loads(str(config["cohort-hashes"])),
         "model": {"kind": spec.kind, "hidden": list(spec.hidden), "dropout": list(spec.dropout),
-                  "n_features": len(scaler.feature_names)},
+                  "n_features": len(scaler.feature_names), "n_genes": int(config["model-genes"]),
+                  "image_size": int(config["model-image-size"])},
         "training": training, "sites": sorted(final.sites), "dropped": final.dropped,
         "resumed_from_round": previous.round if previous is not None else None,
         "stats_sites": stats["sites"], "final": rounds[-1] if rounds else None,
