@@ -208,3 +208,21 @@ def test_tls_between_server_and_supernodes(federation, tmp_path: Path) -> None:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["sites"] == ["site_a", "site_b"] and manifest["final"]["round"] == 1
     assert "insecure" not in started.log("site_0").lower()
+
+
+def test_server_without_sites_stops_after_its_wait_with_one_clear_line(federation, tmp_path: Path) -> None:
+    """No run waits forever: with no SuperNode the server gives up after --wait-seconds, exits non-zero
+    with one line saying why, and writes no run directory."""
+    started = _Started(tmp_path)
+    run_dir = tmp_path / "run"
+    args = _server_args(federation, free_port(), run_dir, "--sites", "2", "--min-sites", "2")
+    args[args.index("--wait-seconds") + 1] = "3"
+    try:
+        code = _wait(started.start("server", args), 120, started, "server")
+    finally:
+        started.stop_all()
+    log = started.log("server")
+    assert code == 7, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("omopfl: error:")]
+    assert len(errors) == 1 and "0 site(s) connected within 3 s, fewer than min-sites 2" in errors[0], log[-3000:]
+    assert not (run_dir / "manifest.json").exists()

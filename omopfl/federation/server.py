@@ -30,6 +30,7 @@ __all__ = ["ServerOptions", "serve_study", "training_run_config", "training_pypr
 
 _ROUND = re.compile(r"omopfl round (\d+)/(\d+)")
 _FAILURE = re.compile(r"\b\w*(Error|Failed|Exception): ")
+_OURS = re.compile(r"\bomopfl( stats| round|:)")
 
 
 @dataclass
@@ -176,9 +177,10 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
             bar.update(task, completed=int(match.group(1)))
         if on_line is not None:
             on_line(line)
-        elif "omopfl" in line or "ERROR" in line:
-            bar.console.print(line[line.index("omopfl"):] if "omopfl" in line else line, markup=False,
-                              highlight=False)
+        elif _OURS.search(line):
+            bar.console.print(line[_OURS.search(line).start():], markup=False, highlight=False)
+        elif "ERROR" in line or _FAILURE.search(line):
+            bar.console.print(line.strip(), markup=False, highlight=False)
         if _FAILURE.search(line):
             failures.append(line.strip())
 
@@ -208,11 +210,11 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
         t0 = time.perf_counter()
         procs.stop()
         timings["stop"] = round(time.perf_counter() - t0, 3)
-        if ok and not options.keep_logs:
+        if ok and not options.keep_logs and (run_dir / "manifest.json").is_file():
             shutil.rmtree(work, ignore_errors=True)
-        elif not ok:
-            console.print(f"Flower logs kept in {work}")
     manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file() and failures:  # flwr run may exit 0 when the ServerApp raised
+        raise FederationError(f"the run failed: {failures[-1][-300:]} (logs: {work})")
     if not manifest_path.is_file():
         raise FederationError(f"the training ServerApp wrote no run directory at {run_dir} (logs: {work})")
     plot_metrics(run_dir)

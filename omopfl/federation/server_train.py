@@ -549,6 +549,9 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
             raise ValueError(f"resume: no {CHECKPOINT_JSON} in the run directory")
         previous = Checkpoint.load(run_dir)
     stats = federated_statistics(fast, settings)
+    if int(stats["sites"]["connected"]) < settings.min_sites:
+        raise RoundsFailed(f"{stats['sites']['connected']} site(s) connected within {settings.wait_seconds:.0f} s, "
+                           f"fewer than min-sites {settings.min_sites}: no training")
     if stats["scaler"] is None:
         raise RuntimeError("no global scaler (too few sites contributed statistics): no training")
     stats_seconds = time.monotonic() - started
