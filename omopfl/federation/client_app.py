@@ -131,15 +131,19 @@ def site_statistics(
     return codec.encode_site_stats(site if site is not None else prepared.site, released, dp=dp_info)
 
 
-def site_scaler(prepared: PreparedSite, content: RecordDict) -> codec.GlobalScaler:
-    """Decode the global scaler and check it fits the dataset (``SiteFailure`` ``feature_mismatch``)."""
-    global_scaler = codec.decode_scaler(content)
+def check_scaler(prepared: PreparedSite, global_scaler: codec.GlobalScaler) -> codec.GlobalScaler:
+    """The scaler if it fits the dataset, else ``SiteFailure`` ``feature_mismatch`` / ``study_mismatch``."""
     if list(global_scaler.feature_names) != list(prepared.feature_names):
         raise SiteFailure("feature_mismatch")
     study_hash = prepared.manifest.get("study_hash", "")
     if global_scaler.study_hash and study_hash and global_scaler.study_hash != study_hash:
         raise SiteFailure("study_mismatch")
     return global_scaler
+
+
+def site_scaler(prepared: PreparedSite, content: RecordDict) -> codec.GlobalScaler:
+    """Decode the global scaler and check it fits the dataset (:func:`check_scaler`)."""
+    return check_scaler(prepared, codec.decode_scaler(content))
 
 
 def load_site_dataset(node_config: dict) -> tuple[SiteConfig, PreparedSite]:

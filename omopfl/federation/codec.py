@@ -86,6 +86,15 @@ ERROR_CODES = frozenset({
 """Fixed error codes a site may send; nothing else about an error leaves a site."""
 
 MISSING_SUFFIX = "__missing"
+
+# training messages (Flower's strategy conventions: one ArrayRecord, one MetricRecord, one ConfigRecord)
+TRAIN_ARRAYS = "arrays"
+TRAIN_METRICS = "metrics"
+TRAIN_CONFIG = "config"
+TRAIN_EVALUATE = "evaluate"
+"""The evaluation of the received weights that a ``train`` reply may carry (a second MetricRecord)."""
+WEIGHT_KEY = "num-examples"
+EVALUATE_METRICS = ("loss", "auc", "accuracy", "f1", "kappa")
 """Suffix of the missingness-indicator columns (see :mod:`omopfl.harmonize`)."""
 
 _REQUEST = "omopfl.request"

@@ -64,12 +64,12 @@ __all__ = ["train_app", "federated_training", "run_rounds", "FastGrid", "TRAIN_C
 
 _log = logging.getLogger("flwr.omopfl")
 
-ARRAYS = "arrays"
-METRICS = "metrics"
-CONFIG = "config"
-EVALUATE = "evaluate"
-WEIGHT_KEY = "num-examples"
-EVALUATE_METRICS = ("loss", "auc", "accuracy", "f1", "kappa")
+ARRAYS = codec.TRAIN_ARRAYS
+METRICS = codec.TRAIN_METRICS
+CONFIG = codec.TRAIN_CONFIG
+EVALUATE = codec.TRAIN_EVALUATE
+WEIGHT_KEY = codec.WEIGHT_KEY
+EVALUATE_METRICS = codec.EVALUATE_METRICS
 CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_NPZ = "checkpoint.npz"
 _STRATEGY_STATE = ("m_t", "v_t")

@@ -47,7 +47,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from omopfl.federation import codec
-from omopfl.federation.client_app import SCALER_FILE, SiteFailure, load_site_dataset
+from omopfl.federation.client_app import SCALER_FILE, SiteFailure, check_scaler, load_site_dataset
 from omopfl.federation.client_app import app as client_app
 
 __all__ = ["client_app", "site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
@@ -55,12 +55,12 @@ __all__ = ["client_app", "site_train", "site_evaluate", "handle", "TRAIN_REPLY_K
 
 _log = logging.getLogger("flwr.omopfl")
 
-ARRAYS = "arrays"
-METRICS = "metrics"
-CONFIG = "config"
-EVALUATE = "evaluate"
-WEIGHT_KEY = "num-examples"
-EVALUATE_METRICS = ("loss", "auc", "accuracy", "f1", "kappa")
+ARRAYS = codec.TRAIN_ARRAYS
+METRICS = codec.TRAIN_METRICS
+CONFIG = codec.TRAIN_CONFIG
+EVALUATE = codec.TRAIN_EVALUATE
+WEIGHT_KEY = codec.WEIGHT_KEY
+EVALUATE_METRICS = codec.EVALUATE_METRICS
 TRAIN_REPLY_KEYS: Mapping[str, frozenset[str]] = {
     METRICS: frozenset({WEIGHT_KEY, "loss"}),
     EVALUATE: frozenset({WEIGHT_KEY, *EVALUATE_METRICS}),
@@ -82,12 +82,7 @@ def _site_scaler(context: Context, prepared: Any, prepared_dir: Path) -> codec.G
         if not path.is_file():
             raise SiteFailure("not_prepared") from None
         scaler = codec.GlobalScaler.from_dict(json.loads(path.read_text()))
-    if list(scaler.feature_names) != list(prepared.feature_names):
-        raise SiteFailure("feature_mismatch")
-    study_hash = prepared.manifest.get("study_hash", "")
-    if scaler.study_hash and study_hash and scaler.study_hash != study_hash:
-        raise SiteFailure("study_mismatch")
-    return scaler
+    return check_scaler(prepared, scaler)
 
 
 def _cfg(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
