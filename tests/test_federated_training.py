@@ -234,3 +234,21 @@ def test_project_pyproject_declares_the_flower_app() -> None:
     assert project["components"] == generated["components"]
     assert project["config"] == generated["config"]
     assert project["components"]["serverapp"] == "omopfl.federation.server_train:train_app"
+
+
+def test_cli_server_resume_needs_a_checkpoint_and_tls_or_insecure(tmp_path: Path, capsys) -> None:
+    """Both refusals come before any process starts, as one line naming what to do."""
+    from omopfl.cli import main
+
+    study = ROOT / "examples" / "t2dm_hf" / "study.toml"
+    for args, expected in (
+        (["server", "--study", str(study), "--out", str(tmp_path / "run"), "--insecure", "--resume"],
+         "checkpoint.json not found"),
+        (["server", "--study", str(study), "--out", str(tmp_path / "run")], "--insecure (loopback and testing only)"),
+        (["train", "--site", str(ROOT / "adapters" / "site_a.toml"), "--superlink", "127.0.0.1:9"],
+         "--root-certificates CA.pem (TLS) or --insecure"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and expected in err and err.count("\n") == 1, err
