@@ -500,8 +500,12 @@ def train(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS to the SuperLink (loopback and testing only).")
     ] = False,
-    auth_private_key: Annotated[Path | None, typer.Option(help="SuperNode authentication private key.")] = None,
-    auth_public_key: Annotated[Path | None, typer.Option(help="SuperNode authentication public key.")] = None,
+    auth_private_key: Annotated[
+        Path | None, typer.Option(help="SuperNode authentication: this site's private key (OpenSSH, P-384).")
+    ] = None,
+    auth_public_key: Annotated[
+        Path | None, typer.Option(help="Deprecated by Flower (derived from the private key); passed if given.")
+    ] = None,
     runtime_port: Annotated[
         int | None, typer.Option(help="Port of the SuperNode's local Runtime API (default: a free one).")
     ] = None,
@@ -588,8 +592,10 @@ def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, *, roo
     if not sites or len(sites) != 1:
         raise ConfigError("omopfl train --superlink serves exactly one site: pass --site adapters/<site>.toml")
     config = load_site(sites[0])
-    if (keys[0] is None) != (keys[1] is None):
-        raise ConfigError("SuperNode authentication needs both --auth-private-key and --auth-public-key")
+    if keys[0] is None and keys[1] is not None:
+        raise ConfigError("SuperNode authentication needs --auth-private-key (the public key alone is not enough)")
+    if keys[0] is not None and root_certificates is None:
+        raise ConfigError("SuperNode authentication needs TLS: pass --root-certificates CA.pem")
     if root_certificates is None and not insecure:
         raise ConfigError("omopfl train --superlink needs --root-certificates CA.pem (TLS) or --insecure "
                           "(loopback and testing only)")
@@ -600,7 +606,7 @@ def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, *, roo
         raise ConfigError(f"{prepared / config.name}: no prepared dataset for site {config.name}: "
                           f"run omopfl prepare --site {sites[0]} first")
     console.print(f"serving site {config.name} to SuperLink {superlink} (Ctrl-C to stop)")
-    auth = (keys[0], keys[1]) if keys[0] is not None and keys[1] is not None else None
+    auth = (keys[0], keys[1]) if keys[0] is not None else None
     serve_site(sites[0], superlink, prepared, root_certificates=root_certificates, insecure=insecure,
                auth_keys=auth, runtime_port=runtime_port, poll_seconds=None if stock_polling else 0.1,
                worker=worker, max_wait_time=max_wait_time)
@@ -632,6 +638,10 @@ def server(
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS: the SuperLink's certificate (PEM).")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS: the SuperLink's private key (PEM).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback and testing only).")] = False,
+    site_key: Annotated[
+        list[Path] | None, typer.Option("--site-key", help="A site's SuperNode public key (OpenSSH, P-384): only "
+                                                         "SuperNodes holding a registered key may join (repeatable).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run manifest as JSON.")] = False,
 ) -> None:
     """Coordinate a federated run: start the SuperLink, train with the sites' SuperNodes, write the run dir."""
@@ -644,13 +654,14 @@ def server(
     if not given and not insecure:
         raise ConfigError("omopfl server needs TLS files (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile) or "
                           "--insecure (loopback and testing only)")
-    for path in given.values():
+    for path in [*given.values(), *(site_key or [])]:
         if not path.is_file():
             raise ConfigError(f"{path}: file not found")
     options = ServerOptions(host=host, port=port, out=out, rounds=rounds, strategy=strategy, min_sites=min_sites,
                             expected_sites=sites, wait_seconds=wait_seconds, timeout=timeout,
                             round_timeout=round_timeout, resume=resume, audit=audit,
-                            tls={k: Path(v) for k, v in given.items()} if given else None)
+                            tls={k: Path(v) for k, v in given.items()} if given else None,
+                            site_keys=list(site_key or []))
     manifest = serve_study(study, options)
     if as_json:
         _emit_json(manifest)

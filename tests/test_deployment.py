@@ -185,29 +185,55 @@ def _certificates(folder: Path) -> dict[str, Path]:
     return files
 
 
-def test_tls_between_server_and_supernodes(federation, tmp_path: Path) -> None:
-    """The same run over TLS: the SuperLink serves the coordinator's certificate, the SuperNodes verify it
-    with --root-certificates (no --insecure anywhere)."""
+def _site_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode key pair as ``ssh-keygen -t ecdsa -b 384`` writes it (OpenSSH private and public key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    private.chmod(0o600)
+    return private, public
+
+
+def test_tls_and_supernode_authentication(federation, tmp_path: Path) -> None:
+    """Over TLS (the SuperLink serves the coordinator's certificate, SuperNodes verify it, no --insecure)
+    with SuperNode authentication: the server registers site_a's and site_b's public keys; site_c's
+    SuperNode holds a key nobody registered and never takes part."""
     tls = _certificates(tmp_path)
+    keys = [_site_key(tmp_path, name) for name in ("site_a", "site_b", "site_c")]
     port = free_port()
     run_dir = tmp_path / "run"
     started = _Started(tmp_path)
     server_args = [a for a in _server_args(federation, port, run_dir, "--rounds", "1", "--sites", "2", "--min-sites",
                                            "2") if a != "--insecure"]
     server_args += ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]),
-                    "--ssl-keyfile", str(tls["key"])]
+                    "--ssl-keyfile", str(tls["key"]), "--site-key", str(keys[0][1]), "--site-key", str(keys[1][1])]
     try:
         server = started.start("server", server_args)
-        for index in (0, 1):
+        deadline = time.monotonic() + 120  # a SuperNode whose key is not registered yet is refused for good
+        while "site key(s) registered" not in started.log("server"):
+            assert server.poll() is None and time.monotonic() < deadline, started.log("server")[-3000:]
+            time.sleep(0.2)
+        # the unregistered site first: it must not be counted among the two awaited
+        for index in (2, 0, 1):
             site_args = [a for a in _site_args(federation, index, port) if a != "--insecure"]
-            started.start(f"site_{index}", [*site_args, "--root-certificates", str(tls["ca"])])
+            started.start(f"site_{index}", [*site_args, "--root-certificates", str(tls["ca"]),
+                                            "--auth-private-key", str(keys[index][0])])
         code = _wait(server, 400, started, "server")
     finally:
         started.stop_all()
     assert code == 0, started.log("server")[-4000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["sites"] == ["site_a", "site_b"] and manifest["final"]["round"] == 1
-    assert "insecure" not in started.log("site_0").lower()
+    assert manifest["stats_sites"]["connected"] == 2
+    assert "site key(s) registered" in started.log("server")
+    assert "SuperNode ID" not in started.log("site_2")  # refused by the SuperLink
+    assert "SuperNode ID" in started.log("site_0")
 
 
 def test_server_without_sites_stops_after_its_wait_with_one_clear_line(federation, tmp_path: Path) -> None:

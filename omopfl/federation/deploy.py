@@ -34,8 +34,8 @@ from typing import Any
 from omopfl.errors import ConfigError, FederationError
 
 __all__ = ["FLOWER_ENV", "TASK_POLL_SECONDS", "Processes", "flower_env", "free_port", "wait_for_port", "executable",
-           "start_superlink", "start_site_node", "write_connection", "app_pyproject", "toml_table", "flwr_run",
-           "node_config_text"]
+           "start_superlink", "start_site_node", "write_connection", "register_site_key", "app_pyproject",
+           "toml_table", "flwr_run", "node_config_text"]
 
 _log = logging.getLogger("omopfl.federation")
 
@@ -197,6 +197,16 @@ def write_connection(home: Path, address: str, *, root_certificates: Path | None
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "omopfl"\n\n[superlink.omopfl]\naddress = "{address}"\n{security}')
     return "omopfl"
+
+
+def register_site_key(public_key: Path, connection: str, env: dict[str, str]) -> None:
+    """``flwr supernode register <key> <connection>``: only SuperNodes holding a registered key may join."""
+    completed = subprocess.run([executable("flwr"), "supernode", "register", str(public_key), connection],
+                               env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if completed.returncode != 0:
+        raise ConfigError(f"{public_key}: the SuperLink did not accept this site key (flwr supernode register "
+                          f"exited with {completed.returncode}); it must be a NIST P-384 EC public key in OpenSSH "
+                          "format (ssh-keygen -t ecdsa -b 384)")
 
 
 def _toml_value(value: Any) -> str:

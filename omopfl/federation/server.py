@@ -51,6 +51,7 @@ class ServerOptions:
     audit: bool = False
     evaluate_on_train: bool = True
     tls: dict[str, Path] | None = None
+    site_keys: list[Path] = field(default_factory=list)
     keep_logs: bool = False
     extra_run_config: dict[str, Any] = field(default_factory=dict)
 
@@ -149,6 +150,8 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
     min_sites = int(options.min_sites if options.min_sites is not None else spec.training.min_sites)
     if min_sites < 1:
         raise ConfigError("--min-sites must be at least 1")
+    if options.site_keys and not options.tls:
+        raise ConfigError("--site-key (SuperNode authentication) needs TLS: pass the --ssl-* files")
     expected = int(options.expected_sites if options.expected_sites is not None else min_sites)
     run_config = training_run_config(
         spec, run_dir, min_sites=min_sites, expected_sites=expected, audit=options.audit, rounds=options.rounds,
@@ -185,10 +188,16 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
             failures.append(line.strip())
 
     try:
-        port = deploy.start_superlink(procs, host=options.host, port=options.port, tls=options.tls)
+        port = deploy.start_superlink(procs, host=options.host, port=options.port, tls=options.tls,
+                                      extra=["--enable-supernode-auth"] if options.site_keys else None)
         connect_host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
         connection = deploy.write_connection(work / "flwr_home", f"{connect_host}:{port}",
                                              root_certificates=(options.tls or {}).get("ca"))
+        for key in options.site_keys:
+            deploy.register_site_key(key, connection, env)
+        if options.site_keys:
+            console.print(f"SuperNode authentication on: {len(options.site_keys)} site key(s) registered; "
+                          "no other SuperNode can join")
         timings["start_superlink"] = round(time.perf_counter() - started, 3)
         console.print(f"SuperLink listening on {options.host}:{port}; waiting for {expected} site(s) "
                       f"(at least {min_sites}, at most {options.wait_seconds:.0f} s)")

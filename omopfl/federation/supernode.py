@@ -76,7 +76,8 @@ def _tune_polling(poll_seconds: float) -> bool:
 
 
 def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certificates: Path | None = None,
-               insecure: bool = False, auth_keys: tuple[Path, Path] | None = None, runtime_port: int | None = None,
+               insecure: bool = False, auth_keys: tuple[Path, Path | None] | None = None,
+               runtime_port: int | None = None,
                poll_seconds: float | None = DEFAULT_POLL_SECONDS, worker: bool = True,
                max_wait_time: float | None = None) -> None:
     """Run the site's SuperNode until it is stopped (SIGTERM/SIGINT) or gives up connecting.
@@ -90,7 +91,8 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
     root_certificates, insecure:
         TLS with this CA certificate (PEM), or no TLS (``insecure``, loopback and tests only).
     auth_keys:
-        ``(private, public)`` SuperNode authentication key files (needs TLS).
+        ``(private, public or None)`` SuperNode authentication key files (needs TLS); the server
+        registers the site's public key (``omopfl server --site-key``).
     runtime_port:
         Port of the SuperNode's local Runtime API (default: a free one).
     poll_seconds:
@@ -127,8 +129,9 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
                 stdin=subprocess.DEVNULL)
         args += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
         if auth_keys:
-            args += ["--auth-supernode-private-key", str(auth_keys[0]),
-                     "--auth-supernode-public-key", str(auth_keys[1])]
+            args += ["--auth-supernode-private-key", str(auth_keys[0])]
+            if auth_keys[1] is not None:  # deprecated by Flower: it derives the public key
+                args += ["--auth-supernode-public-key", str(auth_keys[1])]
         if max_wait_time is not None:
             args += ["--max-wait-time", str(float(max_wait_time))]
         saved, sys.argv = sys.argv, args
