@@ -605,9 +605,10 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     manifest = {
         "version": 1, "study_name": str(config["study-name"]), "study_hash": settings.study_hash,
         "cohort_hashes": json.loads(str(config["cohort-hashes"])),
-        "model": {"kind": spec.kind, "hidden": list(spec.hidden), "dropout": list(spec.dropout),
-                  "n_features": len(scaler.feature_names), "n_genes": int(config["model-genes"]),
-                  "image_size": int(config["model-image-size"])},
+        "model": {"kind": spec.kind, "n_features": len(scaler.feature_names), "n_genes": int(config["model-genes"]),
+                  "image_size": int(config["model-image-size"]),
+                  **({"hidden": list(spec.hidden), "dropout": list(spec.dropout)}
+                     if spec.kind in ("mlp", "fusion") else {})},
         "training": training, "sites": sorted(final.sites), "dropped": final.dropped,
         "resumed_from_round": previous.round if previous is not None else None,
         "stats_sites": stats["sites"], "final": rounds[-1] if rounds else None,
