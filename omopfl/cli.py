@@ -56,6 +56,12 @@ def _site_connection(adapter: Path) -> Iterator[tuple[SiteConfig, sa.Connection]
         engine.dispose()
 
 
+def _quiet_flower() -> None:
+    from omopfl.federation.train import quiet_flower_logs
+
+    quiet_flower_logs()
+
+
 def _emit_json(payload: object) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -557,6 +563,8 @@ def train(
     from omopfl.federation.train import run_training
     from omopfl.report import plot_metrics, write_report
 
+    if mode == "inprocess":
+        _quiet_flower()
     manifest = run_training(study, adapters, prepared, mode=mode, out_dir=run_dir, rounds=rounds,
                             strategy=strategy, resume=resume, min_sites=min_sites, round_timeout=round_timeout)
     plot_metrics(run_dir)
@@ -741,6 +749,7 @@ def demo(
                                "features": len(manifest["feature_names"]),
                                "validation": {k: levels[k] for k in ("fatal_count", "warning_count")}}
     console.rule("5. federated statistics (Flower ServerApp/ClientApp, in process)")
+    _quiet_flower()
     from omopfl.federation.runner import run_stats
 
     stats_result = run_stats(study, [adapters / f"{s.site}.toml" for s in summaries], out / "prepared",

@@ -45,9 +45,21 @@ from omopfl.federation.site_train import (
 )
 
 __all__ = ["client_app", "train_app", "run_training", "TRAIN_CONFIG", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
-           "EVALUATE_METRICS", "site_train", "site_evaluate", "write_run_dir", "MODES"]
+           "EVALUATE_METRICS", "site_train", "site_evaluate", "write_run_dir", "MODES", "quiet_flower_logs"]
 
 MODES = ("inprocess", "deployment")
+
+
+def quiet_flower_logs() -> None:
+    """Flower's own INFO lines (sampling, aggregation counts) off, omopfl's progress lines and warnings on."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith("flwr.omopfl")
+
+    for handler in logging.getLogger("flwr").handlers:
+        if keep not in handler.filters:
+            handler.addFilter(keep)
 
 
 def _run_inprocess(adapters: list[Path], prepared: Path, run_config: dict[str, Any], *,
