@@ -200,3 +200,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
+
+
+def run_omopfl(args: list[str]) -> int:
+    """Run the ``omopfl`` command line in this process; its exit code (0 when it returns)."""
+    from omopfl.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import run_omopfl
 
-from omopfl.cli import main
 from omopfl.cohort import (
     assign_ids,
     build_cohorts,
@@ -309,11 +309,7 @@ def test_mask_count() -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = run_omopfl(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

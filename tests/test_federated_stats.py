@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_omopfl
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.supercore.task_identity import TaskIdentity
@@ -406,17 +407,12 @@ def test_default_run_uses_real_flower_processes(federation) -> None:
 
 def test_cli_stats_prints_numpy_pooled_mean_and_std(federation, capsys) -> None:
     """`omopfl stats --json` on three synthetic sites (+ one that withholds) equals numpy on the pooled data."""
-    from omopfl.cli import main
 
     args = ["stats", "--study", str(federation["study"]), "--prepared", str(federation["prepared_dir"]),
             "--out", str(federation["tmp"] / "cli.json"), "--mode", "inprocess", "--json"]
     for adapter in federation["adapters"]:
         args += ["--site", str(adapter)]
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = run_omopfl(args)
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     names, mean, std, persons = _released_pooled(federation)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_omopfl
 
 from omopfl.federation.train import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS, run_training
 from omopfl.prepare import load_prepared
@@ -192,18 +193,13 @@ def test_fedavg_deployment_on_loopback(federation) -> None:
 
 
 def test_cli_train_simulate_writes_model_metrics_plot_and_report(federation, capsys) -> None:
-    from omopfl.cli import main
 
     run_dir = federation["tmp"] / "cli_run"
     args = ["train", "--simulate", "--study", str(federation["study"]), "--prepared", str(federation["prepared_dir"]),
             "--out", str(run_dir), "--rounds", "2", "--json"]
     for adapter in federation["adapters"]:
         args += ["--site", str(adapter)]
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = run_omopfl(args)
     assert code == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["training"]["rounds"] == 2

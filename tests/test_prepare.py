@@ -12,8 +12,8 @@ import pandas as pd
 import pydicom
 import pytest
 import sqlalchemy as sa
+from conftest import run_omopfl
 
-from omopfl.cli import main
 from omopfl.config import load_site
 from omopfl.db import bulk_insert, make_engine, qualified
 from omopfl.errors import DataError
@@ -178,12 +178,8 @@ def eunomia_adapter(request, database_factory, tmp_path_factory):
 
 
 def test_eunomia_study_prepares_with_defects_as_warnings(eunomia_adapter: Path, tmp_path: Path, capsys) -> None:
-    code = 0
-    try:
-        main(["prepare", "--site", str(eunomia_adapter), "--study", str(EUNOMIA_STUDY), "--out",
-              str(tmp_path / "prepared"), "--json"])
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = run_omopfl(["prepare", "--site", str(eunomia_adapter), "--study", str(EUNOMIA_STUDY), "--out",
+                      str(tmp_path / "prepared"), "--json"])
     out = capsys.readouterr().out
     assert code == 0
     manifest = json.loads(out)
@@ -201,11 +197,7 @@ def test_eunomia_study_prepares_with_defects_as_warnings(eunomia_adapter: Path, 
 def test_validate_command_prints_report_and_writes_nothing(eunomia_adapter: Path, tmp_path: Path, capsys,
                                                            monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    try:
-        main(["validate", "--site", str(eunomia_adapter), "--study", str(EUNOMIA_STUDY), "--json"])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = run_omopfl(["validate", "--site", str(eunomia_adapter), "--study", str(EUNOMIA_STUDY), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert report["fatal_count"] == 0 and report["warning_count"] > 0
@@ -218,11 +210,7 @@ def test_site_refuses_a_study_it_cannot_serve(duckdb_backend, tmp_path: Path, ca
     adapter = site.source.read_text()
     no_images = tmp_path / "synth" / "adapters" / "no_images.toml"
     no_images.write_text("\n".join(line for line in adapter.splitlines() if not line.startswith("image_root")))
-    try:
-        main(["prepare", "--site", str(no_images), "--study", str(T2DM_STUDY), "--out", str(tmp_path / "out")])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = run_omopfl(["prepare", "--site", str(no_images), "--study", str(T2DM_STUDY), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     os.environ.pop(env, None)
     assert code == 2 and err.count("\n") == 1

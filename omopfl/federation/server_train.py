@@ -57,6 +57,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 
 from omopfl.federation import codec
+from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
+from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
+from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
+from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
+from omopfl.federation.codec import TRAIN_METRICS as METRICS
 from omopfl.federation.server_app import Settings, federated_statistics, write_json
 
 __all__ = ["train_app", "federated_training", "run_rounds", "FastGrid", "TRAIN_CONFIG", "write_run_dir",
@@ -64,12 +69,6 @@ __all__ = ["train_app", "federated_training", "run_rounds", "FastGrid", "TRAIN_C
 
 _log = logging.getLogger("flwr.omopfl")
 
-ARRAYS = codec.TRAIN_ARRAYS
-METRICS = codec.TRAIN_METRICS
-CONFIG = codec.TRAIN_CONFIG
-EVALUATE = codec.TRAIN_EVALUATE
-WEIGHT_KEY = codec.WEIGHT_KEY
-EVALUATE_METRICS = codec.EVALUATE_METRICS
 CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_NPZ = "checkpoint.npz"
 _STRATEGY_STATE = ("m_t", "v_t")

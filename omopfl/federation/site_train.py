@@ -49,18 +49,17 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from omopfl.federation import codec
 from omopfl.federation.client_app import SCALER_FILE, SiteFailure, check_scaler, load_site_dataset
 from omopfl.federation.client_app import app as client_app
+from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
+from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
+from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
+from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
+from omopfl.federation.codec import TRAIN_METRICS as METRICS
 
 __all__ = ["client_app", "site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
            "EVALUATE_METRICS", "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY"]
 
 _log = logging.getLogger("flwr.omopfl")
 
-ARRAYS = codec.TRAIN_ARRAYS
-METRICS = codec.TRAIN_METRICS
-CONFIG = codec.TRAIN_CONFIG
-EVALUATE = codec.TRAIN_EVALUATE
-WEIGHT_KEY = codec.WEIGHT_KEY
-EVALUATE_METRICS = codec.EVALUATE_METRICS
 TRAIN_REPLY_KEYS: Mapping[str, frozenset[str]] = {
     METRICS: frozenset({WEIGHT_KEY, "loss"}),
     EVALUATE: frozenset({WEIGHT_KEY, *EVALUATE_METRICS}),
