@@ -161,15 +161,15 @@ def sites_audit(
     else:
         table = Table(title=f"what left site {site.name}" + (f" in run {run}" if run is not None else ""))
         for column in ("#", "time", "run", "study", "message", "round", "outcome", "bytes", "sha256", "released"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for e in entries:
             outcome = e.get("outcome", "")
             if e.get("code"):
                 outcome += f" {e['code']}"
             table.add_row(str(e.get("seq")), str(e.get("time", ""))[:19], str(e.get("run_id")),
-                          str(e.get("study_hash") or "")[:12], str(e.get("message_type")),
+                          str(e.get("study_hash") or "")[:8], str(e.get("message_type")),
                           "" if e.get("server_round") is None else str(e["server_round"]), outcome,
-                          str(e.get("bytes")), str(e.get("sha256", ""))[:12], _released(e))
+                          str(e.get("bytes")), str(e.get("sha256", ""))[:8], _released(e))
         console.print(table if entries else f"nothing has left site {site.name}" + (
             f" in run {run}" if run is not None else ""))
         console.print(f"{lines} line(s) in {path}; hash chain " + ("intact" if intact else "BROKEN"))
