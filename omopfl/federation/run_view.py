@@ -21,8 +21,9 @@ Site states (``sites[].state``)
     ``replied`` (its reply for the current exchange came), ``late`` (no reply yet, and twice as long
     as the slowest reply so far or half the round timeout has passed), ``dropped`` (no reply within the
     timeout, or an error: out of the run), ``withheld`` (released no statistics: fewer persons than its
-    ``min_cell_count``), ``refused`` (the site declined, with its fixed code in ``reason``), ``failed``
-    (an error code such as ``internal``), ``done`` (the run finished with it).
+    ``min_cell_count``; it keeps answering with zero weight, so it stays ``withheld``), ``refused``
+    (the site declined, with its fixed code in ``reason``), ``failed`` (an error code such as
+    ``internal``), ``done`` (the run finished with it).
 
 Endpoints
     ``GET /`` the page; ``/app.js``; ``/api/state`` (everything); ``/api/sites``; ``/api/rounds``;
@@ -104,6 +105,8 @@ class LiveState:
         site = self._site(name)
         if site["state"] in ("dropped", "refused", "failed") and state not in ("dropped", "refused", "failed"):
             return False  # out of the run: stays so
+        if site["state"] == "withheld" and state in ("connected", "training", "replied", "late", "done"):
+            return False  # it still answers, but contributes nothing (zero weight): it stays withheld
         changed = (site["state"], site["reason"]) != (state, reason)
         site["state"], site["reason"] = state, reason
         return changed
@@ -264,8 +267,8 @@ class LiveState:
         self.state["metrics"] = [dict(r) for r in rows]
         self._dropped(dropped)
         for name, site in self.state["sites"].items():
-            if site["state"] in ("connected", "training", "replied", "late", "withheld"):
-                self._set(name, "done", site["reason"] if site["state"] == "withheld" else "")
+            if site["state"] in ("connected", "training", "replied", "late"):
+                self._set(name, "done")
         self.state["phase"] = "done"
         self._write(force=True)
 
