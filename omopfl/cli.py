@@ -34,7 +34,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-sites_app = typer.Typer(help="Inspect site adapters and their CDM databases.", no_args_is_help=True)
+sites_app = typer.Typer(help="A site's own business: check its CDM, approve studies, see what left it.",
+                        no_args_is_help=True)
 app.add_typer(sites_app, name="sites")
 cohort_app = typer.Typer(help="Build OHDSI cohorts inside a site's database and look at them.", no_args_is_help=True)
 app.add_typer(cohort_app, name="cohort")
@@ -613,7 +614,15 @@ def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, *, roo
     if not (prepared / config.name).is_dir():
         raise ConfigError(f"{prepared / config.name}: no prepared dataset for site {config.name}: "
                           f"run omopfl prepare --site {sites[0]} first")
-    console.print(f"serving site {config.name} to SuperLink {superlink} (Ctrl-C to stop)")
+    from omopfl import policy
+
+    active = [e for e in policy.approved_studies(config) if e.active]
+    if not active:
+        console.print(f"[yellow]site {config.name} has approved no study: every message will be refused "
+                      f"(omopfl sites approve {sites[0]} STUDY.toml)")
+    console.print(f"serving site {config.name} to SuperLink {superlink} (Ctrl-C to stop); approved: "
+                  + (", ".join(f"{e.name} {e.hash[:12]}" for e in active) or "none")
+                  + f"; audit log: omopfl sites audit {sites[0]}")
     auth = (keys[0], keys[1]) if keys[0] is not None else None
     serve_site(sites[0], superlink, prepared, root_certificates=root_certificates, insecure=insecure,
                auth_keys=auth, runtime_port=runtime_port, poll_seconds=None if stock_polling else 0.1,
@@ -779,14 +788,21 @@ def demo(
         prepared[site.name] = {"folder": str(folder), "persons": manifest["persons"],
                                "features": len(manifest["feature_names"]),
                                "validation": {k: levels[k] for k in ("fatal_count", "warning_count")}}
-    console.rule("5. federated statistics (Flower ServerApp/ClientApp, in process)")
+    console.rule(f"5. each site's data engineer approves study {spec.name} (omopfl sites approve)")
+    from omopfl import policy
+
+    for path in [adapters / f"{s.site}.toml" for s in summaries]:
+        site = load_site(path)
+        entry = policy.approve(site, spec)
+        console.print(f"{site.name}: approved {entry.hash[:12]} in {policy.state_dir(site)}")
+    console.rule("6. federated statistics (Flower ServerApp/ClientApp, in process)")
     _quiet_flower()
     from omopfl.federation.runner import run_stats
 
     stats_result = run_stats(study, [adapters / f"{s.site}.toml" for s in summaries], out / "prepared",
                              mode="inprocess", out=out / "stats.json")
     _print_stats(stats_result)
-    console.rule(f"6. federated training ({spec.training.strategy}, {spec.training.rounds} rounds, in process)")
+    console.rule(f"7. federated training ({spec.training.strategy}, {spec.training.rounds} rounds, in process)")
     from omopfl.federation.train import run_training
     from omopfl.report import plot_metrics, write_report
 
@@ -822,6 +838,12 @@ def examples(
     for path in studies:
         console.print(f"study {path}")
     console.print(f"examples/ and cohorts/ written to {out}")
+
+
+# ---------------------------------------------------------------- a site's approvals and audit log
+from omopfl.cli_site import register as _register_site_commands  # noqa: E402
+
+_register_site_commands(sites_app)
 
 
 # ---------------------------------------------------------------- entry point

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from omopfl.errors import ConfigError
+from omopfl.policy import SitePolicy, parse_policy
 
 __all__ = ["SiteConfig", "load_site", "IDENTIFIER_RE", "check_identifier"]
 
@@ -66,6 +67,7 @@ class SiteConfig:
     omics_root: Path | None = None
     duckdb_path: Path | None = None
     source: Path | None = field(default=None, compare=False)
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     def database_url(self) -> str:
         """Return the database URL: an embedded DuckDB file, or the URL in the env var the adapter names."""
@@ -180,6 +182,7 @@ def load_site(path: str | Path) -> SiteConfig:
     known = {"site": {"name", "min_cell_count"},
              "database": {"url_env", "duckdb_path", "cdm_schema", "vocabulary_schema", "results_schema"},
              "files": {"image_root", "omics_root"}}
+    policy = parse_policy(data.get("policy"), path, name)
     for section, keys in known.items():
         for key in _section(data, section, path, required=False):
             if key not in keys:
@@ -196,4 +199,5 @@ def load_site(path: str | Path) -> SiteConfig:
         image_root=image_root,
         omics_root=omics_root,
         source=path,
+        policy=policy,
     )

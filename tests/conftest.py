@@ -123,7 +123,8 @@ def _three_prepared_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_sites_factory(_three_prepared_sites: Path, tmp_path_factory: pytest.TempPathFactory):
-    """``make(tag)``: a private copy of the three prepared sites (runs write scalers into them).
+    """``make(tag)``: a private copy of the three prepared sites (runs write scalers into them), each of
+    which has approved the study (``approve=False``: none has).
 
     Returns ``{"tmp", "study", "study_hash", "prepared_dir", "adapters"}``.
     """
@@ -131,11 +132,18 @@ def prepared_sites_factory(_three_prepared_sites: Path, tmp_path_factory: pytest
 
     from omopfl.study import load_study
 
-    def make(tag: str) -> dict:
+    def make(tag: str, *, approve: bool = True) -> dict:
+        from omopfl import policy
+        from omopfl.config import load_site
+
         tmp = tmp_path_factory.mktemp(tag)
         for item in ("study.toml", "synth", "prepared"):
             source = _three_prepared_sites / item
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp / item)
+        if approve:  # each site's data engineer approved the study (omopfl sites approve)
+            spec = load_study(tmp / "study.toml")
+            for name in FEDERATION_SITES:
+                policy.approve(load_site(tmp / "synth" / "adapters" / f"{name}.toml"), spec)
         return {"tmp": tmp, "study": tmp / "study.toml", "study_hash": load_study(tmp / "study.toml").hash,
                 "prepared_dir": tmp / "prepared",
                 "adapters": [tmp / "synth" / "adapters" / f"{name}.toml" for name in FEDERATION_SITES]}

@@ -62,6 +62,12 @@ def test_services_and_healthcheck() -> None:
         assert command[command.index("--superlink") + 1] == "server:9092"
         assert services[name]["depends_on"]["server"]["condition"] == "service_healthy"
         assert services[name]["restart"].startswith("on-failure")
+        # the site serves only a study its data engineer approved first
+        approve = services[name.replace("supernode-", "approve-")]
+        assert approve["command"][:3] == ["omopfl", "sites", "approve"]
+        assert approve["command"][3] == command[command.index("--site") + 1]
+        assert services[name]["depends_on"][name.replace("supernode-", "approve-")]["condition"] == \
+            "service_completed_successfully"
     # no secret written in the file: the password comes from the environment
     text = (ROOT / "docker-compose.yml").read_text()
     assert "${OMOPFL_PG_PASSWORD:?" in text
@@ -82,8 +88,9 @@ def test_every_omopfl_command_and_option_exists() -> None:
                 if token.startswith("--"):
                     assert token in known, f"{path.name} service {name}: omopfl {leaf.name} has no option {token}"
             checked[path.name] += 1
-    # synth, three prepare, the server, three SuperNodes; the coordinator's server; a site's prepare + SuperNode
-    assert checked == {"docker-compose.yml": 8, "compose.coordinator.yml": 1, "compose.site.yml": 2}
+    # synth, three approve, three prepare, the server, three SuperNodes; the coordinator's server;
+    # a site's approve, prepare and SuperNode
+    assert checked == {"docker-compose.yml": 11, "compose.coordinator.yml": 1, "compose.site.yml": 3}
 
 
 def test_every_service_runs_an_omopfl_command_or_postgres() -> None:
@@ -134,7 +141,9 @@ def test_the_multi_host_example_uses_tls_and_supernode_authentication() -> None:
     assert "--insecure" not in node
     assert node[node.index("--root-certificates") + 1] == "/run/secrets/ca.pem"
     assert node[node.index("--auth-private-key") + 1] == "/run/secrets/site_key"
-    assert site["services"]["supernode"]["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
+    for step in ("approve", "prepare"):
+        assert site["services"]["supernode"]["depends_on"][step]["condition"] == "service_completed_successfully"
+    assert site["services"]["approve"]["command"][:4] == ["omopfl", "sites", "approve", "/site/adapter.toml"]
     # secrets come from files and the environment, never written in the compose files
     for path in COMPOSE_FILES:
         text = path.read_text()

@@ -5,7 +5,8 @@
 * the HTTP server binds 127.0.0.1, refuses other Host headers and every method but GET/HEAD, and serves
   only the run directory's own regular files;
 * during a real loopback deployment (``omopfl server --view`` and three ``omopfl train --site``
-  SuperNodes, one of them withholding under its own min_cell_count) the JSON endpoints show the sites,
+  SuperNodes: one withholding under its own min_cell_count, one refusing a study its data engineer did
+  not approve) the JSON endpoints show the sites,
   the rounds and the metrics as they happen, and a headless Chromium (Debian's, driven by playwright)
   renders them while the run goes on; ``omopfl view`` shows the finished run.
 
@@ -225,9 +226,15 @@ def _wait_for_view(url: str, proc: subprocess.Popen, started: _Processes, name: 
 
 @pytest.mark.slow
 def test_the_view_follows_a_loopback_deployment_live(prepared_sites_factory, browser, tmp_path: Path) -> None:
-    federation = prepared_sites_factory("run_view")
-    adapter_c = federation["adapters"][2]  # site_c's own rule: more persons than it has -> it withholds
-    adapter_c.write_text(adapter_c.read_text().replace("min_cell_count = 10", "min_cell_count = 100000"))
+    from omopfl import policy
+    from omopfl.config import load_site
+    from omopfl.study import load_study
+
+    federation = prepared_sites_factory("run_view", approve=False)
+    adapter_b = federation["adapters"][1]  # site_b's own rule: more persons than it has -> it withholds
+    adapter_b.write_text(adapter_b.read_text().replace("min_cell_count = 10", "min_cell_count = 100000"))
+    for adapter in federation["adapters"][:2]:  # site_c's data engineer has not approved the study
+        policy.approve(load_site(adapter), load_study(federation["study"]))
     rounds = 5
     port, view_port = free_port(), free_port()
     url = f"http://127.0.0.1:{view_port}/"
@@ -279,24 +286,26 @@ def test_the_view_follows_a_loopback_deployment_live(prepared_sites_factory, bro
     lengths = [s["metrics"] for s in snapshots]
     assert lengths == sorted(lengths) and len({n for n in lengths if 0 < n < rounds}) >= 2, lengths
     during = [s for s in snapshots if 0 < s["metrics"] < rounds]
-    assert all(s["states"]["site_c"] == "withheld" for s in during)
+    assert all(s["states"]["site_b"] == "withheld" and s["states"]["site_c"] == "refused" for s in during)
     assert any(s["states"].get("site_a") in ("training", "replied", "late") for s in during)
     assert any(s["phase"] == "training" and s["round"] >= 2 for s in snapshots)
     # the page rendered the live state
     assert rendered["before"] in ("starting", "waiting", "statistics")
-    assert rendered["mid"]["rows"] >= 1 and rendered["mid"]["sites"]["site_c"] == "withheld"
+    assert rendered["mid"]["rows"] >= 1 and rendered["mid"]["sites"]["site_b"] == "withheld"
+    assert rendered["mid"]["sites"]["site_c"] == "refused"
     assert rendered["mid"]["sites"]["site_a"] in ("training", "replied", "late", "connected")
 
     # the state file agrees with the run directory; per-site timings for every round; nothing else per site
     state = json.loads((run_dir / LIVE_FILE).read_text())
-    assert state["phase"] == "done" and state["round"] == rounds and state["withheld"] == ["site_c"]
+    assert state["phase"] == "done" and state["round"] == rounds and state["withheld"] == ["site_b"]
+    assert state["refused"] == [{"site": "site_c", "code": "study_not_approved", "phase": "statistics"}]
     assert state["metrics"] == json.loads((run_dir / "metrics.json").read_text())["rounds"]
     sites = {s["site"]: s for s in state["sites"]}
     assert set(sites) == {"site_a", "site_b", "site_c"} and all(set(s) == SITE_KEYS for s in sites.values())
     assert {str(r) for r in range(1, rounds + 1)} <= set(sites["site_a"]["reply_seconds"])
     assert LIVE_FILE not in json.loads((run_dir / "manifest.json").read_text())["files"]
 
-    # `omopfl view` shows the finished run: every round plotted, the withheld site, links to the files
+    # `omopfl view` shows the finished run: every round plotted, the withheld and refused sites, the files
     viewer = started.start("view", ["view", str(run_dir), "--port", str(view_port)])
     try:
         _wait_for_view(url, viewer, started, "view", seconds=60)
@@ -305,7 +314,8 @@ def test_the_view_follows_a_loopback_deployment_live(prepared_sites_factory, bro
         page.wait_for_function("() => document.body.dataset.phase === 'done'", timeout=15000)
         assert page.locator("#plot circle.loss").count() == rounds
         assert page.locator("#plot circle.auc").count() == rounds
-        assert "site_c withheld its statistics" in page.inner_text("#faults")
+        faults = page.inner_text("#faults")
+        assert "site_b withheld its statistics" in faults and "site_c refused (study_not_approved)" in faults
         links = {a.inner_text(): a.get_attribute("href") for a in page.locator("#files a").all()}
         assert {"model.npz", "metrics.csv", "metrics.png", "report.md", "manifest.json"} <= set(links)
         assert _get(url.rstrip("/") + links["metrics.csv"]) == (run_dir / "metrics.csv").read_bytes()

@@ -182,7 +182,17 @@ class LiveState:
             key = str(self.state["round"]) + ("e" if self.state["phase"] == "evaluating" else "")
             site["reply_seconds"][key] = round(float(seconds), 3)
         if message.metadata.message_type not in _STATS_TYPES and not message.has_error():
-            self._set(name, "replied")
+            from omopfl.federation import codec
+
+            refusal = codec.reply_refusal(message.content)
+            if refusal is None:
+                self._set(name, "replied")
+            elif refusal[1] in FAULT_CODES:
+                self._set(name, "failed", refusal[1])
+            else:  # the site's trust boundary said no, with a fixed code
+                self._set(name, "refused", refusal[1])
+                self.state["refused"].append({"site": name, "code": refusal[1],
+                                              "phase": f"round {self.state['round']}"})
         self._write(force=True)
 
     @_safe
@@ -260,6 +270,8 @@ class LiveState:
     def _dropped(self, dropped: Iterable[Mapping[str, Any]]) -> None:
         self.state["dropped"] = [dict(d) for d in dropped]
         for entry in self.state["dropped"]:
+            if self._site(str(entry["site"]))["state"] in ("refused", "failed"):
+                continue  # dropped for its refusal or error: the state says why
             self._set(str(entry["site"]), "dropped", f"round {entry.get('round')}: {entry.get('reason', '')}")
 
     @_safe

@@ -103,7 +103,7 @@ def training_pyproject() -> str:
         name="omopfl-train",
         description="omopfl federated training (stats, global scaler, FedAvg/FedProx/FedAdam)",
         serverapp="omopfl.federation.server_train:train_app",
-        clientapp="omopfl.federation.site_train:client_app",
+        clientapp="omopfl.federation.site_app:app",
         config={**APP_CONFIG, **TRAIN_CONFIG},
     )
 

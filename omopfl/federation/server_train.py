@@ -208,13 +208,7 @@ class FastGrid:
         self.bytes_received += sum(_content_bytes(m) for m in replies)
         if self.audit is not None:
             for reply in replies:
-                entry: dict[str, Any] = {"node": reply.metadata.src_node_id,
-                                         "message_type": reply.metadata.message_type or "/".join(sorted(types))}
-                if reply.has_error():
-                    entry["flower_error_code"] = int(reply.error.code)
-                else:
-                    entry["content"] = codec.to_plain(reply.content)
-                self.audit.append(entry)
+                self.audit.append(codec.audit_entry(reply, "/".join(sorted(types))))
         return replies
 
 
@@ -376,8 +370,8 @@ def _drop(sites: dict[str, int], dropped: list[dict[str, Any]], node: int, serve
     name = next((s for s, n in sites.items() if n == node), f"node {node}")
     sites.pop(name, None)
     dropped.append({"site": name, "round": server_round, "reason": reason})
-    _log.warning("omopfl: site %s dropped in round %d: %s; going on with %d site(s)", name, server_round, reason,
-                 len(sites))
+    _log.warning("omopfl: %s: %s; site %s dropped in round %d, going on with %d site(s)", name, reason, name,
+                 server_round, len(sites))
 
 
 def _exchange(grid: FastGrid, messages: list[Message], sites: dict[str, int], dropped: list[dict[str, Any]],
@@ -385,12 +379,17 @@ def _exchange(grid: FastGrid, messages: list[Message], sites: dict[str, int], dr
     """Send, collect within ``timeout``, drop the sites that did not answer well; the good replies."""
     targets = {m.metadata.dst_node_id for m in messages}
     replies = grid.send_and_receive(messages, timeout=timeout)
-    good = [r for r in replies if not r.has_error()]
+    good = []
     answered = {r.metadata.src_node_id for r in replies}
     for reply in replies:
         if reply.has_error():
             _drop(sites, dropped, reply.metadata.src_node_id, server_round,
                   f"error reply (Flower error code {int(reply.error.code)})")
+        elif (refusal := codec.reply_refusal(reply.content)) is not None:
+            _drop(sites, dropped, reply.metadata.src_node_id, server_round,
+                  f"{codec.ERROR_TEXT.get(refusal[1], refusal[1])} ({refusal[1]})")
+        else:
+            good.append(reply)
     for node in sorted(targets - answered):
         _drop(sites, dropped, node, server_round, f"no {what} reply within {timeout:.0f} s")
     grid.nodes = list(sites.values())
@@ -606,6 +605,7 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
         for name in (CHECKPOINT_JSON, CHECKPOINT_NPZ):
             (run_dir / name).unlink(missing_ok=True)
     shared = {key: config[key] for key in ("model-kind", "model-hidden", "model-dropout", "test-fraction", "seed")}
+    shared[codec.STUDY_HASH_KEY] = settings.study_hash  # each site serves only the study it approved
     plan = RoundPlan(
         num_rounds=num_rounds,
         train_config={**shared, "local-epochs": int(config["local-epochs"]), "batch-size": int(config["batch-size"]),

@@ -1,8 +1,9 @@
 """The site's Flower ClientApp handlers for training: ``train`` and ``evaluate``.
 
-They are registered on the statistics ClientApp (:data:`omopfl.federation.client_app.app`), so one
-SuperNode app answers ``query.stats``, ``query.scaler``, ``train`` and ``evaluate``; the app's
-component is ``omopfl.federation.site_train:client_app``.
+They run behind the site's trust boundary (:mod:`omopfl.federation.site_app`, the app's component
+``omopfl.federation.site_app:app``), which has checked the study and the message and replaced the
+message's config with the approved study's settings before they are called, and which audits and
+sends the reply.
 
 What a site does
     Loads its prepared dataset (node config ``site-config``, ``prepared-dir``) and the global scaler
@@ -44,18 +45,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
 from omopfl.federation import codec
 from omopfl.federation.client_app import SCALER_FILE, SiteFailure, check_scaler, load_site_dataset
-from omopfl.federation.client_app import app as client_app
 from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
 from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
 from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
 from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
 from omopfl.federation.codec import TRAIN_METRICS as METRICS
 
-__all__ = ["client_app", "site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
+__all__ = ["site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
            "EVALUATE_METRICS", "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY"]
 
 _log = logging.getLogger("flwr.omopfl")
@@ -197,13 +197,6 @@ def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
 HANDLERS = {"train": site_train, "evaluate": site_evaluate}
 
 
-def error_code(exc: BaseException) -> str:
-    """The fixed code a failure is reported with (never its text: it may echo data)."""
-    if isinstance(exc, SiteFailure):
-        return SiteFailure(exc.code).code
-    return "bad_request" if isinstance(exc, codec.CodecError) else "internal"
-
-
 def handle(message_type: str, content: RecordDict, context: Context) -> RecordDict:
     """Run the handler of ``message_type`` here, or in the node's long-lived worker if it has one."""
     socket_path = context.node_config.get("worker-socket")
@@ -215,24 +208,3 @@ def handle(message_type: str, content: RecordDict, context: Context) -> RecordDi
         except worker.WorkerUnavailable:
             _log.warning("omopfl: the site worker is not reachable; running %s in this process", message_type)
     return HANDLERS[message_type](content, context)
-
-
-def _guarded(message: Message, context: Context) -> Message:
-    message_type = message.metadata.message_type
-    try:
-        content = handle(message_type, message.content, context)
-    except Exception as exc:  # the text may echo data: only a fixed code leaves the site
-        code = error_code(exc)
-        _log.error("omopfl %s failed: %s (%s)", message_type, code, type(exc).__name__)
-        raise RuntimeError(f"omopfl site error: {code}") from None
-    return Message(content, reply_to=message)
-
-
-@client_app.train()
-def _train(message: Message, context: Context) -> Message:
-    return _guarded(message, context)
-
-
-@client_app.evaluate()
-def _evaluate(message: Message, context: Context) -> Message:
-    return _guarded(message, context)
