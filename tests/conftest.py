@@ -94,6 +94,10 @@ def database_factory(tmp_path_factory: pytest.TempPathFactory):
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDERATION_SITES = ("site_a", "site_b", "site_c")
+TEST_MIN_CELL_COUNT = 2
+"""min_cell_count of the three shared test sites: their test splits hold 9 or fewer outcomes, so with the
+default 10 the release rule (every confusion-matrix cell >= k) would withhold every evaluation.  The rule
+itself is tested with k = 10 (tests/test_disclosure.py, tests/test_stats.py)."""
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +115,10 @@ def _three_prepared_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     study = load_study(base / "study.toml")
     run_synth(base / "synth", n_sites=3, persons=[1200, 800, 450], seed=11, image_share=0.0, omics_share=0.0,
               progress=False)
+    for name in FEDERATION_SITES:  # small test sites: k = TEST_MIN_CELL_COUNT so evaluations can leave them
+        adapter = base / "synth" / "adapters" / f"{name}.toml"
+        adapter.write_text(adapter.read_text().replace("min_cell_count = 10",
+                                                       f"min_cell_count = {TEST_MIN_CELL_COUNT}"))
     for name in FEDERATION_SITES:
         site = load_site(base / "synth" / "adapters" / f"{name}.toml")
         engine = make_engine(site.database_url())

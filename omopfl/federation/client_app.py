@@ -31,8 +31,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Context, RecordDict
@@ -70,6 +71,10 @@ def error_code(exc: BaseException) -> str:
         return "config"
     if isinstance(exc, DataError):
         return "not_prepared"
+    from omopfl.release import ReleaseViolation
+
+    if isinstance(exc, ReleaseViolation):
+        return "release_rule"
     return "internal"
 
 
@@ -85,6 +90,8 @@ def site_statistics(
     *,
     site: str | None = None,
     rng: np.random.Generator | None = None,
+    groups: dict[str, list[str]] | None = None,
+    counts: tuple[str, ...] | list[str] = (),
 ) -> RecordDict:
     """The whole stats reply of a site, exactly as it goes on the wire.
 
@@ -101,6 +108,8 @@ def site_statistics(
         The site's name from its adapter (default: the name the dataset was prepared under).
     rng:
         Noise source for ``dp`` (default: ``numpy.random.default_rng()``, seeded from OS entropy).
+    groups, counts:
+        The study's one-hot groups and count features (:func:`omopfl.release.moments`).
 
     Returns
     -------
@@ -109,11 +118,11 @@ def site_statistics(
         are withheld is decided on the true counts (the minimum-cell-count rule is about persons,
         not about noisy numbers); with ``dp`` only the released numbers are noisy.
     """
-    from omopfl.stats import Moments, Released, binary_columns, noisy_moments, suppress
+    from omopfl import release
+    from omopfl.stats import Released, noisy_moments
 
     names = list(prepared.feature_names)
-    exact = Moments.from_array(prepared.x, names, persons=prepared.n)
-    released = suppress(exact, min_cell_count, binary=binary_columns(prepared.x))
+    released = release.moments(prepared.x, names, prepared.n, min_cell_count, groups=groups, counts=counts)
     dp_info = None
     if dp is not None:
         try:
@@ -175,14 +184,18 @@ def _write_scaler(folder: Path, global_scaler: codec.GlobalScaler) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def stats_reply(content: RecordDict, context: Context, site: SiteConfig) -> RecordDict:
-    """The site's released moments for a ``query.stats`` message (or withheld)."""
+def stats_reply(content: RecordDict, context: Context, site: SiteConfig,
+                study: Mapping[str, Any] | None = None) -> RecordDict:
+    """The site's released moments for a ``query.stats`` message (or withheld); ``study`` is the approved
+    study's summary (its one-hot groups and count features, :func:`omopfl.policy.study_summary`)."""
     request = codec.decode_stats_request(content)
     _site_config, prepared = load_site_dataset(dict(context.node_config))
     study_hash = prepared.manifest.get("study_hash", "")
     if request.study_hash != study_hash:
         raise SiteFailure("study_mismatch")
-    return site_statistics(prepared, site.min_cell_count, request.dp, site=site.name)
+    study = study or {}
+    return site_statistics(prepared, site.min_cell_count, request.dp, site=site.name,
+                           groups=dict(study.get("categories", {})), counts=list(study.get("count_features", [])))
 
 
 def scaler_reply(content: RecordDict, context: Context, site: SiteConfig) -> RecordDict:

@@ -96,6 +96,7 @@ ERROR_CODES = frozenset({
     "foreign_app",         # the app's components are not omopfl's own
     "code_in_bundle",      # the app bundle holds more than its pyproject.toml
     "not_allowed",         # a message type omopfl's site app does not serve
+    "release_rule",        # the reply would break the site's release rule (omopfl.release)
 })
 """Fixed error codes a site may send; nothing else about an error leaves a site."""
 
@@ -105,7 +106,7 @@ ERROR_TEXT: Mapping[str, str] = {
     "foreign_app": "app is not omopfl's", "code_in_bundle": "app bundle holds code", "not_allowed": "message refused",
     "study_mismatch": "prepared for another study", "not_prepared": "not prepared", "config": "site misconfigured",
     "feature_mismatch": "features differ", "bad_request": "malformed message", "dp_bounds": "DP bounds missing",
-    "internal": "internal error",
+    "internal": "internal error", "release_rule": "withheld by the release rule",
 }
 """What the coordinator's log says for each code."""
 

@@ -10,7 +10,8 @@
                                         rounds within the study's and the policy's limit; model kind,
                                         metrics and DP as the site's policy allows)
             ─▶ omopfl's own handler, given the approved study's settings (never the message's)
-            ─▶ the release rule (inside the handlers: nothing over fewer than min_cell_count persons)
+            ─▶ the release rule (omopfl.release: applied by the handlers, then checked on the reply as it
+                                 would leave by release.check_reply; a violation sends a fixed code)
             ─▶ audit log (omopfl.audit: appended before the reply leaves; if it cannot be written,
                           nothing but a fixed code leaves)
             ─▶ reply (or a refusal: a fixed code, nothing else)
@@ -37,7 +38,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from omopfl import audit, policy
+from omopfl import audit, policy, release
 from omopfl.config import SiteConfig, load_site
 from omopfl.federation import codec
 from omopfl.federation.client_app import SiteFailure, error_code, scaler_reply, stats_reply
@@ -133,9 +134,10 @@ def _prepared_study_hash(context: Context, site: SiteConfig) -> str:
         raise SiteFailure("not_prepared") from None
 
 
-def _sent_rounds(site: SiteConfig, run_id: int) -> int:
+def _sent(site: SiteConfig, run_id: int, message_type: str) -> int:
+    """Replies of this type the site already sent in this run (from its audit log)."""
     return sum(1 for e in audit.read(audit_path(site), run_id=run_id)
-               if e.get("message_type") == "train" and e.get("outcome") == "sent")
+               if e.get("message_type") == message_type and e.get("outcome") == "sent")
 
 
 def _admit_training(message_type: str, content: RecordDict, context: Context, site: SiteConfig,
@@ -161,10 +163,12 @@ def _admit_training(message_type: str, content: RecordDict, context: Context, si
     if not isinstance(evaluate_received, bool):
         raise codec.CodecError("config key 'evaluate-received' must be a bool")
     if message_type == "train":
-        if server_round > limit or _sent_rounds(site, run_id) >= limit:
+        if server_round > limit or _sent(site, run_id, "train") >= limit:
             raise Refusal("round_limit")
     elif not rules.release_metrics:
         raise Refusal("policy")
+    elif server_round > limit or _sent(site, run_id, "evaluate") >= limit:  # bounded repeated evaluations
+        raise Refusal("round_limit")
     effective = {key: value for key, value in settings.items() if key != "rounds"}
     effective.update({"server-round": server_round, codec.STUDY_HASH_KEY: approved.hash,
                       "evaluate-received": bool(evaluate_received and rules.release_metrics)})
@@ -194,7 +198,7 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
         raise SiteFailure("study_mismatch")
     if message_type == "query.stats":
         _admit_stats(content, site)
-        return stats_reply(content, context, site)
+        return stats_reply(content, context, site, approved.summary)
     if message_type == "query.scaler":
         return scaler_reply(content, context, site)
     from omopfl.federation import site_train
@@ -288,6 +292,8 @@ def serve(message: Message, context: Context) -> Message:
         except codec.CodecError:
             study_hash = ""
         reply = _handle(message_type, message.content, context, site, int(message.metadata.run_id))
+        release.check_reply(message_type, {name: dict(record) for name, record in reply.items()
+                                           if not isinstance(record, ArrayRecord)}, site.min_cell_count)
     except Exception as exc:  # every failure is a fixed code; the text may echo data and stays here
         code = error_code(exc)
         _log.warning("omopfl site %s: %s -> %s (%s)", site.name if site else "?", message_type, code,

@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
 from omopfl.federation import codec
@@ -146,17 +147,26 @@ def _model(spec: Any, tensors: Any, content: RecordDict) -> Any:
 
 
 def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int) -> MetricRecord:
-    """Test metrics, or only ``num-examples`` = 0 when the test rows are fewer than ``min_cell_count``."""
-    from omopfl.models import evaluate
+    """Test metrics under the release rule (:func:`omopfl.release.evaluation`: every confusion-matrix cell
+    at least ``min_cell_count``), or only ``num-examples`` = 0 (withheld)."""
+    import torch
 
-    if test_idx.size < min_cell_count:
+    from omopfl import release
+    from omopfl.models import predict_proba
+
+    if test_idx.size < 4 * min_cell_count:  # four cells of k persons cannot fit
         return MetricRecord({WEIGHT_KEY: 0})
-    result = evaluate(model, tensors, test_idx)
+    prob = predict_proba(model, tensors, test_idx)
+    y = tensors.y.index_select(0, torch.as_tensor(test_idx)).double().numpy()
+    clipped = np.clip(prob, 1e-12, 1 - 1e-12)
+    loss = float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))
+    result = release.evaluation(y, prob, loss, min_cell_count)
+    if result is None:
+        return MetricRecord({WEIGHT_KEY: 0})
     metrics: dict[str, Any] = {WEIGHT_KEY: int(test_idx.size)}
     for key in EVALUATE_METRICS:
-        value = float(result.get(key, math.nan))
-        if math.isfinite(value):
-            metrics[key] = value
+        if key in result:
+            metrics[key] = float(result[key])
     return MetricRecord(metrics)
 
 
@@ -171,7 +181,10 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
     reply: dict[str, Any] = {}
     if _cfg(config, "evaluate-received", bool, False):
         reply[EVALUATE] = _evaluation(model, tensors, test_idx, min_cell_count)
-    if train_idx.size < min_cell_count:  # nothing learnt from so few persons leaves: the weights go back as received
+    from omopfl import release
+
+    if not release.may_train(int(train_idx.size), int(test_idx.size), min_cell_count):
+        # nothing learnt from so few persons leaves (nor a count whose complement is small): weights as received
         return RecordDict({ARRAYS: content.array_records[ARRAYS], METRICS: MetricRecord({WEIGHT_KEY: 0}), **reply})
     mu = float(_cfg(config, "proximal-mu", (int, float), 0.0))
     server_round = int(_cfg(config, "server-round", int, 1))
