@@ -135,7 +135,8 @@ def _site_truth(federation: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray
 def _ask(federation: dict[str, Any], message_type: str, weight: np.ndarray, bias: float, run_id: int,
          **config: Any) -> RecordDict:
     content = RecordDict({
-        "arrays": ArrayRecord({"linear.weight": _array(weight.reshape(1, -1)), "linear.bias": _array(np.array([bias]))}),
+        "arrays": ArrayRecord({"linear.weight": _array(weight.reshape(1, -1)),
+                               "linear.bias": _array(np.array([bias]))}),
         "config": ConfigRecord({"server-round": 1, "study-hash": federation["study_hash"], **config}),
     })
     context = Context(run_id=run_id, node_id=1, node_config={"site-config": str(federation["adapters"][0]),
@@ -190,7 +191,7 @@ def test_crafted_models_never_release_a_small_confusion_cell(probed) -> None:
         released += 1
         assert min(cells) >= PROBE_K, cells  # no released number implies a small cell
         assert metrics["num-examples"] == sum(cells)
-        tp, fp, fn, tn = cells
+        tp, _fp, _fn, tn = cells
         assert metrics["accuracy"] == pytest.approx((tp + tn) / sum(cells), abs=1e-4)
     assert withheld >= 2 and released >= 1  # constant and few-person models withheld; others released
     entries = {e["sha256"]: e for e in audit.read(site_app.audit_path(load_site(probed["adapters"][0])))}
