@@ -114,6 +114,7 @@ class TrainingSpec:
     min_sites: int = 2
     test_fraction: float = 0.25
     seed: int = 0
+    threshold: float = 0.5  # operating threshold of the released accuracy/F1/kappa (and the release rule's cells)
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ def load_study(path: str | Path) -> StudyConfig:
 
     t = r.table(data, "training")
     r.keys(t, "training", {"rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "proximal_mu",
-                           "min_sites", "test_fraction", "seed"})
+                           "min_sites", "test_fraction", "seed", "threshold"})
     strategy = r.get(t, "training", "strategy", str, "fedavg")
     if strategy not in STRATEGIES:
         raise r.fail("[training] strategy", f"must be one of {', '.join(STRATEGIES)}")
@@ -359,7 +360,10 @@ def load_study(path: str | Path) -> StudyConfig:
         strategy, float(r.get(t, "training", "proximal_mu", (int, float), 0.0)),
         r.get(t, "training", "min_sites", int, 2), float(r.get(t, "training", "test_fraction", (int, float), 0.25)),
         r.get(t, "training", "seed", int, 0),
+        float(r.get(t, "training", "threshold", (int, float), 0.5)),
     )
+    if not 0.0 < training.threshold < 1.0:
+        raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
     return StudyConfig(
         name=name, description=str(study.get("description", "")), target_cohort=target, outcome_cohort=outcome,
         time_at_risk=(tar[0], tar[1]), demographics=tuple(demographics), concept_sets=tuple(concept_sets),

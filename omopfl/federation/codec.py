@@ -586,6 +586,7 @@ def training_settings(study: Any) -> dict[str, Any]:
         "batch-size": int(training.batch_size), "learning-rate": float(training.learning_rate),
         "proximal-mu": float(training.proximal_mu) if training.strategy == "fedprox" else 0.0,
         "test-fraction": float(training.test_fraction), "seed": int(training.seed),
+        "threshold": float(getattr(training, "threshold", 0.5)),
     }
 
 
