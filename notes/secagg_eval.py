@@ -79,13 +79,13 @@ fed = jdec.decrypt_numpy_array(summed, cts[0][1])
 el = time.perf_counter() - t
 err = np.abs(fed - np.sum(small, axis=0)).max()
 print(f"declearn Joye-Libert: 3 x 50 values, max abs err {err:.3g}, {el:.2f} s "
-      f"({1000 * t_enc / (N_SITES * 50):.1f} ms per value encrypted); ciphertext {2 * DEFAULT_BIPRIME.bit_length()} bits"
-      " per value")
+      f"({1000 * t_enc / (N_SITES * 50):.1f} ms per value encrypted); "
+      f"ciphertext {2 * DEFAULT_BIPRIME.bit_length()} bits per value")
 
 # --- fedbiomed 6.4.1: LOM (ChaCha20 PRF masks mod 2^64, ECDH P-256 pair secrets) -------------------
+from fedbiomed.common.constants import SAParameters  # noqa: E402
 from fedbiomed.common.secagg import SecaggLomCrypter  # noqa: E402
 from fedbiomed.common.secagg._dh import DHKey, DHKeyAgreement  # noqa: E402
-from fedbiomed.common.constants import SAParameters  # noqa: E402
 
 ids = [f"node{i}" for i in range(N_SITES)]
 dh = {i: DHKey() for i in ids}
@@ -96,7 +96,8 @@ for clip, target, label in [(SAParameters.CLIPPING_RANGE, SAParameters.TARGET_RA
     t = time.perf_counter()
     crypter = SecaggLomCrypter(nonce="round-1")
     masked = [crypter.encrypt(current_round=1, node_id=i, params=[float(v) for v in x], pairwise_secrets=pw[i],
-                              node_ids=ids, clipping_range=clip, target_range=target) for i, x in zip(ids, xs, strict=True)]
+                              node_ids=ids, clipping_range=clip, target_range=target)
+              for i, x in zip(ids, xs, strict=True)]
     mean = np.array(crypter.aggregate(masked, total_sample_size=N_SITES, clipping_range=clip, target_range=target))
     fed = mean * N_SITES
     inside = np.all(np.abs(np.array(xs)) <= clip, axis=0)
