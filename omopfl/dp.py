@@ -63,6 +63,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -263,9 +264,11 @@ def calibrate(spec: DPSpec, n_train: int, batch_size: int, local_epochs: int, ro
     q = sample_rate(n_train, batch_size)
     steps = _positive_int("rounds", rounds) * _positive_int("local_epochs", local_epochs) * steps_per_epoch(q)
     tolerance = min(0.01, 0.005 * float(spec.target_epsilon))
-    return float(get_noise_multiplier(target_epsilon=float(spec.target_epsilon), target_delta=float(spec.delta),
-                                      sample_rate=q, steps=steps, accountant=_ACCOUNTANT,
-                                      epsilon_tolerance=tolerance))
+    with warnings.catch_warnings():  # "optimal order is the largest alpha" while the search tries small noise
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(target_epsilon=float(spec.target_epsilon), target_delta=float(spec.delta),
+                                          sample_rate=q, steps=steps, accountant=_ACCOUNTANT,
+                                          epsilon_tolerance=tolerance))
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +317,9 @@ def epsilon_spent(history: Iterable[Sequence[float]], delta: float) -> float:
         return math.inf
     accountant = RDPAccountant()
     accountant.history = entries
-    return float(accountant.get_epsilon(delta=_check_delta(delta)))
+    with warnings.catch_warnings():  # a bound at the largest order is looser, still an upper bound
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta=_check_delta(delta)))
 
 
 def would_exceed(history: Iterable[Sequence[float]], next_step: Sequence[float], target_epsilon: float,
@@ -445,16 +450,15 @@ def train_local_dp(
     if target_epsilon is not None and delta is not None and would_exceed(past, planned, target_epsilon, delta):
         raise PrivacyBudgetExceeded(
             f"this round would spend epsilon {epsilon_spent([*past, planned], delta):.4g} > budget {target_epsilon:g}")
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise ValueError(f"the model has layers DP-SGD cannot train: {errors[0]}")
-
     q = planned[1]
     if seed is None:
         seeds = [int.from_bytes(os.urandom(8), "little") & (2**63 - 1) for _ in range(3)]
     else:
         seeds = [int(seed), int(seed) + 1, int(seed) + 2]
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model).train()
+    errors = ModuleValidator.validate(work, strict=False)
+    if errors:
+        raise ValueError(f"the model has layers DP-SGD cannot train: {errors[0]}")
     pairs = _proximal_targets(work, global_params) if proximal_mu > 0 else []
     sampler_gen = torch.Generator().manual_seed(seeds[0])
     noise_gen = torch.Generator().manual_seed(seeds[1])
@@ -474,7 +478,9 @@ def train_local_dp(
     loss_fn = torch.nn.BCEWithLogitsLoss()
     last = math.nan
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # Opacus's backward hooks on the first layer, whose input needs no gradient: harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             torch.manual_seed(seeds[2])  # dropout masks
             gsm.train()
             for _ in range(epochs):
