@@ -153,7 +153,8 @@ def _admit_training(message_type: str, content: RecordDict, context: Context, si
                          message_type, key)
             raise Refusal("settings_mismatch")
     rules = site.policy
-    if settings["model-kind"] not in rules.allowed_models or rules.dp_required:
+    dp_sgd = bool(_privacy(approved).get("dp_sgd"))
+    if settings["model-kind"] not in rules.allowed_models or (rules.dp_required and not dp_sgd):
         raise Refusal("policy")
     server_round = config.get("server-round", 1)
     if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
@@ -170,6 +171,12 @@ def _admit_training(message_type: str, content: RecordDict, context: Context, si
     elif server_round > limit or _sent(site, run_id, "evaluate") >= limit:  # bounded repeated evaluations
         raise Refusal("round_limit")
     effective = {key: value for key, value in settings.items() if key != "rounds"}
+    privacy = _privacy(approved)
+    if privacy.get("dp_sgd"):  # the site's own DP-SGD settings, from the approved study (never the message)
+        effective.update({"dp-sgd": True, "dp-target-epsilon": float(privacy["target_epsilon"]),
+                          "dp-delta": float(privacy.get("delta") or 1e-6),
+                          "dp-max-grad-norm": float(privacy.get("max_grad_norm") or 1.0),
+                          "dp-rounds": int(settings["rounds"]), "dp-budget": float(privacy.get("budget_epsilon") or 0)})
     effective.update({"server-round": server_round, codec.STUDY_HASH_KEY: approved.hash,
                       "evaluate-received": bool(evaluate_received and rules.release_metrics)})
     records: dict[str, Any] = {codec.TRAIN_CONFIG: ConfigRecord(effective)}

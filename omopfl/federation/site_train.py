@@ -62,7 +62,7 @@ __all__ = ["site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUAT
 _log = logging.getLogger("flwr.omopfl")
 
 TRAIN_REPLY_KEYS: Mapping[str, frozenset[str]] = {
-    METRICS: frozenset({WEIGHT_KEY, "loss"}),
+    METRICS: frozenset({WEIGHT_KEY, "loss", "epsilon"}),
     EVALUATE: frozenset({WEIGHT_KEY, *EVALUATE_METRICS}),
 }
 """Metric records and keys of a train reply (besides the ArrayRecord ``arrays`` of the state dict);
@@ -195,6 +195,8 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
         return RecordDict({ARRAYS: content.array_records[ARRAYS], METRICS: MetricRecord({WEIGHT_KEY: 0}), **reply})
     mu = float(_cfg(config, "proximal-mu", (int, float), 0.0))
     server_round = int(_cfg(config, "server-round", int, 1))
+    if config.get("dp-sgd") is True:
+        return _train_dp(model, tensors, train_idx, config, context, mu, reply)
     stats = train_local(model, tensors, train_idx, epochs=int(_cfg(config, "local-epochs", int, 1)),
                         batch_size=int(_cfg(config, "batch-size", int, 64)),
                         lr=float(_cfg(config, "learning-rate", (int, float), 0.01)), proximal_mu=mu,
@@ -203,6 +205,37 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
     metrics: dict[str, Any] = {WEIGHT_KEY: int(stats["n"])}
     if math.isfinite(float(stats["loss"])):
         metrics["loss"] = float(stats["loss"])
+    return RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics), **reply})
+
+
+def _train_dp(model: Any, tensors: Any, train_idx: Any, config: Mapping[str, Any], context: Context, mu: float,
+              reply: dict[str, Any]) -> RecordDict:
+    """One round of DP-SGD (:mod:`omopfl.dp`), its noise calibrated so the whole approved study spends its
+    ``target_epsilon`` at this site; charged to the study's ledger (:mod:`omopfl.budget`) before the reply
+    leaves, refused (``budget_spent``) if the round would overspend.  The training loss is not released
+    (it is not private); ``epsilon`` (spent so far on the study) is."""
+    from omopfl import budget, dp, policy
+    from omopfl.config import load_site
+    from omopfl.models import get_weights
+
+    site = load_site(str(context.node_config["site-config"]))
+    delta = float(config["dp-delta"])
+    spec = dp.DPSpec(float(config["dp-target-epsilon"]), delta, float(config["dp-max-grad-norm"]))
+    n_train, batch = int(train_idx.size), int(_cfg(config, "batch-size", int, 64))
+    epochs, rounds = int(_cfg(config, "local-epochs", int, 1)), int(config["dp-rounds"])
+    noise = dp.calibrate(spec, n_train, batch, epochs, rounds)
+    step = dp.round_step(noise, n_train, batch, epochs)
+    ledger = budget.Ledger(policy.state_dir(site), str(config[codec.STUDY_HASH_KEY]), delta)
+    limit = budget.limit(config.get("dp-budget") or None, site.policy.epsilon_budget)
+    if not ledger.fits(limit, dp_step=step) or dp.would_exceed(ledger.read()["dp_sgd"], step, spec.target_epsilon,
+                                                                delta):
+        raise SiteFailure("budget_spent")
+    stats = dp.train_local_dp(model, tensors, train_idx, epochs=epochs, batch_size=batch,
+                              lr=float(_cfg(config, "learning-rate", (int, float), 0.01)), noise_multiplier=noise,
+                              max_grad_norm=spec.max_grad_norm, proximal_mu=mu,
+                              global_params=get_weights(model) if mu > 0 else None)
+    total = ledger.charge(dp_step=step)
+    metrics = {WEIGHT_KEY: int(stats["n"]), "epsilon": round(float(total), 6)}
     return RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics), **reply})
 
 
