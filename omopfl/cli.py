@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import click
 import typer
@@ -780,21 +780,78 @@ def demo(
 
 
 # ---------------------------------------------------------------- entry point
+EXIT_INTERRUPTED = 130
+_INTERRUPTED_MESSAGE = "interrupted; a cohort build or prepare that did not finish changed nothing"
+_interrupted: list[int] = []  # the signal number, once SIGINT arrived during a command
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Note the interrupt, then raise KeyboardInterrupt as Python's default handler does.
+
+    DuckDB turns the KeyboardInterrupt of a running query into ``RuntimeError: Query interrupted``;
+    the note lets :func:`main` report an interrupt whatever exception it surfaces as.
+    """
+    if _interrupted:  # a second Ctrl-C while the first one unwinds (rollback, temp folder removal): let it finish
+        return
+    _interrupted.append(signum)
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    sys.stderr.write(f"omopfl: error: {' '.join(str(message).split())}\n")
+    raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app and map errors to one line and an exit code."""
+    """Console-script entry point: run the app and map every outcome to one line and an exit code.
+
+    Exit codes: 0 success, 1 unexpected internal error (reported by type only), 2 configuration,
+    3 database, 4 CDM, 5 data, 6 fatal validation findings (``omopfl validate``), 7 federated run,
+    130 interrupted (SIGINT).  Click's own usage errors keep click's exit code 2.
+    Set ``OMOPFL_DEBUG=1`` to see the traceback of an unexpected error.
+    """
+    import signal
+    import threading
+
+    _interrupted.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except OmopflError as exc:
-        sys.stderr.write(f"omopfl: error: {exc.message}\n")
+        if _interrupted:
+            _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+        _fail(exc.message, exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:
-        sys.stderr.write("omopfl: aborted\n")
-        raise SystemExit(130) from None
     except click.exceptions.ClickException as exc:
         exc.show()
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
+    except SystemExit:
+        raise
+    except Exception as exc:  # the last line of defence: no traceback, no driver or exception text
+        if _interrupted:
+            _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+        if os.environ.get("OMOPFL_DEBUG"):
+            raise
+        if "sqlalchemy" in sys.modules:
+            from omopfl.db import is_driver_error, map_driver_error
+
+            if is_driver_error(exc):
+                mapped = map_driver_error(exc)
+                _fail(mapped.message, mapped.exit_code)
+        _fail(f"internal error ({type(exc).__name__}); please report it with the command you ran "
+              "(OMOPFL_DEBUG=1 shows the traceback)", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if _interrupted:
+        _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+    if isinstance(code, int) and code != 0:  # typer returns typer.Exit(code) with standalone_mode=False
+        raise SystemExit(code)
 
 
 def run() -> None:
