@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzzing import TARGETS  # noqa: E402
-from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from fuzzing import TARGETS
+from hypothesis import HealthCheck, given, seed, settings
 
 
 def run_target(name: str, examples: int, random_seed: int) -> dict:

@@ -94,7 +94,8 @@ def _get(table: dict[str, Any], key: str, kind: type, path: Path, section: str, 
     if kind is int and isinstance(value, bool):
         raise ConfigError(f"{path}: [{section}] {key} must be an integer")
     if not isinstance(value, kind):
-        raise ConfigError(f"{path}: [{section}] {key} must be a {kind.__name__}")
+        kinds = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
+        raise ConfigError(f"{path}: [{section}] {key} must be {kinds.get(kind, kind.__name__)}")
     if isinstance(value, str) and ("\x00" in value or not value.strip()):
         raise ConfigError(f"{path}: [{section}] {key} must be a non-empty string without NUL characters")
     return value

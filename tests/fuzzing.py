@@ -154,7 +154,8 @@ def good_study() -> dict[str, Any]:
     import tomllib
 
     document = tomllib.loads((ROOT / "examples" / "t2dm_hf" / "study.toml").read_text())
-    document["cohorts"] = {"target": str(COHORTS / "incident_t2dm.yaml"), "outcome": str(COHORTS / "heart_failure.yaml")}
+    document["cohorts"] = {"target": str(COHORTS / "incident_t2dm.yaml"),
+                           "outcome": str(COHORTS / "heart_failure.yaml")}
     return document
 
 

@@ -67,7 +67,7 @@ def test_duckdb_path_is_relative_to_adapter(tmp_path: Path) -> None:
         (('cdm_schema = "cdm"', 'cdm_schema = "cdm; DROP TABLE person"'), r"cdm_schema is not a plain identifier"),
         (('results_schema = "results"', 'results_schema = "cdm"'), "must differ"),
         (("min_cell_count = 5", "min_cell_count = 0"), "min_cell_count must be between 1 and"),
-        (("min_cell_count = 5", 'min_cell_count = "5"'), "min_cell_count must be a int"),
+        (("min_cell_count = 5", 'min_cell_count = "5"'), "min_cell_count must be an integer"),
         (('url_env = "OMOPFL_SITE_A_URL"', 'url = "postgresql://u:pw@h/db"'), "must not be written in the adapter"),
         (('url_env = "OMOPFL_SITE_A_URL"', 'url_env = "lower-case"'), "url_env must be an environment variable"),
         (("[files]", "[files]\nimage_rot = 'x'"), r"unknown key \[files\] image_rot"),
