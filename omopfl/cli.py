@@ -10,19 +10,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import click
-import typer
-from rich.console import Console
-from rich.table import Table
 
-from omopfl import __version__
-from omopfl.config import SiteConfig, load_site
-from omopfl.errors import ConfigError, OmopflError
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C before :func:`main` runs (while Python imports): nothing was started, one line, exit 130."""
+    os.write(2, b"omopfl: error: interrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" or Path(sys.argv[0]).name == "omopfl":  # the command, not an import by tests
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import click  # noqa: E402
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from omopfl import __version__  # noqa: E402
+from omopfl.config import SiteConfig, load_site  # noqa: E402
+from omopfl.errors import ConfigError, OmopflError  # noqa: E402
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -810,7 +821,6 @@ def main(argv: list[str] | None = None) -> None:
     130 interrupted (SIGINT).  Click's own usage errors keep click's exit code 2.
     Set ``OMOPFL_DEBUG=1`` to see the traceback of an unexpected error.
     """
-    import signal
     import threading
 
     _interrupted.clear()
