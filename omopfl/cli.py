@@ -456,6 +456,8 @@ def stats(
         raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
     for adapter in adapters:
         load_site(adapter)  # fail early, naming the file, before any process starts
+    if superlink is None:
+        _require_prepared(adapters, prepared)
     result = run_stats(study, adapters, prepared, mode=mode, superlink=superlink, out=out, audit=audit,
                        send_scaler=send_scaler)
     if as_json:
@@ -463,6 +465,14 @@ def stats(
         return
     _print_stats(result)
     console.print(f"result written to {out}")
+
+
+def _require_prepared(adapters: list[Path], prepared: Path) -> None:
+    """Refuse, before any process starts, a run where no site has a prepared dataset."""
+    if not any((prepared / load_site(adapter).name / "manifest.json").is_file() for adapter in adapters):
+        raise ConfigError(f"{prepared}: no prepared dataset for any of the {len(adapters)} site(s); "
+                          "run omopfl prepare --site <adapter> --study <study> --out "
+                          f"{prepared} first (or pass --prepared)")
 
 
 def _print_stats(result: dict) -> None:
@@ -557,6 +567,7 @@ def train(
         raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
     for adapter in adapters:
         load_site(adapter)  # fail early, naming the file, before any process starts
+    _require_prepared(adapters, prepared)
     run_dir = out or Path("runs") / (spec.name if simulate else "pooled")
     pooled_result = None
     if pooled:
@@ -636,7 +647,7 @@ def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, *, roo
 def server(
     study: StudyOption,
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on (SuperNodes connect here).")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="Port of the SuperLink's HTTP API.")] = 9092,
+    port: Annotated[int, typer.Option(help="Port of the SuperLink's HTTP API.", min=1, max=65535)] = 9092,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<study name>).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Override the study's rounds.")] = None,
     strategy: Annotated[str | None, typer.Option(help="Override the strategy: fedavg, fedprox, fedadam.")] = None,

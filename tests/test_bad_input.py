@@ -259,3 +259,16 @@ def test_validate_exit_code_is_returned_by_the_console_script(site: CliSite) -> 
                           timeout=300)
     assert done.returncode == 6, done.stderr[-2000:]
     assert done.stderr.strip() == ""
+
+
+@pytest.mark.parametrize("command", ["train", "stats"])
+def test_nothing_prepared_is_one_line(site: CliSite, command: str, tmp_path: Path, capsys) -> None:
+    args = {"train": ["train", "--simulate"], "stats": ["stats", "--mode", "inprocess", "--out", tmp_path / "s.json"]}
+    code, _, err = run_cli([*args[command], "--study", site.study, "--site", site.adapter, "--prepared",
+                            tmp_path / "empty"], capsys)
+    _one_line(code, err, 2, "no prepared dataset for any of the 1 site(s)")
+
+
+def test_server_port_out_of_range_is_a_usage_error(site: CliSite, capsys) -> None:
+    code, _, err = run_cli(["server", "--study", site.study, "--port", "70000", "--insecure"], capsys)
+    assert code == 2 and "Traceback" not in "\n".join(err) and "OverflowError" not in "\n".join(err)
