@@ -272,3 +272,28 @@ def test_nothing_prepared_is_one_line(site: CliSite, command: str, tmp_path: Pat
 def test_server_port_out_of_range_is_a_usage_error(site: CliSite, capsys) -> None:
     code, _, err = run_cli(["server", "--study", site.study, "--port", "70000", "--insecure"], capsys)
     assert code == 2 and "Traceback" not in "\n".join(err) and "OverflowError" not in "\n".join(err)
+
+
+def test_role_without_temp_is_told_to_grant_temp(site: CliSite, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A read-only CDM role also needs TEMP on the database (CIRCE SQL makes temp tables): the line says so."""
+    if site.backend != "postgresql":
+        pytest.skip("database roles and grants are PostgreSQL's")
+    import uuid
+
+    from omopfl.config import load_site
+
+    damaged = site.clone("notemp")
+    config = load_site(damaged.adapter)
+    role, database = f"notemp_{uuid.uuid4().hex[:8]}", sa.engine.make_url(damaged.url).database
+    _execute(damaged, f'CREATE ROLE "{role}" LOGIN', f'GRANT USAGE ON SCHEMA "{config.cdm_schema}" TO "{role}"',
+             f'GRANT SELECT ON ALL TABLES IN SCHEMA "{config.cdm_schema}" TO "{role}"',
+             f'CREATE SCHEMA "r_{role}" AUTHORIZATION "{role}"',
+             f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+    url = sa.engine.make_url(damaged.url).set(username=role, password=None)
+    monkeypatch.setenv("OMOPFL_TEST_NOTEMP_URL", url.render_as_string(hide_password=False))
+    adapter = tmp_path / "site.toml"
+    adapter.write_text(f'[site]\nname = "site_a"\n[database]\nurl_env = "OMOPFL_TEST_NOTEMP_URL"\n'
+                       f'cdm_schema = "{config.cdm_schema}"\nresults_schema = "r_{role}"\n')
+    code, _, err = run_cli(["cohort", "build", ROOT / "cohorts" / "incident_t2dm.yaml", "--site", adapter,
+                            "--id", "101"], capsys)
+    _one_line(code, err, 3, "grant TEMP on the database to this role")
