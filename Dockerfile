@@ -18,8 +18,13 @@ COPY omopfl ./omopfl
 COPY cohorts ./cohorts
 COPY adapters ./adapters
 COPY examples ./examples
+# The runtime user (numeric, so that the host and Kubernetes can check it is not root) and /data, the
+# volume's mount point: Docker copies this folder's owner into a new named volume, so synth, prepare,
+# and the server's run directory can write there.
 RUN pip install --no-cache-dir . \
-    && useradd --create-home --uid 10001 omopfl
-USER omopfl
+    && useradd --create-home --uid 10001 --user-group omopfl \
+    && mkdir -p /data \
+    && chown 10001:10001 /data
+USER 10001:10001
 ENTRYPOINT []
 CMD ["omopfl", "--help"]

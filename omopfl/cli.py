@@ -45,7 +45,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-sites_app = typer.Typer(help="Inspect site adapters and their CDM databases.", no_args_is_help=True)
+sites_app = typer.Typer(help="A site's own business: check its CDM, approve studies, see what left it.",
+                        no_args_is_help=True)
 app.add_typer(sites_app, name="sites")
 cohort_app = typer.Typer(help="Build OHDSI cohorts inside a site's database and look at them.", no_args_is_help=True)
 app.add_typer(cohort_app, name="cohort")
@@ -635,7 +636,15 @@ def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, *, roo
     if not (prepared / config.name).is_dir():
         raise ConfigError(f"{prepared / config.name}: no prepared dataset for site {config.name}: "
                           f"run omopfl prepare --site {sites[0]} first")
-    console.print(f"serving site {config.name} to SuperLink {superlink} (Ctrl-C to stop)")
+    from omopfl import policy
+
+    active = [e for e in policy.approved_studies(config) if e.active]
+    if not active:
+        console.print(f"[yellow]site {config.name} has approved no study: every message will be refused "
+                      f"(omopfl sites approve {sites[0]} STUDY.toml)")
+    console.print(f"serving site {config.name} to SuperLink {superlink} (Ctrl-C to stop); approved: "
+                  + (", ".join(f"{e.name} {e.hash[:12]}" for e in active) or "none")
+                  + f"; audit log: omopfl sites audit {sites[0]}")
     auth = (keys[0], keys[1]) if keys[0] is not None else None
     serve_site(sites[0], superlink, prepared, root_certificates=root_certificates, insecure=insecure,
                auth_keys=auth, runtime_port=runtime_port, poll_seconds=None if stock_polling else 0.1,
@@ -672,6 +681,11 @@ def server(
         list[Path] | None, typer.Option("--site-key", help="A site's SuperNode public key (OpenSSH, P-384): only "
                                                          "SuperNodes holding a registered key may join (repeatable).")
     ] = None,
+    view: Annotated[
+        bool, typer.Option("--view", help="Serve a live read-only view of the run on http://127.0.0.1:VIEW_PORT/ "
+                                          "(this machine only).")
+    ] = False,
+    view_port: Annotated[int, typer.Option(help="Port of the live run view (--view).", min=0, max=65535)] = 8088,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run manifest as JSON.")] = False,
 ) -> None:
     """Coordinate a federated run: start the SuperLink, train with the sites' SuperNodes, write the run dir."""
@@ -691,7 +705,7 @@ def server(
                             expected_sites=sites, wait_seconds=wait_seconds, timeout=timeout,
                             round_timeout=round_timeout, resume=resume, audit=audit,
                             tls={k: Path(v) for k, v in given.items()} if given else None,
-                            site_keys=list(site_key or []))
+                            site_keys=list(site_key or []), view=view, view_port=view_port)
     manifest = serve_study(study, options)
     if as_json:
         _emit_json(manifest)
@@ -701,22 +715,48 @@ def server(
     _print_training(manifest, out or Path("runs") / load_study(study).name)
 
 
+@app.command("view")
+def view_run(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (written by omopfl server or omopfl train).")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=0, max=65535)] = 8088,
+) -> None:
+    """Serve the read-only run view of a run directory on http://127.0.0.1:PORT/ until Ctrl-C."""
+    from omopfl.federation.run_view import RunView
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: run directory not found")
+    view = RunView(run_dir, port=port)
+    console.print(f"run view of {run_dir} on {view.url} (this machine only; Ctrl-C to stop)")
+    view.serve_forever()
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Working folder for the demo.")] = Path("data/demo"),
+    out: Annotated[
+        Path | None, typer.Option(help="Working folder for the demo (default data/demo in this folder).")
+    ] = None,
     sites: Annotated[int, typer.Option(help="Number of synthetic sites.", min=1, max=26)] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
-    adapters: Annotated[Path, typer.Option(help="Folder for the sites' adapter TOMLs.")] = Path("adapters"),
-    study: Annotated[Path, typer.Option(help="The study to prepare each site for.")] = Path(
-        "examples/t2dm_hf/study.toml"
-    ),
+    adapters: Annotated[
+        Path | None, typer.Option(help="Folder for the sites' adapter TOMLs (default ./adapters, or OUT/adapters "
+                                       "when --out is given).")
+    ] = None,
+    study: Annotated[
+        Path | None, typer.Option(help="The study to prepare each site for (default: the shipped "
+                                       "examples/t2dm_hf/study.toml).")
+    ] = None,
 ) -> None:
     """The whole job on the embedded default (DuckDB): sites, checks, cohorts, prepared data, stats, FedAvg."""
     from omopfl.db import site_engine
+    from omopfl.resources import example_study
     from omopfl.sites import check_site
     from omopfl.synth import run_synth
 
+    if adapters is None:
+        adapters = Path("adapters") if out is None else out / "adapters"
+    out = Path("data/demo") if out is None else out
+    study = example_study("t2dm_hf") if study is None else study
     console.rule("1. synthetic OMOP sites (DuckDB)")
     summaries = run_synth(out_dir=out, n_sites=sites, seed=seed, adapters_dir=adapters, progress=True)
     _print_synth(summaries)
@@ -770,14 +810,21 @@ def demo(
         prepared[site.name] = {"folder": str(folder), "persons": manifest["persons"],
                                "features": len(manifest["feature_names"]),
                                "validation": {k: levels[k] for k in ("fatal_count", "warning_count")}}
-    console.rule("5. federated statistics (Flower ServerApp/ClientApp, in process)")
+    console.rule(f"5. each site's data engineer approves study {spec.name} (omopfl sites approve)")
+    from omopfl import policy
+
+    for path in [adapters / f"{s.site}.toml" for s in summaries]:
+        site = load_site(path)
+        entry = policy.approve(site, spec)
+        console.print(f"{site.name}: approved {entry.hash[:12]} in {policy.state_dir(site)}")
+    console.rule("6. federated statistics (Flower ServerApp/ClientApp, in process)")
     _quiet_flower()
     from omopfl.federation.runner import run_stats
 
     stats_result = run_stats(study, [adapters / f"{s.site}.toml" for s in summaries], out / "prepared",
                              mode="inprocess", out=out / "stats.json")
     _print_stats(stats_result)
-    console.rule(f"6. federated training ({spec.training.strategy}, {spec.training.rounds} rounds, in process)")
+    console.rule(f"7. federated training ({spec.training.strategy}, {spec.training.rounds} rounds, in process)")
     from omopfl.federation.train import run_training
     from omopfl.report import plot_metrics, write_report
 
@@ -799,6 +846,26 @@ def demo(
         )
     )
     console.print(f"report written to {report_path}")
+
+
+# ---------------------------------------------------------------- examples
+@app.command()
+def examples(
+    out: Annotated[Path, typer.Option(help="Folder to copy examples/ and cohorts/ into.")] = Path("."),
+) -> None:
+    """Copy the shipped example studies and cohort definitions into a folder, to read or edit."""
+    from omopfl.resources import copy_examples
+
+    studies = copy_examples(out)
+    for path in studies:
+        console.print(f"study {path}")
+    console.print(f"examples/ and cohorts/ written to {out}")
+
+
+# ---------------------------------------------------------------- a site's approvals and audit log
+from omopfl.cli_site import register as _register_site_commands  # noqa: E402
+
+_register_site_commands(sites_app)
 
 
 # ---------------------------------------------------------------- entry point

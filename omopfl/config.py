@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from omopfl.errors import ConfigError
+from omopfl.policy import SitePolicy, parse_policy
 
 __all__ = ["SiteConfig", "load_site", "IDENTIFIER_RE", "check_identifier"]
 
@@ -69,6 +70,7 @@ class SiteConfig:
     omics_root: Path | None = None
     duckdb_path: Path | None = None
     source: Path | None = field(default=None, compare=False)
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     def database_url(self) -> str:
         """Return the database URL: an embedded DuckDB file, or the URL in the env var the adapter names."""
@@ -197,9 +199,10 @@ def load_site(path: str | Path) -> SiteConfig:
              "database": {"url_env", "duckdb_path", "cdm_schema", "vocabulary_schema", "results_schema"},
              "files": {"image_root", "omics_root"}}
     for section in data:
-        if section not in known:
-            expected = ", ".join(f"[{k}]" for k in known)
+        if section not in known and section != "policy":  # [policy]: parsed by omopfl.policy
+            expected = ", ".join(f"[{k}]" for k in (*known, "policy"))
             raise ConfigError(f"{path}: unknown section [{section[:40]}]; expected {expected}")
+    policy = parse_policy(data.get("policy"), path, name)
     for section, keys in known.items():
         for key in _section(data, section, path, required=False):
             if key not in keys:
@@ -216,4 +219,5 @@ def load_site(path: str | Path) -> SiteConfig:
         image_root=image_root,
         omics_root=omics_root,
         source=path,
+        policy=policy,
     )

@@ -94,6 +94,10 @@ def database_factory(tmp_path_factory: pytest.TempPathFactory):
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDERATION_SITES = ("site_a", "site_b", "site_c")
+TEST_MIN_CELL_COUNT = 2
+"""min_cell_count of the three shared test sites: their test splits hold 9 or fewer outcomes, so with the
+default 10 the release rule (every confusion-matrix cell >= k) would withhold every evaluation.  The rule
+itself is tested with k = 10 (tests/test_disclosure.py, tests/test_stats.py)."""
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +115,10 @@ def _three_prepared_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     study = load_study(base / "study.toml")
     run_synth(base / "synth", n_sites=3, persons=[1200, 800, 450], seed=11, image_share=0.0, omics_share=0.0,
               progress=False)
+    for name in FEDERATION_SITES:  # small test sites: k = TEST_MIN_CELL_COUNT so evaluations can leave them
+        adapter = base / "synth" / "adapters" / f"{name}.toml"
+        adapter.write_text(adapter.read_text().replace("min_cell_count = 10",
+                                                       f"min_cell_count = {TEST_MIN_CELL_COUNT}"))
     for name in FEDERATION_SITES:
         site = load_site(base / "synth" / "adapters" / f"{name}.toml")
         engine = make_engine(site.database_url())
@@ -123,7 +131,8 @@ def _three_prepared_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_sites_factory(_three_prepared_sites: Path, tmp_path_factory: pytest.TempPathFactory):
-    """``make(tag)``: a private copy of the three prepared sites (runs write scalers into them).
+    """``make(tag)``: a private copy of the three prepared sites (runs write scalers into them), each of
+    which has approved the study (``approve=False``: none has).
 
     Returns ``{"tmp", "study", "study_hash", "prepared_dir", "adapters"}``.
     """
@@ -131,11 +140,18 @@ def prepared_sites_factory(_three_prepared_sites: Path, tmp_path_factory: pytest
 
     from omopfl.study import load_study
 
-    def make(tag: str) -> dict:
+    def make(tag: str, *, approve: bool = True) -> dict:
+        from omopfl import policy
+        from omopfl.config import load_site
+
         tmp = tmp_path_factory.mktemp(tag)
         for item in ("study.toml", "synth", "prepared"):
             source = _three_prepared_sites / item
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp / item)
+        if approve:  # each site's data engineer approved the study (omopfl sites approve)
+            spec = load_study(tmp / "study.toml")
+            for name in FEDERATION_SITES:
+                policy.approve(load_site(tmp / "synth" / "adapters" / f"{name}.toml"), spec)
         return {"tmp": tmp, "study": tmp / "study.toml", "study_hash": load_study(tmp / "study.toml").hash,
                 "prepared_dir": tmp / "prepared",
                 "adapters": [tmp / "synth" / "adapters" / f"{name}.toml" for name in FEDERATION_SITES]}

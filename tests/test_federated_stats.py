@@ -23,13 +23,15 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
+from omopfl import policy
 from omopfl.config import load_site
 from omopfl.federation import codec
 from omopfl.federation.client_app import SCALER_FILE, SiteFailure, site_statistics
-from omopfl.federation.client_app import app as client_app
 from omopfl.federation.runner import run_stats
+from omopfl.federation.site_app import app as client_app
 from omopfl.prepare import load_prepared
 from omopfl.stats import Moments, Scaler, binary_columns, suppress
+from omopfl.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site_a", "site_b", "site_c")
@@ -54,6 +56,7 @@ def federation(prepared_sites_factory) -> dict[str, Any]:
     tiny_adapter.write_text(f'[site]\nname = "{TINY}"\nmin_cell_count = 10\n\n[database]\n'
                             'duckdb_path = "nowhere/omop.duckdb"\ncdm_schema = "cdm"\nresults_schema = "results"\n')
     adapters.append(tiny_adapter)
+    policy.approve(load_site(tiny_adapter), load_study(federation["study"]))
     return federation
 
 
@@ -313,8 +316,8 @@ def test_client_app_replies_with_fixed_error_codes(federation, monkeypatch, tmp_
     cases = {
         "config": ({"site-config": str(tmp_path / "missing.toml"), "prepared-dir": prepared_dir}, request),
         "not_prepared": ({"site-config": adapter, "prepared-dir": str(tmp_path)}, request),
-        "study_mismatch": ({"site-config": adapter, "prepared-dir": prepared_dir},
-                           codec.encode_stats_request("0" * 64)),
+        "study_not_approved": ({"site-config": adapter, "prepared-dir": prepared_dir},
+                               codec.encode_stats_request("0" * 64)),
         "bad_request": ({"site-config": adapter, "prepared-dir": prepared_dir}, RecordDict()),
     }
     for code, (node_config, content) in cases.items():
@@ -324,7 +327,8 @@ def test_client_app_replies_with_fixed_error_codes(federation, monkeypatch, tmp_
     # an unexpected exception inside: the reply says "internal", not what happened
     broken = tmp_path / "prepared"
     (broken / "site_a").mkdir(parents=True)
-    (broken / "site_a" / "manifest.json").write_text(json.dumps({"format_version": 1, "site": "site_a"}))
+    (broken / "site_a" / "manifest.json").write_text(json.dumps({"format_version": 1, "site": "site_a",
+                                                                 "study_hash": federation["study_hash"]}))
     (broken / "site_a" / "tabular.npz").write_bytes(b"patient 12345 secret")
     reply, plain, _ = _call({"site-config": adapter, "prepared-dir": str(broken)}, request, monkeypatch)
     assert (reply.status, reply.code) == ("error", "internal")
@@ -341,7 +345,7 @@ def test_client_app_keeps_the_scaler_and_refuses_a_mismatched_one(federation, mo
     assert (reply.site, reply.status) == ("site_b", "ok")
     assert codec.decode_scaler(context.state).scaler == scaler.scaler  # kept for a training phase
     assert json.loads((federation["prepared_dir"] / "site_b" / SCALER_FILE).read_text()) == scaler.to_dict()
-    wrong = codec.GlobalScaler.build(Scaler(("other",), np.zeros(1), np.ones(1)), [1], 1)
+    wrong = codec.GlobalScaler.build(Scaler(("other",), np.zeros(1), np.ones(1)), [1], 1, federation["study_hash"])
     reply, _, _ = _call(node_config, codec.encode_scaler(wrong), monkeypatch, codec.SCALER_QUERY)
     assert (reply.status, reply.code) == ("error", "feature_mismatch")
 

@@ -117,10 +117,38 @@ def test_fedavg_inprocess_learns_and_writes_the_run_dir(federation) -> None:
     assert all(r["bytes_sent"] >= len(SITES) * manifest["bytes"]["model"] for r in rounds)
 
 
-def test_fedprox_inprocess_runs(federation) -> None:
+def test_fedprox_needs_a_fedprox_study(federation) -> None:
+    """A coordinator cannot turn the approved FedAvg study into FedProx (the sites refuse the proximal term
+    they did not approve); a study that says FedProx is prepared, approved and trains with it."""
+    from omopfl import audit, policy
+    from omopfl.config import load_site
+    from omopfl.db import make_engine
+    from omopfl.errors import FederationError
+    from omopfl.federation.site_app import audit_path
+    from omopfl.prepare import prepare_site
+    from omopfl.study import load_study
+
+    with pytest.raises(FederationError, match="min-sites"):
+        run_training(federation["study"], federation["adapters"], federation["prepared_dir"],
+                     out_dir=federation["tmp"] / "run_override", rounds=1, strategy="fedprox", proximal_mu=0.1)
+    last = audit.read(audit_path(load_site(federation["adapters"][0])))[-1]
+    assert (last["message_type"], last["outcome"], last["code"]) == ("train", "refused", "settings_mismatch")
+
+    variant = federation["tmp"] / "study_fedprox.toml"
+    variant.write_text(federation["study"].read_text().replace('strategy = "fedavg"',
+                                                                'strategy = "fedprox"\nproximal_mu = 0.1'))
+    spec = load_study(variant)
+    prepared = federation["tmp"] / "prepared_fedprox"
+    for adapter in federation["adapters"]:
+        site = load_site(adapter)
+        engine = make_engine(site.database_url())
+        try:
+            prepare_site(engine, site, spec, prepared)
+        finally:
+            engine.dispose()
+        policy.approve(site, spec)
     run_dir = federation["tmp"] / "run_fedprox"
-    manifest = run_training(federation["study"], federation["adapters"], federation["prepared_dir"], out_dir=run_dir,
-                            rounds=1, strategy="fedprox", proximal_mu=0.1)
+    manifest = run_training(variant, federation["adapters"], prepared, out_dir=run_dir, rounds=1)
     assert manifest["training"]["strategy"] == "fedprox" and manifest["training"]["proximal_mu"] == 0.1
     assert manifest["final"]["eval_auc"] is not None and manifest["final"]["train_n"] > 0
     assert (run_dir / "model.npz").is_file()
@@ -150,7 +178,7 @@ def test_site_failure_leaves_only_a_fixed_code(federation, tmp_path: Path) -> No
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from omopfl.federation import site_train
+    from omopfl.federation import codec, site_app
     from omopfl.models import build_model
     from omopfl.study import load_study
 
@@ -159,7 +187,7 @@ def test_site_failure_leaves_only_a_fixed_code(federation, tmp_path: Path) -> No
     prepared = load_prepared(tmp_path / "site_a")
     model = build_model(load_study(federation["study"]).model, len(prepared.feature_names))
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "config": ConfigRecord({"server-round": 1, "local-epochs": 1})})
+                          "config": ConfigRecord({"server-round": 1, "study-hash": federation["study_hash"]})})
     context = Context(run_id=7, node_id=42, node_config={"site-config": str(federation["adapters"][0]),
                                                           "prepared-dir": str(tmp_path)},
                       state=RecordDict(), run_config={})
@@ -168,12 +196,12 @@ def test_site_failure_leaves_only_a_fixed_code(federation, tmp_path: Path) -> No
     try:
         message = Message(content, dst_node_id=42, message_type="train")
         message.metadata.__dict__["_message_id"] = "m1"
-        with pytest.raises(RuntimeError) as info:
-            site_train._guarded(message, context)
+        reply = site_app.serve(message, context)
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-    assert str(info.value) == "omopfl site error: not_prepared"
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert codec.reply_refusal(reply.content) == ("site_a", "not_prepared")
+    assert codec.to_plain(reply.content) == {"omopfl.site": {"protocol": 1, "site": "site_a", "status": "error",
+                                                             "code": "not_prepared"}}
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def multimodal(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from omopfl import policy
     from omopfl.config import load_site
     from omopfl.db import make_engine
     from omopfl.prepare import prepare_site
@@ -43,6 +44,7 @@ def multimodal(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 prepare_site(engine, site, load_study(study), base / f"prepared_{kind}")
             finally:
                 engine.dispose()
+            policy.approve(site, load_study(study))
     return {"base": base, "studies": studies, "adapters": adapters}
 
 

@@ -1,11 +1,16 @@
 """Flower apps of omopfl, split by where the code runs.
 
 Site side
+    ``site_app``     the site's trust boundary: omopfl's ClientApp; every message checked (approved study,
+                     settings, policy), handled, audited, replied
+    ``site_runtime`` omopfl's ClientApp process (instead of ``flwr-clientapp``): checks the app bundle, never
+                     installs or imports it
+    ``site_exec``    omopfl's SuperExec beside the SuperNode: starts ``site_runtime`` for every task
+    ``flower_runtime`` the Flower internals the site runtime and SuperExec use, behind one version gate
     ``client_app``   statistics handlers: reads the site's prepared dataset, replies with released aggregates
-    ``site_train``   ``train`` / ``evaluate`` handlers on the same ClientApp
+    ``site_train``   ``train`` / ``evaluate`` handlers
     ``worker``       the site's long-lived worker (torch loaded, tensors cached) the handlers forward to
-    ``supernode``    ``omopfl train --site --superlink``: Flower's SuperNode with omopfl's polling and worker
-    ``warm_exec``    Flower's SuperExec running each ClientApp message in a fork of a pre-imported process
+    ``supernode``    ``omopfl train --site --superlink``: Flower's SuperNode with omopfl's SuperExec and worker
 Coordinator side (imports nothing that reads patient data: no prepare, features, linking or db)
     ``server_app``   statistics: merges released moments into the global scaler
     ``server_train`` training: rounds over Flower strategies, checkpoints, dropped sites, run directory

@@ -1,6 +1,7 @@
-"""The site's Flower ClientApp for federated statistics.
+"""The site's statistics handlers (``query.stats``, ``query.scaler``) and its prepared-dataset loading.
 
-A SuperNode runs this app at the site with its node config::
+They run behind the site's trust boundary (:mod:`omopfl.federation.site_app`), which checks the
+study and the message first and audits the reply.  A SuperNode serves the site with its node config::
 
     flower-supernode ... --node-config "site-config='/etc/omopfl/site_a.toml' prepared-dir='/data/prepared'"
 
@@ -19,9 +20,9 @@ Handlers
     run's context state (for a training phase of the same run) and as ``scaler.json`` beside
     the prepared dataset.  Replies with an acknowledgement.
 
-Every failure replies with a fixed error code (:data:`omopfl.federation.codec.ERROR_CODES`);
-exception text stays in the site's own log (and only the exception's class name goes there,
-since driver messages can echo row contents).
+Every failure becomes a fixed error code (:data:`omopfl.federation.codec.ERROR_CODES`,
+:func:`error_code`); exception text stays in the site's own log (and only the exception's class
+name goes there, since driver messages can echo row contents).
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Context, RecordDict
 
 from omopfl.config import load_site
 from omopfl.errors import ConfigError, DataError
@@ -46,14 +46,12 @@ if TYPE_CHECKING:  # the data modules (pandas, sqlalchemy) load only where a han
     from omopfl.config import SiteConfig
     from omopfl.prepare import PreparedSite
 
-__all__ = ["app", "site_statistics", "site_scaler", "load_site_dataset", "SiteFailure", "SCALER_FILE"]
+__all__ = ["site_statistics", "site_scaler", "load_site_dataset", "SiteFailure", "SCALER_FILE", "stats_reply",
+           "scaler_reply", "error_code"]
 
 SCALER_FILE = "scaler.json"
 
 _log = logging.getLogger("flwr.omopfl")
-
-app = ClientApp()
-
 
 class SiteFailure(Exception):
     """A failure the site reports with a fixed code (:data:`codec.ERROR_CODES`)."""
@@ -63,7 +61,8 @@ class SiteFailure(Exception):
         self.code = code if code in codec.ERROR_CODES else "internal"
 
 
-def _error_code(exc: BaseException) -> str:
+def error_code(exc: BaseException) -> str:
+    """The fixed code a failure is reported with (never its text: it may echo data)."""
     if isinstance(exc, SiteFailure):
         return exc.code
     if isinstance(exc, codec.CodecError):
@@ -72,6 +71,10 @@ def _error_code(exc: BaseException) -> str:
         return "config"
     if isinstance(exc, DataError):
         return "not_prepared"
+    from omopfl.release import ReleaseViolation
+
+    if isinstance(exc, ReleaseViolation):
+        return "release_rule"
     return "internal"
 
 
@@ -87,6 +90,8 @@ def site_statistics(
     *,
     site: str | None = None,
     rng: np.random.Generator | None = None,
+    groups: dict[str, list[str]] | None = None,
+    counts: tuple[str, ...] | list[str] = (),
 ) -> RecordDict:
     """The whole stats reply of a site, exactly as it goes on the wire.
 
@@ -103,6 +108,8 @@ def site_statistics(
         The site's name from its adapter (default: the name the dataset was prepared under).
     rng:
         Noise source for ``dp`` (default: ``numpy.random.default_rng()``, seeded from OS entropy).
+    groups, counts:
+        The study's one-hot groups and count features (:func:`omopfl.release.moments`).
 
     Returns
     -------
@@ -111,11 +118,11 @@ def site_statistics(
         are withheld is decided on the true counts (the minimum-cell-count rule is about persons,
         not about noisy numbers); with ``dp`` only the released numbers are noisy.
     """
-    from omopfl.stats import Moments, Released, binary_columns, noisy_moments, suppress
+    from omopfl import release
+    from omopfl.stats import Released, noisy_moments
 
     names = list(prepared.feature_names)
-    exact = Moments.from_array(prepared.x, names, persons=prepared.n)
-    released = suppress(exact, min_cell_count, binary=binary_columns(prepared.x))
+    released = release.moments(prepared.x, names, prepared.n, min_cell_count, groups=groups, counts=counts)
     dp_info = None
     if dp is not None:
         try:
@@ -173,55 +180,31 @@ def _write_scaler(folder: Path, global_scaler: codec.GlobalScaler) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Flower handlers
+# handlers (called by the site's trust boundary, omopfl.federation.site_app, after its checks)
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Outcome:
-    site: str | None = None
+def stats_reply(content: RecordDict, context: Context, site: SiteConfig,
+                study: Mapping[str, Any] | None = None) -> RecordDict:
+    """The site's released moments for a ``query.stats`` message (or withheld); ``study`` is the approved
+    study's summary (its one-hot groups and count features, :func:`omopfl.policy.study_summary`)."""
+    request = codec.decode_stats_request(content)
+    _site_config, prepared = load_site_dataset(dict(context.node_config))
+    study_hash = prepared.manifest.get("study_hash", "")
+    if request.study_hash != study_hash:
+        raise SiteFailure("study_mismatch")
+    study = study or {}
+    return site_statistics(prepared, site.min_cell_count, request.dp, site=site.name,
+                           groups=dict(study.get("categories", {})), counts=list(study.get("count_features", [])))
 
 
-def _guarded(message: Message, outcome: _Outcome, work) -> Message:
-    try:
-        content = work()
-    except Exception as exc:  # every failure becomes a fixed code, never text
-        code = _error_code(exc)
-        _log.warning("omopfl %s failed at this site: %s (%s)", message.metadata.message_type, code,
-                     type(exc).__name__)
-        content = codec.encode_error(outcome.site, code)
-    return Message(content, reply_to=message)
-
-
-@app.query("stats")
-def query_stats(message: Message, context: Context) -> Message:
-    """Reply with the site's released moments (or withheld / an error code)."""
-    outcome = _Outcome()
-
-    def work() -> RecordDict:
-        request = codec.decode_stats_request(message.content)
-        site, prepared = load_site_dataset(dict(context.node_config))
-        outcome.site = site.name
-        study_hash = prepared.manifest.get("study_hash", "")
-        if request.study_hash and request.study_hash != study_hash:
-            raise SiteFailure("study_mismatch")
-        return site_statistics(prepared, site.min_cell_count, request.dp, site=site.name)
-
-    return _guarded(message, outcome, work)
-
-
-@app.query("scaler")
-def query_scaler(message: Message, context: Context) -> Message:
-    """Keep the global scaler (context state and ``scaler.json``) and acknowledge it."""
-    outcome = _Outcome()
-
-    def work() -> RecordDict:
-        site, prepared = load_site_dataset(dict(context.node_config))
-        outcome.site = site.name
-        global_scaler = site_scaler(prepared, message.content)
-        for name, record in codec.scaler_record(global_scaler).items():
-            context.state[name] = record
-        _write_scaler(Path(str(context.node_config["prepared-dir"])) / site.name, global_scaler)
-        return codec.encode_ack(site.name)
-
-    return _guarded(message, outcome, work)
+def scaler_reply(content: RecordDict, context: Context, site: SiteConfig) -> RecordDict:
+    """Keep the global scaler of a ``query.scaler`` message (context state and ``scaler.json``); acknowledge."""
+    _site_config, prepared = load_site_dataset(dict(context.node_config))
+    global_scaler = site_scaler(prepared, content)
+    if global_scaler.study_hash != prepared.manifest.get("study_hash", ""):
+        raise SiteFailure("study_mismatch")
+    for name, record in codec.scaler_record(global_scaler).items():
+        context.state[name] = record
+    _write_scaler(Path(str(context.node_config["prepared-dir"])) / site.name, global_scaler)
+    return codec.encode_ack(site.name)

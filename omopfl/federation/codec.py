@@ -68,6 +68,12 @@ __all__ = [
     "decode_scaler",
     "scaler_record",
     "to_plain",
+    "ERROR_TEXT",
+    "STUDY_HASH_KEY",
+    "ROUND_KEYS",
+    "training_settings",
+    "audit_entry",
+    "reply_refusal",
 ]
 
 PROTOCOL = 1
@@ -82,8 +88,32 @@ ERROR_CODES = frozenset({
     "feature_mismatch",  # the global scaler's features differ from the site's dataset
     "dp_bounds",         # differential privacy requested without valid bounds for every feature
     "internal",          # anything else; the site's own log says more
+    # refusals of the site's trust boundary (omopfl.federation.site_app)
+    "study_not_approved",  # the message names a study the site's data engineer has not approved (or revoked)
+    "settings_mismatch",   # the message's settings differ from the approved study's
+    "policy",              # the site's policy forbids it (model kind, rounds, metrics, DP)
+    "round_limit",         # more rounds than the approved study (or the site's policy) allows
+    "foreign_app",         # the app's components are not omopfl's own
+    "code_in_bundle",      # the app bundle holds more than its pyproject.toml
+    "not_allowed",         # a message type omopfl's site app does not serve
+    "release_rule",        # the reply would break the site's release rule (omopfl.release)
 })
 """Fixed error codes a site may send; nothing else about an error leaves a site."""
+
+ERROR_TEXT: Mapping[str, str] = {
+    "study_not_approved": "study not approved", "settings_mismatch": "settings differ from the approved study",
+    "policy": "refused by the site's policy", "round_limit": "more rounds than approved",
+    "foreign_app": "app is not omopfl's", "code_in_bundle": "app bundle holds code", "not_allowed": "message refused",
+    "study_mismatch": "prepared for another study", "not_prepared": "not prepared", "config": "site misconfigured",
+    "feature_mismatch": "features differ", "bad_request": "malformed message", "dp_bounds": "DP bounds missing",
+    "internal": "internal error", "release_rule": "withheld by the release rule",
+}
+"""What the coordinator's log says for each code."""
+
+STUDY_HASH_KEY = "study-hash"
+"""Config key of every training/evaluation message naming the study it is for."""
+ROUND_KEYS = ("server-round", "evaluate-received", STUDY_HASH_KEY)
+"""Config keys of a training/evaluation message that are not study settings."""
 
 MISSING_SUFFIX = "__missing"
 
@@ -533,3 +563,56 @@ def to_plain(content: RecordDict) -> dict[str, dict[str, Any]]:
                 plain[key] = value
         out[name] = plain
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the study's training settings on the wire
+# --------------------------------------------------------------------------------------------
+
+
+def training_settings(study: Any) -> dict[str, Any]:
+    """The settings of a :class:`omopfl.study.StudyConfig` that decide what a site computes, by wire key.
+
+    The coordinator sends these in every ``train``/``evaluate`` config; a site compares them with the
+    same function applied to the study it approved, and computes with its own copy.
+    """
+    import json
+
+    model, training = study.model, study.training
+    return {
+        "model-kind": str(model.kind), "model-hidden": json.dumps([int(h) for h in model.hidden]),
+        "model-dropout": json.dumps([float(d) for d in model.dropout]),
+        "rounds": int(training.rounds), "local-epochs": int(training.local_epochs),
+        "batch-size": int(training.batch_size), "learning-rate": float(training.learning_rate),
+        "proximal-mu": float(training.proximal_mu) if training.strategy == "fedprox" else 0.0,
+        "test-fraction": float(training.test_fraction), "seed": int(training.seed),
+    }
+
+
+def audit_entry(reply: Any, message_type: str) -> dict[str, Any]:
+    """What the coordinator keeps of a reply for audit: node, type, content and its sha256.
+
+    ``sha256`` is the reply content's Flower object id, the same digest the site's own audit log
+    records (:mod:`omopfl.audit`), so the two records can be matched line by line.
+    """
+    entry: dict[str, Any] = {"node": reply.metadata.src_node_id,
+                             "message_type": reply.metadata.message_type or message_type}
+    if reply.has_error():
+        entry["flower_error_code"] = int(reply.error.code)
+    else:
+        entry["sha256"] = reply.content.object_id
+        entry["content"] = to_plain(reply.content)
+    return entry
+
+
+def reply_refusal(content: RecordDict) -> tuple[str | None, str] | None:
+    """``(site, code)`` if a train/evaluate reply is a site's fixed-code refusal or error, else None."""
+    if _SITE not in content.config_records:
+        return None
+    record = content.config_records[_SITE]
+    if record.get("status") != "error":
+        return None
+    code = record.get("code")
+    site = record.get("site")
+    return (site if isinstance(site, str) and _SITE_RE.match(site) else None,
+            code if isinstance(code, str) and code in ERROR_CODES else "malformed")

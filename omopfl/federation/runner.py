@@ -158,7 +158,7 @@ def _app_pyproject() -> str:
     return deploy.app_pyproject(
         name="omopfl-stats",
         description="omopfl federated statistics (global mean/std under minimum cell counts)",
-        serverapp="omopfl.federation.server_app:app", clientapp="omopfl.federation.client_app:app",
+        serverapp="omopfl.federation.server_app:app", clientapp="omopfl.federation.site_app:app",
         config=APP_CONFIG)
 
 
@@ -167,9 +167,9 @@ def _run_inprocess(adapters: list[Path], prepared_dir: Path, run_config: dict[st
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from omopfl.federation import client_app, server_app
+    from omopfl.federation import server_app, site_app
 
-    grid = InProcessGrid(client_app.app, [{"site-config": str(a), "prepared-dir": str(prepared_dir)}
+    grid = InProcessGrid(site_app.app, [{"site-config": str(a), "prepared-dir": str(prepared_dir)}
                                           for a in adapters], run_config)
     context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # Messages take their sender from the process's task identity (set by flwr-serverapp in a

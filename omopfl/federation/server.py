@@ -53,6 +53,8 @@ class ServerOptions:
     tls: dict[str, Path] | None = None
     site_keys: list[Path] = field(default_factory=list)
     keep_logs: bool = False
+    view: bool = False
+    view_port: int = 8088
     extra_run_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,7 +103,7 @@ def training_pyproject() -> str:
         name="omopfl-train",
         description="omopfl federated training (stats, global scaler, FedAvg/FedProx/FedAdam)",
         serverapp="omopfl.federation.server_train:train_app",
-        clientapp="omopfl.federation.site_train:client_app",
+        clientapp="omopfl.federation.site_app:app",
         config={**APP_CONFIG, **TRAIN_CONFIG},
     )
 
@@ -115,7 +117,8 @@ def _check_resume(run_dir: Path, resume: bool) -> None:
 
 
 def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str], None] | None = None,
-                on_started: Callable[[int], None] | None = None, progress: bool = True) -> dict[str, Any]:
+                on_started: Callable[[int], None] | None = None, progress: bool = True,
+                on_view: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Start the SuperLink, run the training app on the sites that connect, write the run directory.
 
     Parameters
@@ -131,6 +134,9 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
         Called with every output line of ``flwr run --stream`` (default: omopfl's lines are printed).
     on_started:
         Called with the SuperLink's port once it listens (tests start SuperNodes then).
+    on_view:
+        With ``options.view``: called with the live run view's URL once it listens (127.0.0.1 only;
+        :mod:`omopfl.federation.run_view`).
 
     Returns
     -------
@@ -173,6 +179,15 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
                    TimeElapsedColumn(), console=console, disable=not progress, transient=False)
     task = bar.add_task("rounds", total=num_rounds)
     failures: list[str] = []
+    view = None
+    if options.view:
+        from omopfl.federation.run_view import RunView
+
+        (run_dir / "live.json").unlink(missing_ok=True)  # no stale state from an earlier run
+        view = RunView(run_dir, port=options.view_port).start()
+        console.print(f"live run view on {view.url} (this machine only; read-only; stops with the run)")
+        if on_view is not None:
+            on_view(view.url)
 
     def show(line: str) -> None:
         match = _ROUND.search(line)
@@ -219,6 +234,12 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
         t0 = time.perf_counter()
         procs.stop()
         timings["stop"] = round(time.perf_counter() - t0, 3)
+        if view is not None:
+            if not ok:
+                from omopfl.federation.run_view import mark_failed
+
+                mark_failed(run_dir, failures[-1][-300:] if failures else "the run stopped")
+            view.stop()
         if ok and not options.keep_logs and (run_dir / "manifest.json").is_file():
             shutil.rmtree(work, ignore_errors=True)
     manifest_path = run_dir / "manifest.json"

@@ -143,12 +143,7 @@ def _exchange(grid: Grid, nodes: list[int], content_for, message_type: str, time
         node = reply.metadata.src_node_id
         replies[node] = reply
         if audit is not None:
-            entry: dict[str, Any] = {"node": node, "message_type": message_type}
-            if reply.has_error():
-                entry["flower_error_code"] = int(reply.error.code)
-            else:
-                entry["content"] = codec.to_plain(reply.content)
-            audit.append(entry)
+            audit.append(codec.audit_entry(reply, message_type))
     return replies
 
 
@@ -222,8 +217,8 @@ def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
     for _, r in withheld:
         _log.info("omopfl stats: site %s withheld its statistics (fewer persons than its min_cell_count)", r.site)
     for entry in failed:
-        _log.warning("omopfl stats: site %s (node %d) did not contribute: %s", entry["site"] or "?", entry["node"],
-                     entry["code"])
+        _log.warning("omopfl stats: %s: %s (node %d did not contribute: %s)", entry["site"] or "?",
+                     codec.ERROR_TEXT.get(entry["code"], entry["code"]), entry["node"], entry["code"])
     if no_reply:
         _log.warning("omopfl stats: %d node(s) did not reply within %.0f s", len(no_reply), settings.timeout)
 

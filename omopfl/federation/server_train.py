@@ -56,7 +56,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from omopfl.federation import codec
+from omopfl.federation import codec, run_view
 from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
 from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
 from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
@@ -166,6 +166,7 @@ class FastGrid:
         self.nodes: list[int] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.observer: Any = None  # the live run view (run_view.LiveState), told of nodes, sends and replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -173,7 +174,10 @@ class FastGrid:
     def get_node_ids(self) -> Iterable[int]:
         if self.nodes is not None:
             return list(self.nodes)
-        return self._grid.get_node_ids()
+        nodes = list(self._grid.get_node_ids())
+        if self.observer is not None:
+            self.observer.nodes_seen(len(nodes))
+        return nodes
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -183,12 +187,20 @@ class FastGrid:
         self.bytes_sent += sum(_content_bytes(m) for m in messages)
         pending = {i for i in self._grid.push_messages(messages) if i}
         replies: list[Message] = []
-        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        started = time.monotonic()
+        deadline = None if timeout is None else started + float(timeout)
         wait = self.poll
+        observer = self.observer
+        if observer is not None:
+            observer.exchange_started(types, [m.metadata.dst_node_id for m in messages], timeout)
         while pending:
             got = list(self._grid.pull_messages(list(pending)))
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
+            if observer is not None:
+                for reply in got:
+                    observer.reply(reply, time.monotonic() - started)
+                observer.waiting(time.monotonic() - started)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
@@ -196,13 +208,7 @@ class FastGrid:
         self.bytes_received += sum(_content_bytes(m) for m in replies)
         if self.audit is not None:
             for reply in replies:
-                entry: dict[str, Any] = {"node": reply.metadata.src_node_id,
-                                         "message_type": reply.metadata.message_type or "/".join(sorted(types))}
-                if reply.has_error():
-                    entry["flower_error_code"] = int(reply.error.code)
-                else:
-                    entry["content"] = codec.to_plain(reply.content)
-                self.audit.append(entry)
+                self.audit.append(codec.audit_entry(reply, "/".join(sorted(types))))
         return replies
 
 
@@ -364,8 +370,8 @@ def _drop(sites: dict[str, int], dropped: list[dict[str, Any]], node: int, serve
     name = next((s for s, n in sites.items() if n == node), f"node {node}")
     sites.pop(name, None)
     dropped.append({"site": name, "round": server_round, "reason": reason})
-    _log.warning("omopfl: site %s dropped in round %d: %s; going on with %d site(s)", name, server_round, reason,
-                 len(sites))
+    _log.warning("omopfl: %s: %s; site %s dropped in round %d, going on with %d site(s)", name, reason, name,
+                 server_round, len(sites))
 
 
 def _exchange(grid: FastGrid, messages: list[Message], sites: dict[str, int], dropped: list[dict[str, Any]],
@@ -373,12 +379,17 @@ def _exchange(grid: FastGrid, messages: list[Message], sites: dict[str, int], dr
     """Send, collect within ``timeout``, drop the sites that did not answer well; the good replies."""
     targets = {m.metadata.dst_node_id for m in messages}
     replies = grid.send_and_receive(messages, timeout=timeout)
-    good = [r for r in replies if not r.has_error()]
+    good = []
     answered = {r.metadata.src_node_id for r in replies}
     for reply in replies:
         if reply.has_error():
             _drop(sites, dropped, reply.metadata.src_node_id, server_round,
                   f"error reply (Flower error code {int(reply.error.code)})")
+        elif (refusal := codec.reply_refusal(reply.content)) is not None:
+            _drop(sites, dropped, reply.metadata.src_node_id, server_round,
+                  f"{codec.ERROR_TEXT.get(refusal[1], refusal[1])} ({refusal[1]})")
+        else:
+            good.append(reply)
     for node in sorted(targets - answered):
         _drop(sites, dropped, node, server_round, f"no {what} reply within {timeout:.0f} s")
     grid.nodes = list(sites.values())
@@ -403,7 +414,10 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
         setattr(strategy, name, {k: np.array(v) for k, v in state.items()})
     grid.nodes = list(sites.values())
     checkpoint = start
+    live = getattr(grid, "observer", None)
     for server_round in range(start.round + 1, plan.num_rounds + 1):
+        if live is not None:
+            live.round_started(server_round)
         t0 = time.monotonic()
         sent0, received0 = grid.bytes_sent, grid.bytes_received
         evaluate_received = plan.evaluate_on_train and server_round > 1
@@ -436,11 +450,15 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
         checkpoint = Checkpoint(round=server_round, arrays=_numpy(arrays), strategy_state=_strategy_state(strategy),
                                 rows=rows, sites=dict(sites), dropped=list(dropped), identity=plan.identity)
         checkpoint.save(plan.run_dir)
+        if live is not None:
+            live.round_done(rows, dropped)
         _log.info("omopfl round %d/%d: %d site(s), train loss %s, %.2f s", server_round, plan.num_rounds, len(good),
                   "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}", row["seconds"])
     if plan.evaluate_on_train and rows and rows[-1].get("eval_auc") is None and rows[-1].get("eval_n") is None:
         t0 = time.monotonic()
         sent0, received0 = grid.bytes_sent, grid.bytes_received
+        if live is not None:
+            live.evaluating()
         rows[-1].update(_evaluate(grid, strategy, arrays, plan, sites, dropped, plan.num_rounds))
         rows[-1]["final_evaluation_seconds"] = round(time.monotonic() - t0, 3)
         rows[-1]["bytes_sent"] = int(rows[-1].get("bytes_sent", 0)) + grid.bytes_sent - sent0
@@ -493,7 +511,7 @@ def write_run_dir(run_dir: Path, *, state: Mapping[str, np.ndarray], scaler: Map
             writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS})
     if audit is not None:
         write_json(run_dir / "audit.json", {"replies": audit})
-    skip = {"manifest.json", CHECKPOINT_JSON, CHECKPOINT_NPZ}
+    skip = {"manifest.json", CHECKPOINT_JSON, CHECKPOINT_NPZ, run_view.LIVE_FILE}
     files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.name not in skip
                    and not p.name.startswith("."))
     full = {**manifest, "files": {name: _sha256(run_dir / name) for name in files}}
@@ -541,6 +559,9 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     if bool(config["tune-pulls"]):
         shorten_pull_backoff(grid)
     settings = Settings.from_run_config({**dict(run_config), "send-scaler": True})
+    fast.observer = run_view.LiveState(run_dir, study=str(config["study-name"]), rounds=int(config["rounds"]),
+                                       expected_sites=max(settings.expected_sites, settings.min_sites),
+                                       min_sites=settings.min_sites)
     resume = bool(config["resume"])
     previous = None
     if resume:
@@ -548,11 +569,16 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
             raise ValueError(f"resume: no {CHECKPOINT_JSON} in the run directory")
         previous = Checkpoint.load(run_dir)
     stats = federated_statistics(fast, settings)
+    fast.observer.stats_done(stats)
     if int(stats["sites"]["connected"]) < settings.min_sites:
         raise RoundsFailed(f"{stats['sites']['connected']} site(s) connected within {settings.wait_seconds:.0f} s, "
                            f"fewer than min-sites {settings.min_sites}: no training")
     if stats["scaler"] is None:
-        raise RuntimeError("no global scaler (too few sites contributed statistics): no training")
+        failed = stats["sites"].get("failed", [])
+        reasons = ", ".join(f"{f.get('site') or 'node ' + str(f.get('node'))}: "
+                            f"{codec.ERROR_TEXT.get(f.get('code', ''), f.get('code'))}" for f in failed)
+        raise RoundsFailed("no global scaler: too few sites contributed statistics"
+                           + (f" ({reasons})" if reasons else "") + ": no training")
     stats_seconds = time.monotonic() - started
     scaler = codec.GlobalScaler.from_dict(stats["scaler"])
     identity = {"settings": _digest({k: config[k] for k in _IDENTITY_KEYS}), "scaler": _digest(stats["scaler"])}
@@ -583,6 +609,7 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
         for name in (CHECKPOINT_JSON, CHECKPOINT_NPZ):
             (run_dir / name).unlink(missing_ok=True)
     shared = {key: config[key] for key in ("model-kind", "model-hidden", "model-dropout", "test-fraction", "seed")}
+    shared[codec.STUDY_HASH_KEY] = settings.study_hash  # each site serves only the study it approved
     plan = RoundPlan(
         num_rounds=num_rounds,
         train_config={**shared, "local-epochs": int(config["local-epochs"]), "batch-size": int(config["batch-size"]),
@@ -619,10 +646,16 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     }
     if final.dropped:
         _log.warning("omopfl: the run finished without %s", ", ".join(d["site"] for d in final.dropped))
-    return write_run_dir(run_dir, state=final.arrays, scaler=stats["scaler"], stats=stats, rounds=rounds,
-                         manifest=manifest, audit=audit)
+    written = write_run_dir(run_dir, state=final.arrays, scaler=stats["scaler"], stats=stats, rounds=rounds,
+                            manifest=manifest, audit=audit)
+    fast.observer.finished(rounds, final.dropped)
+    return written
 
 
 @train_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    federated_training(grid, dict(context.run_config))
+    try:
+        federated_training(grid, dict(context.run_config))
+    except Exception as exc:
+        run_view.mark_failed(Path(str(context.run_config.get("run-dir", ""))), str(exc))
+        raise

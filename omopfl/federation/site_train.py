@@ -1,8 +1,9 @@
 """The site's Flower ClientApp handlers for training: ``train`` and ``evaluate``.
 
-They are registered on the statistics ClientApp (:data:`omopfl.federation.client_app.app`), so one
-SuperNode app answers ``query.stats``, ``query.scaler``, ``train`` and ``evaluate``; the app's
-component is ``omopfl.federation.site_train:client_app``.
+They run behind the site's trust boundary (:mod:`omopfl.federation.site_app`, the app's component
+``omopfl.federation.site_app:app``), which has checked the study and the message and replaced the
+message's config with the approved study's settings before they are called, and which audits and
+sends the reply.
 
 What a site does
     Loads its prepared dataset (node config ``site-config``, ``prepared-dir``) and the global scaler
@@ -44,18 +45,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
 from omopfl.federation import codec
 from omopfl.federation.client_app import SCALER_FILE, SiteFailure, check_scaler, load_site_dataset
-from omopfl.federation.client_app import app as client_app
 from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
 from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
 from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
 from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
 from omopfl.federation.codec import TRAIN_METRICS as METRICS
 
-__all__ = ["client_app", "site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
+__all__ = ["site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
            "EVALUATE_METRICS", "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY"]
 
 _log = logging.getLogger("flwr.omopfl")
@@ -146,17 +147,26 @@ def _model(spec: Any, tensors: Any, content: RecordDict) -> Any:
 
 
 def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int) -> MetricRecord:
-    """Test metrics, or only ``num-examples`` = 0 when the test rows are fewer than ``min_cell_count``."""
-    from omopfl.models import evaluate
+    """Test metrics under the release rule (:func:`omopfl.release.evaluation`: every confusion-matrix cell
+    at least ``min_cell_count``), or only ``num-examples`` = 0 (withheld)."""
+    import torch
 
-    if test_idx.size < min_cell_count:
+    from omopfl import release
+    from omopfl.models import predict_proba
+
+    if test_idx.size < 4 * min_cell_count:  # four cells of k persons cannot fit
         return MetricRecord({WEIGHT_KEY: 0})
-    result = evaluate(model, tensors, test_idx)
+    prob = predict_proba(model, tensors, test_idx)
+    y = tensors.y.index_select(0, torch.as_tensor(test_idx)).double().numpy()
+    clipped = np.clip(prob, 1e-12, 1 - 1e-12)
+    loss = float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))
+    result = release.evaluation(y, prob, loss, min_cell_count)
+    if result is None:
+        return MetricRecord({WEIGHT_KEY: 0})
     metrics: dict[str, Any] = {WEIGHT_KEY: int(test_idx.size)}
     for key in EVALUATE_METRICS:
-        value = float(result.get(key, math.nan))
-        if math.isfinite(value):
-            metrics[key] = value
+        if key in result:
+            metrics[key] = float(result[key])
     return MetricRecord(metrics)
 
 
@@ -171,7 +181,10 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
     reply: dict[str, Any] = {}
     if _cfg(config, "evaluate-received", bool, False):
         reply[EVALUATE] = _evaluation(model, tensors, test_idx, min_cell_count)
-    if train_idx.size < min_cell_count:  # nothing learnt from so few persons leaves: the weights go back as received
+    from omopfl import release
+
+    if not release.may_train(int(train_idx.size), int(test_idx.size), min_cell_count):
+        # nothing learnt from so few persons leaves (nor a count whose complement is small): weights as received
         return RecordDict({ARRAYS: content.array_records[ARRAYS], METRICS: MetricRecord({WEIGHT_KEY: 0}), **reply})
     mu = float(_cfg(config, "proximal-mu", (int, float), 0.0))
     server_round = int(_cfg(config, "server-round", int, 1))
@@ -197,13 +210,6 @@ def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
 HANDLERS = {"train": site_train, "evaluate": site_evaluate}
 
 
-def error_code(exc: BaseException) -> str:
-    """The fixed code a failure is reported with (never its text: it may echo data)."""
-    if isinstance(exc, SiteFailure):
-        return SiteFailure(exc.code).code
-    return "bad_request" if isinstance(exc, codec.CodecError) else "internal"
-
-
 def handle(message_type: str, content: RecordDict, context: Context) -> RecordDict:
     """Run the handler of ``message_type`` here, or in the node's long-lived worker if it has one."""
     socket_path = context.node_config.get("worker-socket")
@@ -215,24 +221,3 @@ def handle(message_type: str, content: RecordDict, context: Context) -> RecordDi
         except worker.WorkerUnavailable:
             _log.warning("omopfl: the site worker is not reachable; running %s in this process", message_type)
     return HANDLERS[message_type](content, context)
-
-
-def _guarded(message: Message, context: Context) -> Message:
-    message_type = message.metadata.message_type
-    try:
-        content = handle(message_type, message.content, context)
-    except Exception as exc:  # the text may echo data: only a fixed code leaves the site
-        code = error_code(exc)
-        _log.error("omopfl %s failed: %s (%s)", message_type, code, type(exc).__name__)
-        raise RuntimeError(f"omopfl site error: {code}") from None
-    return Message(content, reply_to=message)
-
-
-@client_app.train()
-def _train(message: Message, context: Context) -> Message:
-    return _guarded(message, context)
-
-
-@client_app.evaluate()
-def _evaluate(message: Message, context: Context) -> Message:
-    return _guarded(message, context)

@@ -14,8 +14,14 @@ The SuperNode is Flower's own (``flower-supernode``'s entry point, run in this p
   ``poll_seconds``; on any other version the stock SuperNode runs unchanged and a warning says so.
   The SuperExec's task poll is Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; the retry
   backoff of pulling a message's objects (1 s, doubling, when a message is seen before all its objects
-  arrived) starts at 20 ms.  ClientApp messages run in forks of a warm SuperExec
-  (:mod:`omopfl.federation.warm_exec`).
+  arrived) starts at 20 ms.
+
+Every message runs omopfl's site runtime, never Flower's ``flwr-clientapp``: the SuperNode is started
+with ``--isolation process`` and omopfl's SuperExec (:mod:`omopfl.federation.site_exec`) beside it,
+which forks (tuned) or starts (stock polling) :mod:`omopfl.federation.site_runtime` for each task.
+That runtime checks the coordinator's app bundle and serves the message through the site's trust
+boundary (:mod:`omopfl.federation.site_app`).  On a Flower version omopfl was not checked against
+the site refuses to start (:mod:`omopfl.federation.flower_runtime`).
 """
 
 from __future__ import annotations
@@ -104,8 +110,10 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
     """
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from omopfl.federation import flower_runtime
     from omopfl.federation.worker import SiteWorker
 
+    flower_runtime.check_version()  # fail closed: the site's code gate needs omopfl's own ClientApp runtime
     os.environ.update(flower_env(dict(os.environ), tuned=poll_seconds is not None))
     if poll_seconds is None:
         os.environ.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)  # Flower's default
@@ -118,15 +126,16 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
     try:
         extra = {"worker-socket": site_worker.socket_path} if site_worker else None
         port = runtime_port or free_port()
+        # Flower's SuperNode never starts a ClientApp itself (--isolation process): omopfl's SuperExec
+        # does, and runs omopfl's site runtime for every message (omopfl.federation.site_exec).
         args = ["flower-supernode", "--superlink", superlink,
                 "--node-config", node_config_text(adapter, prepared_dir, extra),
-                "--host", "127.0.0.1", "--port", str(port)]
-        if warm:  # ClientApp tasks run in forks of a pre-imported SuperExec (omopfl.federation.warm_exec)
-            args += ["--isolation", "process"]
-            executor = subprocess.Popen(
-                [sys.executable, "-m", "omopfl.federation.warm_exec", "--runtime-api-address", f"127.0.0.1:{port}",
-                 "--insecure", "--parent-pid", str(os.getpid()), *([] if worker else ["--preload-torch"])],
-                stdin=subprocess.DEVNULL)
+                "--host", "127.0.0.1", "--port", str(port), "--isolation", "process"]
+        executor = subprocess.Popen(
+            [sys.executable, "-I", "-m", "omopfl.federation.site_exec", "--runtime-api-address",
+             f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(os.getpid()),
+             "--fork" if warm else "--subprocess", *([] if worker or not warm else ["--preload-torch"])],
+            stdin=subprocess.DEVNULL)
         args += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
         if auth_keys:
             args += ["--auth-supernode-private-key", str(auth_keys[0])]

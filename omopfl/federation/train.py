@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from omopfl.federation.server_train import TRAIN_CONFIG, train_app, write_run_dir
+from omopfl.federation.site_app import app as client_app
 from omopfl.federation.site_train import (
     EVALUATE_METRICS,
     EVALUATE_REPLY_KEYS,
     TRAIN_REPLY_KEYS,
-    client_app,
     site_evaluate,
     site_train,
 )

@@ -107,6 +107,7 @@ class _Handler(socketserver.BaseRequestHandler):
         from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
 
         from omopfl.federation import site_train
+        from omopfl.federation.client_app import error_code
 
         try:
             header = json.loads(_recv_frame(self.request))
@@ -129,7 +130,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 reply = recorddict_to_proto(handler(content, context)).SerializeToString()
                 status = {"code": ""}
             except Exception as exc:  # only a fixed code leaves this process
-                status = {"code": "bad_request" if handler is None else site_train.error_code(exc)}
+                status = {"code": "bad_request" if handler is None else error_code(exc)}
                 reply = b""
                 _log.error("omopfl worker %s failed: %s (%s)", header.get("type"), status["code"],
                            type(exc).__name__)

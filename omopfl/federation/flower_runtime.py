@@ -1,0 +1,197 @@
+"""The Flower internals a site's ClientApp process and SuperExec use, behind one version gate.
+
+Flower has no public API for "run this installed ClientApp for a task, but do not install or import
+the run's app bundle", which is what a site needs (:mod:`omopfl.federation.site_runtime`).  This module
+wraps the pieces of Flower's own ``flwr-clientapp`` runtime (``flwr.supernode.runtime.run_clientapp``:
+the Runtime API client, pulling the task input and the message, pushing the reply and the task status,
+heartbeats, signal handlers) and Flower's SuperExec loop with an executor of omopfl's
+(:func:`site_executor`), so that the rest of the package does not touch them.
+
+Every use checks :data:`CHECKED_FLOWER_VERSIONS` first and fails closed (:class:`FlowerVersionError`)
+on any other Flower version: a site then refuses to serve rather than fall back to Flower's
+``flwr-clientapp``, which would run the coordinator's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import types
+from typing import Any
+
+from omopfl.errors import FederationError
+
+__all__ = ["CHECKED_FLOWER_VERSIONS", "FlowerVersionError", "check_version", "clientapp_runtime", "site_executor",
+           "run_site_superexec", "shorten_clientapp_pulls", "PULL_BACKOFF_SECONDS"]
+
+PULL_BACKOFF_SECONDS = (0.02, 0.25)
+"""(initial, cap) of the retry backoff while a message's objects are still arriving (Flower: 1 s doubling)."""
+
+CHECKED_FLOWER_VERSIONS = ("1.41.0",)
+"""Flower versions whose ClientApp runtime and SuperExec internals this module was checked against."""
+
+
+class FlowerVersionError(FederationError):
+    """The installed Flower is not one omopfl's site runtime was checked against."""
+
+
+def check_version() -> str:
+    """The installed Flower version, if omopfl's site runtime was checked against it; else FlowerVersionError."""
+    import flwr
+
+    version = str(getattr(flwr, "__version__", ""))
+    if version not in CHECKED_FLOWER_VERSIONS:
+        raise FlowerVersionError(
+            f"Flower {version or '(unknown)'} is installed; omopfl's site runtime was checked against "
+            f"{', '.join(CHECKED_FLOWER_VERSIONS)} only: install a checked version (pip install 'flwr==1.41.0'); "
+            "a site does not serve on an unchecked Flower")
+    return version
+
+
+def clientapp_runtime() -> types.SimpleNamespace:
+    """Flower's ClientApp-process runtime pieces (see the module docstring)."""
+    check_version()
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.exit import register_signal_handlers
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.telemetry import EventType
+    from flwr.supernode.runtime import run_clientapp as flower
+
+    invokers: dict[int, Any] = {}
+
+    def make_client(address: str, token: str, insecure: bool, certificates: bytes | None) -> Any:
+        invoker = make_simple_http_retry_invoker()
+        client = RuntimeHttpClient.from_server_address(
+            server_address=address, insecure=insecure, root_certificates=certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=invoker)
+        invokers[id(client)] = invoker
+        return client
+
+    def limit_retries(client: Any) -> None:
+        if id(client) in invokers:
+            invokers[id(client)].max_tries = 1
+
+    def start_heartbeat(client: Any) -> Any:
+        sender = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        sender.start()
+        return sender
+
+    def signal_handlers(on_exit: Any) -> None:
+        register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.",
+                                 exit_handlers=[on_exit])
+
+    return types.SimpleNamespace(
+        make_client=make_client, limit_retries=limit_retries, start_heartbeat=start_heartbeat,
+        register_signal_handlers=signal_handlers, start_parent_process_monitor=start_parent_process_monitor,
+        pull_task_input=flower.pull_task_input, push_message=flower.push_message,
+        push_task_output=flower.push_task_output, COMPLETED=SubStatus.COMPLETED, FAILED=SubStatus.FAILED)
+
+
+def _task_args(spec: Any) -> list[str]:
+    args = ["--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
+    if spec.insecure:
+        args.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        args += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        args += ["--parent-pid", str(spec.parent_pid)]
+    return args
+
+
+def site_executor(*, fork: bool) -> Any:
+    """A SuperExec executor that runs every ClientApp task as omopfl's site runtime, never ``flwr-clientapp``.
+
+    ``fork``: in a fork of this (pre-imported) process; otherwise in a fresh ``python -I -m
+    omopfl.federation.site_runtime``.  Tasks of any other type are refused.
+    """
+    check_version()
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import LaunchResult
+
+    class SiteExecutor(SubprocessExecutor):
+        def __init__(self) -> None:
+            self.children: set[int] = set()
+            self.processes: list[subprocess.Popen] = []
+
+        def get_eligible_capacity(self, supported_task_types: set[Any], **_kwargs: Any) -> tuple[set[Any], set[str]]:
+            return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
+
+        def launch(self, spec: Any) -> Any:
+            if spec.task_type != TaskType.CLIENT_APP:
+                return LaunchResult.failed("omopfl sites run ClientApp tasks only")
+            args = _task_args(spec)
+            if not fork:
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-I", "-m", "omopfl.federation.site_runtime", *args], stdin=subprocess.DEVNULL))
+                return LaunchResult.accepted()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the child: omopfl's site runtime, then leave without the parent's exit handlers
+                code = 1
+                try:
+                    from omopfl.federation import site_runtime
+
+                    site_runtime.main(args)
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                except BaseException:
+                    code = 1
+                finally:
+                    with contextlib.suppress(Exception):
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    os._exit(code)
+            self.children.add(pid)
+            return LaunchResult.accepted()
+
+        def reconcile(self) -> None:
+            for pid in list(self.children):
+                with contextlib.suppress(ChildProcessError):
+                    done, _status = os.waitpid(pid, os.WNOHANG)
+                    if not done:
+                        continue
+                self.children.discard(pid)
+            self.processes = [p for p in self.processes if p.poll() is None]
+
+        def close(self) -> None:
+            self.reconcile()
+
+    return SiteExecutor()
+
+
+def shorten_clientapp_pulls() -> None:
+    """A forked ClientApp task starts before its SuperNode has stored the message's objects; Flower's pull
+    then backs off 1 s (doubling to 10 s).  Retry sooner: the objects are arriving over loopback."""
+    import functools
+
+    check_version()
+    from flwr.supernode.runtime import run_clientapp
+
+    original = run_clientapp.pull_and_inflate_object_from_tree
+    if isinstance(original, functools.partial):
+        return
+    run_clientapp.pull_and_inflate_object_from_tree = functools.partial(  # type: ignore[attr-defined]
+        original, initial_backoff=PULL_BACKOFF_SECONDS[0], backoff_cap=PULL_BACKOFF_SECONDS[1])
+
+
+def run_site_superexec(address: str, *, insecure: bool, root_certificates: str | None, parent_pid: int | None,
+                       fork: bool) -> None:
+    """Flower's SuperExec loop with :func:`site_executor` (until the SuperNode or this process stops)."""
+    check_version()
+    from flwr.supercore.superexec import run_superexec as superexec
+
+    executor = site_executor(fork=fork)
+    superexec.get_executor = lambda *_args, **_kwargs: executor  # type: ignore[attr-defined]
+    superexec.run_superexec(runtime_api_address=address, insecure=insecure,
+                            root_certificates_path=root_certificates, parent_pid=parent_pid)

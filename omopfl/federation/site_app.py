@@ -1,0 +1,333 @@
+"""The site's trust boundary: omopfl's ClientApp and the one path every message takes at a site.
+
+::
+
+    message ─▶ code gate (site_runtime: the app bundle holds only a pyproject naming omopfl's own app)
+            ─▶ serve(): which site (its own adapter, from the node config the site set)
+                        which message type (only train, evaluate, query.stats, query.scaler)
+                        which study (an active approval of exactly this hash in the site's state folder)
+                        which settings (every setting the message carries equals the approved study's;
+                                        rounds within the study's and the policy's limit; model kind,
+                                        metrics and DP as the site's policy allows)
+            ─▶ omopfl's own handler, given the approved study's settings (never the message's)
+            ─▶ the release rule (omopfl.release: applied by the handlers, then checked on the reply as it
+                                 would leave by release.check_reply; a violation sends a fixed code)
+            ─▶ audit log (omopfl.audit: appended before the reply leaves; if it cannot be written,
+                          nothing but a fixed code leaves)
+            ─▶ reply (or a refusal: a fixed code, nothing else)
+
+What a coordinator sends is data, never code and never a setting that overrides the site: the
+coordinator's run config (``context.run_config``) is not read here at all, and the message's config
+is only compared with the approved study.  The code gate (:func:`check_bundle`) runs in omopfl's
+ClientApp process (:mod:`omopfl.federation.site_runtime`) before the message is served; Flower's
+``flwr-clientapp`` (which extracts the bundle and imports its components) is never run at a site.
+
+The in-process grid (``omopfl train --simulate``, tests) calls :data:`app` and so takes the same path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from omopfl import audit, policy, release
+from omopfl.config import SiteConfig, load_site
+from omopfl.federation import codec
+from omopfl.federation.client_app import SiteFailure, error_code, scaler_reply, stats_reply
+
+__all__ = ["app", "serve", "refuse", "check_bundle", "audit_path", "COMPONENT", "MESSAGE_TYPES", "Refusal"]
+
+_log = logging.getLogger("omopfl.site")
+
+COMPONENT = "omopfl.federation.site_app:app"
+"""The only ClientApp component a site runs (what omopfl's own app bundles name)."""
+ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
+"""What an app bundle may hold: its pyproject and Flower's content manifest, nothing else."""
+MAX_PYPROJECT_BYTES = 1 << 20
+MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler")
+
+app = ClientApp()
+
+
+class Refusal(SiteFailure):
+    """The site's trust boundary refuses the message (a fixed code, :data:`codec.ERROR_CODES`)."""
+
+
+# --------------------------------------------------------------------------------------------
+# the code gate: what an app bundle (FAB) may be
+# --------------------------------------------------------------------------------------------
+
+
+def check_bundle(fab: bytes) -> str:
+    """``""`` if the app bundle is omopfl's own (only a pyproject naming :data:`COMPONENT`), else a code.
+
+    Reads the zip's directory and the pyproject's text in memory; nothing is extracted or imported.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+            infos = bundle.infolist()
+            names = [i.filename for i in infos]
+            if len(names) != len(set(names)) or not set(names) <= ALLOWED_FILES or "pyproject.toml" not in names:
+                return "code_in_bundle"
+            if any(i.file_size > MAX_PYPROJECT_BYTES for i in infos):
+                return "code_in_bundle"
+            if ".info/CONTENT" in names:
+                listed = {line.split(",", 1)[0] for line in
+                          bundle.read(".info/CONTENT").decode("utf-8").splitlines() if line.strip()}
+                if not listed <= {"pyproject.toml"}:
+                    return "code_in_bundle"
+            config = tomllib.loads(bundle.read("pyproject.toml").decode("utf-8"))
+    except (zipfile.BadZipFile, tomllib.TOMLDecodeError, UnicodeDecodeError, OSError, ValueError, KeyError):
+        return "foreign_app"
+    components = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+    if not isinstance(components, dict) or components.get("clientapp") != COMPONENT:
+        return "foreign_app"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# the message gate
+# --------------------------------------------------------------------------------------------
+
+
+def _site(context: Context) -> SiteConfig:
+    adapter = context.node_config.get("site-config")
+    if not isinstance(adapter, str) or not adapter:
+        raise SiteFailure("config")
+    return load_site(adapter)
+
+
+def _requested_study(message_type: str, content: RecordDict) -> str:
+    """The study hash the message says it is for (the message's own claim, checked next)."""
+    if message_type == "query.stats":
+        return codec.decode_stats_request(content).study_hash
+    if message_type == "query.scaler":
+        return codec.decode_scaler(content).study_hash
+    config = content.config_records.get(codec.TRAIN_CONFIG)
+    value = None if config is None else config.get(codec.STUDY_HASH_KEY)
+    if not isinstance(value, str):
+        raise codec.CodecError(f"config key {codec.STUDY_HASH_KEY!r} is missing")
+    return value
+
+
+def _same(sent: Any, approved: Any) -> bool:
+    if isinstance(approved, bool) or isinstance(sent, bool):
+        return type(sent) is type(approved) and sent == approved
+    if isinstance(approved, int | float) and isinstance(sent, int | float):
+        return float(sent) == float(approved)
+    return type(sent) is type(approved) and sent == approved
+
+
+def _prepared_study_hash(context: Context, site: SiteConfig) -> str:
+    folder = Path(str(context.node_config.get("prepared-dir", ""))) / site.name
+    try:
+        return str(json.loads((folder / "manifest.json").read_text()).get("study_hash", ""))
+    except (OSError, ValueError, AttributeError):
+        raise SiteFailure("not_prepared") from None
+
+
+def _sent(site: SiteConfig, run_id: int, message_type: str) -> int:
+    """Replies of this type the site already sent in this run (from its audit log)."""
+    return sum(1 for e in audit.read(audit_path(site), run_id=run_id)
+               if e.get("message_type") == message_type and e.get("outcome") == "sent")
+
+
+def _admit_training(message_type: str, content: RecordDict, context: Context, site: SiteConfig,
+                    approved: policy.ApprovedStudy, run_id: int) -> RecordDict:
+    """The content the handler gets: the message's weights with the approved study's settings."""
+    config = dict(content.config_records[codec.TRAIN_CONFIG])
+    settings = dict(approved.settings)
+    for key, value in config.items():
+        if key in codec.ROUND_KEYS:
+            continue
+        if key not in settings or not _same(value, settings[key]):
+            _log.warning("omopfl site %s: %s refused: setting %s differs from the approved study", site.name,
+                         message_type, key)
+            raise Refusal("settings_mismatch")
+    rules = site.policy
+    if settings["model-kind"] not in rules.allowed_models or rules.dp_required:
+        raise Refusal("policy")
+    server_round = config.get("server-round", 1)
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+        raise codec.CodecError("config key 'server-round' must be a positive integer")
+    limit = min(int(settings["rounds"]), rules.max_rounds)
+    evaluate_received = config.get("evaluate-received", False)
+    if not isinstance(evaluate_received, bool):
+        raise codec.CodecError("config key 'evaluate-received' must be a bool")
+    if message_type == "train":
+        if server_round > limit or _sent(site, run_id, "train") >= limit:
+            raise Refusal("round_limit")
+    elif not rules.release_metrics:
+        raise Refusal("policy")
+    elif server_round > limit or _sent(site, run_id, "evaluate") >= limit:  # bounded repeated evaluations
+        raise Refusal("round_limit")
+    effective = {key: value for key, value in settings.items() if key != "rounds"}
+    effective.update({"server-round": server_round, codec.STUDY_HASH_KEY: approved.hash,
+                      "evaluate-received": bool(evaluate_received and rules.release_metrics)})
+    records: dict[str, Any] = {codec.TRAIN_CONFIG: ConfigRecord(effective)}
+    if codec.TRAIN_ARRAYS in content.array_records:
+        records[codec.TRAIN_ARRAYS] = content.array_records[codec.TRAIN_ARRAYS]
+    return RecordDict(records)
+
+
+def _admit_stats(content: RecordDict, site: SiteConfig) -> None:
+    request = codec.decode_stats_request(content)
+    rules = site.policy
+    if rules.dp_required and request.dp is None:
+        raise Refusal("policy")
+    if request.dp is not None and rules.max_epsilon is not None and request.dp.epsilon > rules.max_epsilon:
+        raise Refusal("policy")
+
+
+def _handle(message_type: str, content: RecordDict, context: Context, site: SiteConfig, run_id: int) -> RecordDict:
+    study_hash = _requested_study(message_type, content)
+    approved = policy.approved_study(site, study_hash)
+    if approved is None:
+        _log.warning("omopfl site %s: %s refused: study %s is not approved here", site.name, message_type,
+                     study_hash[:12] or "(none)")
+        raise Refusal("study_not_approved")
+    if _prepared_study_hash(context, site) != approved.hash:
+        raise SiteFailure("study_mismatch")
+    if message_type == "query.stats":
+        _admit_stats(content, site)
+        return stats_reply(content, context, site, approved.summary)
+    if message_type == "query.scaler":
+        return scaler_reply(content, context, site)
+    from omopfl.federation import site_train
+
+    return site_train.handle(message_type, _admit_training(message_type, content, context, site, approved, run_id),
+                             context)
+
+
+# --------------------------------------------------------------------------------------------
+# audit and reply
+# --------------------------------------------------------------------------------------------
+
+
+def audit_path(site: SiteConfig) -> Path:
+    """The site's audit log (in its state folder)."""
+    return policy.state_dir(site) / audit.AUDIT_FILE
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value != value:  # NaN has no JSON form
+        return None
+    return value
+
+
+def describe(content: RecordDict) -> tuple[list[dict[str, Any]], int]:
+    """(records as the audit log lists them, bytes of the serialized reply)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    records = []
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            records.append({"name": name, "kind": "array", "keys": list(record.keys()),
+                            "arrays": [{"key": k, "shape": list(a.shape), "dtype": str(a.dtype),
+                                        "sha256": a.object_id} for k, a in record.items()]})
+        elif isinstance(record, MetricRecord):
+            records.append({"name": name, "kind": "metric", "keys": list(record.keys()),
+                            "values": {k: _plain(v) for k, v in record.items()}})
+        elif isinstance(record, ConfigRecord):
+            records.append({"name": name, "kind": "config", "keys": list(record.keys()),
+                            "values": {k: _plain(v) for k, v in record.items()}})
+    size = sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+    return records, size
+
+
+def _send(message: Message, context: Context, site: SiteConfig | None, study_hash: str, reply: RecordDict,
+          code: str) -> Message:
+    """Append the reply to the site's audit log, then hand it over; if the log cannot be written,
+    nothing but a fixed code leaves (and if even that cannot be logged, nothing at all)."""
+    meta = message.metadata
+    server_round = None
+    incoming = message.content.config_records.get(codec.TRAIN_CONFIG) if message.has_content() else None
+    if incoming is not None and isinstance(incoming.get("server-round"), int):
+        server_round = int(incoming["server-round"])
+    for attempt in range(2):
+        records, size = describe(reply)
+        entry = {"run_id": int(meta.run_id), "site": site.name if site else None, "study_hash": study_hash,
+                 "message_type": meta.message_type, "server_round": server_round,
+                 "outcome": "refused" if code else "sent", "code": code, "records": records, "bytes": size,
+                 "sha256": reply.object_id}
+        if site is None:
+            break
+        try:
+            audit.append(audit_path(site), entry)
+            break
+        except (OSError, ValueError) as exc:
+            _log.error("omopfl site %s: the audit log cannot be written (%s); sending a fixed code only",
+                       site.name, type(exc).__name__)
+            if attempt:
+                raise RuntimeError("omopfl site error: audit") from None
+            code, reply = "internal", codec.encode_error(site.name, "internal")
+    return Message(reply, reply_to=message)
+
+
+def serve(message: Message, context: Context) -> Message:
+    """The one path every message takes at a site (see the module docstring)."""
+    site: SiteConfig | None = None
+    study_hash, code = "", ""
+    message_type = message.metadata.message_type
+    try:
+        site = _site(context)
+        if message_type not in MESSAGE_TYPES:
+            raise Refusal("not_allowed")
+        if not message.has_content():
+            raise codec.CodecError("the message has no content")
+        try:
+            study_hash = _requested_study(message_type, message.content)
+        except codec.CodecError:
+            study_hash = ""
+        reply = _handle(message_type, message.content, context, site, int(message.metadata.run_id))
+        release.check_reply(message_type, {name: dict(record) for name, record in reply.items()
+                                           if not isinstance(record, ArrayRecord)}, site.min_cell_count)
+    except Exception as exc:  # every failure is a fixed code; the text may echo data and stays here
+        code = error_code(exc)
+        _log.warning("omopfl site %s: %s -> %s (%s)", site.name if site else "?", message_type, code,
+                     type(exc).__name__)
+        reply = codec.encode_error(site.name if site else None, code)
+    return _send(message, context, site, study_hash if len(study_hash) <= 128 else "", reply, code)
+
+
+def refuse(message: Message, context: Context, code: str) -> Message:
+    """A refusal decided before :func:`serve` (the code gate), audited like every reply."""
+    site: SiteConfig | None
+    try:
+        site = _site(context)
+    except Exception:
+        site = None
+    _log.warning("omopfl site %s: %s refused: %s", site.name if site else "?", message.metadata.message_type, code)
+    return _send(message, context, site, "", codec.encode_error(site.name if site else None, code), code)
+
+
+@app.train()
+def _train(message: Message, context: Context) -> Message:
+    return serve(message, context)
+
+
+@app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    return serve(message, context)
+
+
+@app.query("stats")
+def _stats(message: Message, context: Context) -> Message:
+    return serve(message, context)
+
+
+@app.query("scaler")
+def _scaler(message: Message, context: Context) -> Message:
+    return serve(message, context)
