@@ -63,6 +63,7 @@ class SitePolicy:
     release_metrics: bool = True
     dp_required: bool = False
     max_epsilon: float | None = None
+    epsilon_budget: float | None = None
     state_dir: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +79,8 @@ def parse_policy(table: Any, path: Path, site_name: str) -> SitePolicy:
         table = {}
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [policy] must be a table")
-    known = {"allowed_models", "max_rounds", "release_metrics", "dp_required", "max_epsilon", "state_dir"}
+    known = {"allowed_models", "max_rounds", "release_metrics", "dp_required", "max_epsilon", "epsilon_budget",
+             "state_dir"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{path}: unknown key [policy] {key}; expected one of {sorted(known)}")
@@ -95,12 +97,16 @@ def parse_policy(table: Any, path: Path, site_name: str) -> SitePolicy:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: [policy] {key} must be true or false")
         flags[key] = value
-    max_epsilon = table.get("max_epsilon")
-    if max_epsilon is not None:
-        if (isinstance(max_epsilon, bool) or not isinstance(max_epsilon, int | float)
-                or not math.isfinite(float(max_epsilon)) or float(max_epsilon) <= 0):
-            raise ConfigError(f"{path}: [policy] max_epsilon must be a positive finite number")
-        max_epsilon = float(max_epsilon)
+    epsilons: dict[str, float | None] = {}
+    for key in ("max_epsilon", "epsilon_budget"):
+        value = table.get(key)
+        if value is not None:
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(float(value)) or float(value) <= 0):
+                raise ConfigError(f"{path}: [policy] {key} must be a positive finite number")
+            value = float(value)
+        epsilons[key] = value
+    max_epsilon = epsilons["max_epsilon"]
     state = table.get("state_dir")
     if state is not None and (not isinstance(state, str) or not state.strip()):
         raise ConfigError(f"{path}: [policy] state_dir must be a folder path")
@@ -108,7 +114,8 @@ def parse_policy(table: Any, path: Path, site_name: str) -> SitePolicy:
     folder = Path(os.path.expandvars(state)).expanduser() if state else Path(f"omopfl-site-{site_name}")
     folder = folder if folder.is_absolute() else base / folder
     return SitePolicy(allowed_models=tuple(models), max_rounds=max_rounds, release_metrics=flags["release_metrics"],
-                      dp_required=flags["dp_required"], max_epsilon=max_epsilon, state_dir=folder.resolve())
+                      dp_required=flags["dp_required"], max_epsilon=max_epsilon,
+                      epsilon_budget=epsilons["epsilon_budget"], state_dir=folder.resolve())
 
 
 def state_dir(site: SiteConfig) -> Path:
@@ -178,7 +185,12 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
             "metrics": metrics,
             "counts": f"train/test row counts, only when at least {site.min_cell_count}",
         },
-        "dp": {"required_by_site": policy.dp_required, "max_epsilon": policy.max_epsilon},
+        "dp": {"required_by_site": policy.dp_required, "max_epsilon": policy.max_epsilon,
+               "site_budget": policy.epsilon_budget},
+        "privacy": {"statistics_epsilon": study.privacy.statistics_epsilon, "delta": study.privacy.delta,
+                    "bounds": {name: [low, high] for name, low, high in study.privacy.bounds},
+                    "dp_sgd": study.privacy.dp_sgd, "target_epsilon": study.privacy.target_epsilon,
+                    "max_grad_norm": study.privacy.max_grad_norm, "budget_epsilon": study.privacy.budget_epsilon},
         "min_cell_count": site.min_cell_count,
     }
 
@@ -193,9 +205,26 @@ def policy_problems(study: StudyConfig, site: SiteConfig) -> list[str]:
     if study.training.rounds > policy.max_rounds:
         problems.append(f"the study asks for {study.training.rounds} rounds, more than [policy] max_rounds "
                         f"{policy.max_rounds}")
+    privacy = study.privacy
     if policy.dp_required:
-        problems.append("[policy] dp_required = true, but omopfl has no DP-SGD for training yet: the site can "
-                        "serve DP statistics only (omopfl stats --dp-epsilon), not this study's training")
+        if privacy.statistics_epsilon is None:
+            problems.append("[policy] dp_required = true: the study must set [privacy] statistics_epsilon and bounds")
+        if not privacy.dp_sgd:
+            problems.append("[policy] dp_required = true: the study must train with [privacy] dp_sgd = true")
+        if privacy.budget_epsilon is None and policy.epsilon_budget is None:
+            problems.append("[policy] dp_required = true: a budget is needed ([privacy] budget_epsilon in the study "
+                            "or [policy] epsilon_budget here)")
+    if privacy.dp_sgd and study.model.kind not in ("logistic", "mlp"):
+        problems.append(f"DP-SGD is available for the logistic and mlp models, not {study.model.kind!r}")
+    if (privacy.statistics_epsilon is not None and policy.max_epsilon is not None
+            and privacy.statistics_epsilon > policy.max_epsilon):
+        problems.append(f"[privacy] statistics_epsilon {privacy.statistics_epsilon} is above [policy] max_epsilon "
+                        f"{policy.max_epsilon}")
+    if privacy.statistics_epsilon is not None:
+        missing = [f for f in study.feature_names() if f not in {b[0] for b in privacy.bounds}]
+        if missing:
+            problems.append(f"[privacy.bounds] has no bounds for {', '.join(missing)} (DP statistics need every "
+                            "feature's public bounds)")
     return problems
 
 

@@ -16,7 +16,8 @@ Statistics (``query.stats``, per feature: count ``n``, ``mean``, sum of squared 
       of the released levels (``persons - sum of ones``; e.g. unknown sex) is not small, else the
       whole group is withheld.
 Evaluation metrics (``evaluate``, and the evaluation a ``train`` reply carries)
-    released only when every cell of the confusion matrix at the operating threshold (0.5) holds at
+    released only when every cell of the confusion matrix at the study's operating threshold
+    (``[training] threshold``, default 0.5; for a rare outcome choose one near its prevalence) holds at
     least ``k`` persons (so both classes hold at least ``2k``: AUC is over at least ``k`` of each),
     rounded to :data:`METRIC_DECIMALS` decimals; else the record holds only ``num-examples = 0``
     (withheld).  A crafted model (constant predictions, a threshold isolating a few persons) makes a
@@ -132,14 +133,15 @@ def confusion(y_true: Any, y_prob: Any, threshold: float = 0.5) -> tuple[int, in
     return (int(np.sum(y & p)), int(np.sum(~y & p)), int(np.sum(y & ~p)), int(np.sum(~y & ~p)))
 
 
-def evaluation(y_true: Any, y_prob: Any, loss: float, k: int) -> dict[str, float] | None:
-    """The released metrics (``loss``, ``auc``, ``accuracy``, ``f1``, ``kappa``, ``n``), or None (withheld)."""
+def evaluation(y_true: Any, y_prob: Any, loss: float, k: int, threshold: float = 0.5) -> dict[str, float] | None:
+    """The released metrics (``loss``, ``auc``, ``accuracy``, ``f1``, ``kappa``, ``n``) at the study's
+    operating ``threshold``, or None (withheld)."""
     from omopfl.models import binary_metrics
 
-    cells = confusion(y_true, y_prob)
+    cells = confusion(y_true, y_prob, threshold)
     if min(cells) < k:
         return None
-    metrics: dict[str, float] = {"loss": float(loss), **binary_metrics(y_true, y_prob)}
+    metrics: dict[str, float] = {"loss": float(loss), **binary_metrics(y_true, y_prob, threshold)}
     out: dict[str, float] = {}
     for key, value in metrics.items():
         if key == "n":

@@ -29,6 +29,7 @@ __all__ = [
     "ValidationSpec",
     "ModelSpec",
     "TrainingSpec",
+    "PrivacySpec",
     "load_study",
     "DEMOGRAPHICS",
     "DOMAIN_TABLES",
@@ -120,6 +121,30 @@ class TrainingSpec:
     min_sites: int = 2
     test_fraction: float = 0.25
     seed: int = 0
+    threshold: float = 0.5  # operating threshold of the released accuracy/F1/kappa (and the release rule's cells)
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Differential privacy the study states (``[privacy]``); a site's policy may require it.
+
+    ``statistics_epsilon``: Gaussian noise on every statistics release at this epsilon (with ``delta``)
+    and the public clipping ``bounds`` per feature.  ``dp_sgd``: training updates by DP-SGD (Opacus)
+    calibrated so the whole study spends ``target_epsilon`` at each site.  ``budget_epsilon``: the most a
+    site spends on this study in all (statistics and training); it refuses to release beyond it.
+    """
+
+    statistics_epsilon: float | None = None
+    delta: float = 1e-6
+    bounds: tuple[tuple[str, float, float], ...] = ()
+    dp_sgd: bool = False
+    target_epsilon: float | None = None
+    max_grad_norm: float = 1.0
+    budget_epsilon: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.statistics_epsilon is not None or self.dp_sgd
 
 
 @dataclass(frozen=True)
@@ -141,6 +166,7 @@ class StudyConfig:
     model: ModelSpec
     training: TrainingSpec
     source: Path | None = field(default=None, compare=False)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
     text: str = field(default="", compare=False, repr=False)
 
     @property
@@ -303,6 +329,42 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def _privacy(r: _Reader, t: dict) -> PrivacySpec:
+    import math
+
+    r.keys(t, "privacy", {"statistics_epsilon", "delta", "bounds", "dp_sgd", "target_epsilon", "max_grad_norm",
+                          "budget_epsilon"})
+
+    def positive(key: str, default: float | None) -> float | None:
+        value = r.get(t, "privacy", key, (int, float), default)
+        if value is None:
+            return None
+        if not math.isfinite(float(value)) or float(value) <= 0:
+            raise r.fail(f"[privacy] {key}", "must be a positive finite number")
+        return float(value)
+
+    delta = positive("delta", 1e-6)
+    assert delta is not None
+    if not delta < 1:
+        raise r.fail("[privacy] delta", "must be below 1")
+    bounds_table = r.get(t, "privacy", "bounds", dict, {})
+    bounds = []
+    for feature, pair in bounds_table.items():
+        if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(v, int | float) and not
+                                                                    isinstance(v, bool) for v in pair)
+                or not all(math.isfinite(v) for v in pair) or not pair[0] < pair[1]):
+            raise r.fail(f"[privacy.bounds] {feature}", "must be [low, high] with finite low < high")
+        bounds.append((str(feature), float(pair[0]), float(pair[1])))
+    statistics_epsilon = positive("statistics_epsilon", None)
+    dp_sgd = r.get(t, "privacy", "dp_sgd", bool, False)
+    target = positive("target_epsilon", None)
+    if dp_sgd and target is None:
+        raise r.fail("[privacy] target_epsilon", "is required with dp_sgd = true (the whole study's epsilon per site)")
+    return PrivacySpec(statistics_epsilon=statistics_epsilon, delta=delta, bounds=tuple(bounds), dp_sgd=dp_sgd,
+                       target_epsilon=target, max_grad_norm=positive("max_grad_norm", 1.0) or 1.0,
+                       budget_epsilon=positive("budget_epsilon", None))
+
+
 def load_study(path: str | Path) -> StudyConfig:
     """Parse and check a ``study.toml``; errors name the file and key."""
     path = Path(path)
@@ -322,7 +384,7 @@ def load_study(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
     r = _Reader(path)
     r.keys(data, "top level", {"study", "cohorts", "outcome", "features", "categories", "linking", "validation",
-                               "model", "training"})
+                               "model", "training", "privacy"})
     study = r.table(data, "study", required=True)
     r.keys(study, "study", {"name", "description"})
     name = r.name(r.get(study, "study", "name", str), "[study] name")
@@ -458,7 +520,7 @@ def load_study(path: str | Path) -> StudyConfig:
 
     t = r.table(data, "training")
     r.keys(t, "training", {"rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "proximal_mu",
-                           "min_sites", "test_fraction", "seed"})
+                           "min_sites", "test_fraction", "seed", "threshold"})
     strategy = r.get(t, "training", "strategy", str, "fedavg")
     if strategy not in STRATEGIES:
         raise r.fail("[training] strategy", f"must be one of {', '.join(STRATEGIES)}")
@@ -470,8 +532,13 @@ def load_study(path: str | Path) -> StudyConfig:
         r.integer(t, "training", "min_sites", 2, 1, 100_000),
         r.number(t, "training", "test_fraction", 0.25, 0.0, 1.0, low_open=True, high_open=True),
         r.integer(t, "training", "seed", 0, 0, 2**32 - 1),
+        r.number(t, "training", "threshold", 0.5, 0.0, 1.0, low_open=True, high_open=True),
     )
+    if not 0.0 < training.threshold < 1.0:
+        raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
+    privacy = _privacy(r, r.table(data, "privacy"))
     return StudyConfig(
+        privacy=privacy,
         name=name, description=description, target_cohort=target, outcome_cohort=outcome,
         time_at_risk=(tar[0], tar[1]), demographics=tuple(demographics), concept_sets=tuple(concept_sets),
         measurements=tuple(measurements), categories=categories, imaging=imaging, omics=omics,

@@ -111,6 +111,8 @@ def _three_prepared_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("three_sites")
     text = (ROOT / "examples" / "t2dm_hf" / "study.toml").read_text()
     text = text.replace('"../../cohorts/', f'"{ROOT}/cohorts/').replace("enabled = true", "enabled = false")
+    # the small test sites' models at 0.5 split site_a's test rows into cells of >= TEST_MIN_CELL_COUNT
+    text = text.replace("threshold = 0.2", "threshold = 0.5")
     (base / "study.toml").write_text(text)
     study = load_study(base / "study.toml")
     run_synth(base / "synth", n_sites=3, persons=[1200, 800, 450], seed=11, image_share=0.0, omics_share=0.0,

@@ -105,6 +105,9 @@ def test_fedavg_inprocess_learns_and_writes_the_run_dir(federation) -> None:
         for record in set(content) - {"arrays"}:
             metrics = content[record]
             assert set(metrics) <= allowed[record] and "num-examples" in metrics, metrics
+            if metrics["num-examples"] == 0:  # withheld by the release rule (a cell below the site's k)
+                assert set(metrics) == {"num-examples"}, metrics
+                continue
             assert 0 < metrics["num-examples"] <= max(sizes.values())
             assert all(isinstance(v, int | float) and np.isfinite(v) for v in metrics.values())
             others = {k: v for k, v in metrics.items() if k != "num-examples"}
@@ -165,7 +168,7 @@ def test_fedadam_inprocess_differs_from_fedavg(federation) -> None:
         manifest = run_training(federation["study"], federation["adapters"], federation["prepared_dir"],
                                 out_dir=run_dir, rounds=2, strategy=strategy)
         assert manifest["training"]["strategy"] == strategy
-        assert manifest["final"]["eval_auc"] is not None
+        assert manifest["final"]["round"] == 2 and manifest["final"]["train_n"] > 0
         with np.load(run_dir / "model.npz") as trained:
             runs[strategy] = [trained[k] for k in trained.files]
     assert any(not np.allclose(a, b) for a, b in zip(runs["fedavg"], runs["fedadam"], strict=True))

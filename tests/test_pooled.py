@@ -58,7 +58,7 @@ def test_pooled_baseline_matches_the_federated_run(federation) -> None:
     manifest = run_training(federation["study"], federation["adapters"], federation["prepared_dir"],
                             mode="inprocess", out_dir=federation["tmp"] / "federated", rounds=ROUNDS)
     final = manifest["final"]
-    assert final["eval_n"] == total_test
+    assert 0 < final["eval_n"] <= total_test  # sites whose confusion cells are below k withhold (omopfl.release)
     gap = metrics["site_weighted"]["auc"] - final["eval_auc"]
     print(json.dumps({"federated_auc": final["eval_auc"], "pooled_site_weighted_auc": metrics["site_weighted"]["auc"],
                       "pooled_auc": metrics["pooled"]["auc"], "gap": gap,

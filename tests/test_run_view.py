@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -232,7 +233,7 @@ def test_the_view_follows_a_loopback_deployment_live(prepared_sites_factory, bro
 
     federation = prepared_sites_factory("run_view", approve=False)
     adapter_b = federation["adapters"][1]  # site_b's own rule: more persons than it has -> it withholds
-    adapter_b.write_text(adapter_b.read_text().replace("min_cell_count = 10", "min_cell_count = 100000"))
+    adapter_b.write_text(re.sub(r"min_cell_count = \d+", "min_cell_count = 100000", adapter_b.read_text()))
     for adapter in federation["adapters"][:2]:  # site_c's data engineer has not approved the study
         policy.approve(load_site(adapter), load_study(federation["study"]))
     rounds = 5

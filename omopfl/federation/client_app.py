@@ -185,7 +185,7 @@ def _write_scaler(folder: Path, global_scaler: codec.GlobalScaler) -> None:
 
 
 def stats_reply(content: RecordDict, context: Context, site: SiteConfig,
-                study: Mapping[str, Any] | None = None) -> RecordDict:
+                study: Mapping[str, Any] | None = None, *, dp: codec.DPRequest | None = None) -> RecordDict:
     """The site's released moments for a ``query.stats`` message (or withheld); ``study`` is the approved
     study's summary (its one-hot groups and count features, :func:`omopfl.policy.study_summary`)."""
     request = codec.decode_stats_request(content)
@@ -194,7 +194,7 @@ def stats_reply(content: RecordDict, context: Context, site: SiteConfig,
     if request.study_hash != study_hash:
         raise SiteFailure("study_mismatch")
     study = study or {}
-    return site_statistics(prepared, site.min_cell_count, request.dp, site=site.name,
+    return site_statistics(prepared, site.min_cell_count, dp, site=site.name,
                            groups=dict(study.get("categories", {})), counts=list(study.get("count_features", [])))
 
 

@@ -74,6 +74,7 @@ __all__ = [
     "training_settings",
     "audit_entry",
     "reply_refusal",
+    "study_dp_config",
 ]
 
 PROTOCOL = 1
@@ -97,6 +98,7 @@ ERROR_CODES = frozenset({
     "code_in_bundle",      # the app bundle holds more than its pyproject.toml
     "not_allowed",         # a message type omopfl's site app does not serve
     "release_rule",        # the reply would break the site's release rule (omopfl.release)
+    "budget_spent",        # the study's privacy budget at this site is spent (omopfl.budget)
 })
 """Fixed error codes a site may send; nothing else about an error leaves a site."""
 
@@ -107,6 +109,7 @@ ERROR_TEXT: Mapping[str, str] = {
     "study_mismatch": "prepared for another study", "not_prepared": "not prepared", "config": "site misconfigured",
     "feature_mismatch": "features differ", "bad_request": "malformed message", "dp_bounds": "DP bounds missing",
     "internal": "internal error", "release_rule": "withheld by the release rule",
+    "budget_spent": "privacy budget spent",
 }
 """What the coordinator's log says for each code."""
 
@@ -586,6 +589,7 @@ def training_settings(study: Any) -> dict[str, Any]:
         "batch-size": int(training.batch_size), "learning-rate": float(training.learning_rate),
         "proximal-mu": float(training.proximal_mu) if training.strategy == "fedprox" else 0.0,
         "test-fraction": float(training.test_fraction), "seed": int(training.seed),
+        "threshold": float(getattr(training, "threshold", 0.5)),
     }
 
 
@@ -616,3 +620,15 @@ def reply_refusal(content: RecordDict) -> tuple[str | None, str] | None:
     site = record.get("site")
     return (site if isinstance(site, str) and _SITE_RE.match(site) else None,
             code if isinstance(code, str) and code in ERROR_CODES else "malformed")
+
+
+def study_dp_config(study: Any) -> dict[str, Any]:
+    """The run-config keys (``dp-epsilon``, ``dp-delta``, ``dp-bounds``) of a study's ``[privacy]`` statistics
+    DP; empty when the study asks none.  Sites compare the request with the study they approved."""
+    import json
+
+    privacy = getattr(study, "privacy", None)
+    if privacy is None or privacy.statistics_epsilon is None:
+        return {}
+    return {"dp-epsilon": float(privacy.statistics_epsilon), "dp-delta": float(privacy.delta),
+            "dp-bounds": json.dumps({name: [float(low), float(high)] for name, low, high in privacy.bounds})}

@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 
 from omopfl.config import load_site
 from omopfl.errors import ConfigError, FederationError
-from omopfl.federation import deploy
+from omopfl.federation import codec, deploy
 from omopfl.study import load_study
 
 __all__ = ["run_stats", "InProcessGrid", "FederationError", "MODES", "APP_CONFIG"]
@@ -286,6 +286,7 @@ def run_stats(
         "study-hash": spec.hash, "min-sites": len(adapters), "min-contributing": int(min_contributing),
         "timeout": float(timeout), "send-scaler": bool(send_scaler),
     }
+    run_config.update(codec.study_dp_config(spec))  # the study's own DP (the sites check it)
     if dp is not None:
         run_config.update({"dp-epsilon": float(dp["epsilon"]), "dp-delta": float(dp["delta"]),
                            "dp-bounds": json.dumps({k: [float(v[0]), float(v[1])] for k, v in dp["bounds"].items()})})

@@ -65,6 +65,7 @@ def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_si
     """The training ServerApp's run config for a study (every key of ``[tool.flwr.app.config]``)."""
     import hashlib
 
+    from omopfl.federation import codec
     from omopfl.federation.runner import APP_CONFIG
 
     def sha(path: Path) -> str:
@@ -90,6 +91,7 @@ def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_si
         "proximal-mu": float(proximal_mu if proximal_mu is not None else t.proximal_mu),
         "test-fraction": float(t.test_fraction), "seed": int(t.seed),
         "round-timeout": float(round_timeout), "evaluate-on-train": bool(evaluate_on_train), "poll-interval": 0.02,
+        **codec.study_dp_config(spec),
     }
 
 

@@ -38,7 +38,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from omopfl import audit, policy, release
+from omopfl import audit, budget, policy, release
 from omopfl.config import SiteConfig, load_site
 from omopfl.federation import codec
 from omopfl.federation.client_app import SiteFailure, error_code, scaler_reply, stats_reply
@@ -178,16 +178,47 @@ def _admit_training(message_type: str, content: RecordDict, context: Context, si
     return RecordDict(records)
 
 
-def _admit_stats(content: RecordDict, site: SiteConfig) -> None:
+def _privacy(approved: policy.ApprovedStudy) -> dict[str, Any]:
+    return dict(approved.summary.get("privacy") or {})
+
+
+def _ledger(site: SiteConfig, approved: policy.ApprovedStudy) -> tuple[budget.Ledger, float | None]:
+    privacy = _privacy(approved)
+    ledger = budget.Ledger(policy.state_dir(site), approved.hash, float(privacy.get("delta") or 1e-6))
+    return ledger, budget.limit(privacy.get("budget_epsilon"), site.policy.epsilon_budget)
+
+
+def _admit_stats(content: RecordDict, site: SiteConfig, approved: policy.ApprovedStudy) -> codec.DPRequest | None:
+    """The DP the site applies to this statistics release: the approved study's, which the request must state."""
     request = codec.decode_stats_request(content)
     rules = site.policy
-    if rules.dp_required and request.dp is None:
+    privacy = _privacy(approved)
+    epsilon = privacy.get("statistics_epsilon")
+    if epsilon is None:
+        if request.dp is not None:
+            raise Refusal("settings_mismatch")
+        if rules.dp_required:
+            raise Refusal("policy")
+        return None
+    bounds = {str(k): (float(v[0]), float(v[1])) for k, v in dict(privacy.get("bounds") or {}).items()}
+    if (request.dp is None or not _same(request.dp.epsilon, epsilon) or not _same(request.dp.delta, privacy["delta"])
+            or any(tuple(request.dp.bounds.get(name, ())) != pair for name, pair in bounds.items())):
+        raise Refusal("settings_mismatch")
+    if rules.max_epsilon is not None and float(epsilon) > rules.max_epsilon:
         raise Refusal("policy")
-    if request.dp is not None and rules.max_epsilon is not None and request.dp.epsilon > rules.max_epsilon:
-        raise Refusal("policy")
+    ledger, limit = _ledger(site, approved)
+    if not ledger.fits(limit, statistics=float(epsilon)):
+        raise Refusal("budget_spent")
+    # missingness indicators are 0/1 by construction: the site bounds them itself
+    return codec.DPRequest(float(epsilon), float(privacy["delta"]), {**_indicator_bounds(approved), **bounds})
 
 
-def _handle(message_type: str, content: RecordDict, context: Context, site: SiteConfig, run_id: int) -> RecordDict:
+def _indicator_bounds(approved: policy.ApprovedStudy) -> dict[str, tuple[float, float]]:
+    return {f"{name}{codec.MISSING_SUFFIX}": (0.0, 1.0) for name in approved.summary.get("features", [])}
+
+
+def _handle(message_type: str, content: RecordDict, context: Context, site: SiteConfig, run_id: int,
+            spent: dict[str, float]) -> RecordDict:
     study_hash = _requested_study(message_type, content)
     approved = policy.approved_study(site, study_hash)
     if approved is None:
@@ -197,8 +228,12 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
     if _prepared_study_hash(context, site) != approved.hash:
         raise SiteFailure("study_mismatch")
     if message_type == "query.stats":
-        _admit_stats(content, site)
-        return stats_reply(content, context, site, approved.summary)
+        dp = _admit_stats(content, site, approved)
+        reply = stats_reply(content, context, site, approved.summary, dp=dp)
+        if dp is not None and codec.decode_site_reply(reply).status == "ok":
+            ledger, _limit = _ledger(site, approved)
+            spent.update(epsilon=dp.epsilon, epsilon_total=ledger.charge(statistics=dp.epsilon))
+        return reply
     if message_type == "query.scaler":
         return scaler_reply(content, context, site)
     from omopfl.federation import site_train
@@ -248,7 +283,7 @@ def describe(content: RecordDict) -> tuple[list[dict[str, Any]], int]:
 
 
 def _send(message: Message, context: Context, site: SiteConfig | None, study_hash: str, reply: RecordDict,
-          code: str) -> Message:
+          code: str, spent: dict[str, float] | None = None) -> Message:
     """Append the reply to the site's audit log, then hand it over; if the log cannot be written,
     nothing but a fixed code leaves (and if even that cannot be logged, nothing at all)."""
     meta = message.metadata
@@ -261,7 +296,7 @@ def _send(message: Message, context: Context, site: SiteConfig | None, study_has
         entry = {"run_id": int(meta.run_id), "site": site.name if site else None, "study_hash": study_hash,
                  "message_type": meta.message_type, "server_round": server_round,
                  "outcome": "refused" if code else "sent", "code": code, "records": records, "bytes": size,
-                 "sha256": reply.object_id}
+                 "sha256": reply.object_id, **({"privacy": dict(spent)} if spent else {})}
         if site is None:
             break
         try:
@@ -280,6 +315,7 @@ def serve(message: Message, context: Context) -> Message:
     """The one path every message takes at a site (see the module docstring)."""
     site: SiteConfig | None = None
     study_hash, code = "", ""
+    spent: dict[str, float] = {}
     message_type = message.metadata.message_type
     try:
         site = _site(context)
@@ -291,7 +327,7 @@ def serve(message: Message, context: Context) -> Message:
             study_hash = _requested_study(message_type, message.content)
         except codec.CodecError:
             study_hash = ""
-        reply = _handle(message_type, message.content, context, site, int(message.metadata.run_id))
+        reply = _handle(message_type, message.content, context, site, int(message.metadata.run_id), spent)
         release.check_reply(message_type, {name: dict(record) for name, record in reply.items()
                                            if not isinstance(record, ArrayRecord)}, site.min_cell_count)
     except Exception as exc:  # every failure is a fixed code; the text may echo data and stays here
@@ -299,7 +335,7 @@ def serve(message: Message, context: Context) -> Message:
         _log.warning("omopfl site %s: %s -> %s (%s)", site.name if site else "?", message_type, code,
                      type(exc).__name__)
         reply = codec.encode_error(site.name if site else None, code)
-    return _send(message, context, site, study_hash if len(study_hash) <= 128 else "", reply, code)
+    return _send(message, context, site, study_hash if len(study_hash) <= 128 else "", reply, code, spent)
 
 
 def refuse(message: Message, context: Context, code: str) -> Message:

@@ -130,6 +130,13 @@ def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any
     return (*cached, int(site.min_cell_count))
 
 
+def _threshold(config: Mapping[str, Any]) -> float:
+    value = float(_cfg(config, "threshold", (int, float), 0.5))
+    if not 0.0 < value < 1.0:
+        raise codec.CodecError("config key 'threshold' must be in (0, 1)")
+    return value
+
+
 def _config(content: RecordDict) -> dict[str, Any]:
     if CONFIG not in content.config_records:
         raise codec.CodecError("config record missing")
@@ -146,7 +153,7 @@ def _model(spec: Any, tensors: Any, content: RecordDict) -> Any:
     return model
 
 
-def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int) -> MetricRecord:
+def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int, threshold: float = 0.5) -> MetricRecord:
     """Test metrics under the release rule (:func:`omopfl.release.evaluation`: every confusion-matrix cell
     at least ``min_cell_count``), or only ``num-examples`` = 0 (withheld)."""
     import torch
@@ -160,7 +167,7 @@ def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int) ->
     y = tensors.y.index_select(0, torch.as_tensor(test_idx)).double().numpy()
     clipped = np.clip(prob, 1e-12, 1 - 1e-12)
     loss = float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))
-    result = release.evaluation(y, prob, loss, min_cell_count)
+    result = release.evaluation(y, prob, loss, min_cell_count, threshold)
     if result is None:
         return MetricRecord({WEIGHT_KEY: 0})
     metrics: dict[str, Any] = {WEIGHT_KEY: int(test_idx.size)}
@@ -180,7 +187,7 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
     model = _model(spec, tensors, content)
     reply: dict[str, Any] = {}
     if _cfg(config, "evaluate-received", bool, False):
-        reply[EVALUATE] = _evaluation(model, tensors, test_idx, min_cell_count)
+        reply[EVALUATE] = _evaluation(model, tensors, test_idx, min_cell_count, _threshold(config))
     from omopfl import release
 
     if not release.may_train(int(train_idx.size), int(test_idx.size), min_cell_count):
@@ -204,7 +211,7 @@ def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
     config = _config(content)
     tensors, _train_idx, test_idx, min_cell_count = _tensors_and_split(context, config)
     model = _model(spec_from_config(config), tensors, content)
-    return RecordDict({METRICS: _evaluation(model, tensors, test_idx, min_cell_count)})
+    return RecordDict({METRICS: _evaluation(model, tensors, test_idx, min_cell_count, _threshold(config))})
 
 
 HANDLERS = {"train": site_train, "evaluate": site_evaluate}
