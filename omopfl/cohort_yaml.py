@@ -30,7 +30,6 @@ measurement, observation, visit_occurrence, device_exposure, death.  A window is
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import yaml
@@ -150,8 +149,7 @@ def _criterion(reader: _Reader, raw: Any, key: str, ids: dict[str, int], extra: 
         if len(value) != 1:
             raise reader.fail(f"{key}.value", "give one comparison, e.g. {gte: 7}")
         ((op, number),) = value.items()
-        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number) \
-                or abs(number) > 1e15:
+        if isinstance(number, bool) or not isinstance(number, int | float) or not abs(number) <= 1e15:
             raise reader.fail(f"{key}.value.{op}", "must be a finite number")
         body["ValueAsNumber"] = {"Value": number, "Op": _OPS[op]}
     return {DOMAINS[domain]: body}, {k: raw[k] for k in extra if k in raw}

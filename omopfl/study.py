@@ -234,7 +234,10 @@ class _Reader:
     def number(self, data: dict, section: str, key: str, default: float, low: float, high: float, *,
                low_open: bool = False, high_open: bool = False) -> float:
         """A finite number in [low, high] (``low_open``/``high_open``: that bound excluded)."""
-        value = float(self.get(data, section, key, (int, float), default))
+        try:
+            value = float(self.get(data, section, key, (int, float), default))
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
         above = value > low if low_open else value >= low
         below = value < high if high_open else value <= high
         if not (math.isfinite(value) and above and below):
@@ -339,7 +342,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
         value = r.get(t, "privacy", key, (int, float), default)
         if value is None:
             return None
-        if not math.isfinite(float(value)) or float(value) <= 0:
+        if not (-1e308 < value < 1e308) or not math.isfinite(float(value)) or float(value) <= 0:
             raise r.fail(f"[privacy] {key}", "must be a positive finite number")
         return float(value)
 
@@ -352,7 +355,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
     for feature, pair in bounds_table.items():
         if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(v, int | float) and not
                                                                     isinstance(v, bool) for v in pair)
-                or not all(math.isfinite(v) for v in pair) or not pair[0] < pair[1]):
+                or not all(-1e308 < v < 1e308 for v in pair) or not pair[0] < pair[1]):
             raise r.fail(f"[privacy.bounds] {feature}", "must be [low, high] with finite low < high")
         bounds.append((str(feature), float(pair[0]), float(pair[1])))
     statistics_epsilon = positive("statistics_epsilon", None)
@@ -441,7 +444,7 @@ def load_study(path: str | Path) -> StudyConfig:
         plausible = item.get("range")
         if plausible is not None and (not isinstance(plausible, list) or len(plausible) != 2
                                       or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                                                 and math.isfinite(v) for v in plausible)
+                                                 and -1e308 < v < 1e308 for v in plausible)
                                       or plausible[0] >= plausible[1]):
             raise r.fail(f"[{section}] range", "must be [low, high], finite numbers in the canonical unit, low < high")
         unit, analyte = r.get(item, section, "unit", str), r.get(item, section, "analyte", str, None)
@@ -514,7 +517,7 @@ def load_study(path: str | Path) -> StudyConfig:
         raise r.fail("[model] hidden", "must be a non-empty list (at most 32) of layer widths from 1 to 65,536")
     dropout = r.get(m, "model", "dropout", list, [0.4, 0.15])
     if not 1 <= len(dropout) <= 2 or not all(isinstance(d, int | float) and not isinstance(d, bool)
-                                             and math.isfinite(d) and 0 <= d < 1 for d in dropout):
+                                             and 0 <= d < 1 for d in dropout):
         raise r.fail("[model] dropout", "must be one or two rates in [0, 1)")
     model = ModelSpec(kind, tuple(hidden), tuple(float(d) for d in dropout))
 

@@ -42,7 +42,7 @@ _names = st.sampled_from(["name", "min_cell_count", "duckdb_path", "url_env", "c
 _scalars = st.one_of(
     st.none(), st.booleans(),
     st.integers(min_value=-(2**70), max_value=2**70),
-    st.sampled_from([0, -1, 1, 2**31, 2**63, -(2**63)]),
+    st.sampled_from([0, -1, 1, 2**31, 2**63, -(2**63), 10**400]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e308, -0.0, 0.5, 1.0]),
     st.text(max_size=12),
@@ -156,6 +156,7 @@ def good_study() -> dict[str, Any]:
     document = tomllib.loads((ROOT / "examples" / "t2dm_hf" / "study.toml").read_text())
     document["cohorts"] = {"target": str(COHORTS / "incident_t2dm.yaml"),
                            "outcome": str(COHORTS / "heart_failure.yaml")}
+    document.setdefault("privacy", {"statistics_epsilon": 1.0, "delta": 1e-6, "bounds": {"age": [0, 120]}})
     return document
 
 
