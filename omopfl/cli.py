@@ -10,19 +10,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import click
-import typer
-from rich.console import Console
-from rich.table import Table
 
-from omopfl import __version__
-from omopfl.config import SiteConfig, load_site
-from omopfl.errors import ConfigError, OmopflError
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C before :func:`main` runs (while Python imports): nothing was started, one line, exit 130."""
+    os.write(2, b"omopfl: error: interrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" or Path(sys.argv[0]).name == "omopfl":  # the command, not an import by tests
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import click  # noqa: E402
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from omopfl import __version__  # noqa: E402
+from omopfl.config import SiteConfig, load_site  # noqa: E402
+from omopfl.errors import ConfigError, OmopflError  # noqa: E402
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -446,6 +457,8 @@ def stats(
         raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
     for adapter in adapters:
         load_site(adapter)  # fail early, naming the file, before any process starts
+    if superlink is None:
+        _require_prepared(adapters, prepared)
     result = run_stats(study, adapters, prepared, mode=mode, superlink=superlink, out=out, audit=audit,
                        send_scaler=send_scaler)
     if as_json:
@@ -453,6 +466,14 @@ def stats(
         return
     _print_stats(result)
     console.print(f"result written to {out}")
+
+
+def _require_prepared(adapters: list[Path], prepared: Path) -> None:
+    """Refuse, before any process starts, a run where no site has a prepared dataset."""
+    if not any((prepared / load_site(adapter).name / "manifest.json").is_file() for adapter in adapters):
+        raise ConfigError(f"{prepared}: no prepared dataset for any of the {len(adapters)} site(s); "
+                          "run omopfl prepare --site <adapter> --study <study> --out "
+                          f"{prepared} first (or pass --prepared)")
 
 
 def _print_stats(result: dict) -> None:
@@ -547,6 +568,7 @@ def train(
         raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
     for adapter in adapters:
         load_site(adapter)  # fail early, naming the file, before any process starts
+    _require_prepared(adapters, prepared)
     run_dir = out or Path("runs") / (spec.name if simulate else "pooled")
     pooled_result = None
     if pooled:
@@ -634,7 +656,7 @@ def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, *, roo
 def server(
     study: StudyOption,
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on (SuperNodes connect here).")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="Port of the SuperLink's HTTP API.")] = 9092,
+    port: Annotated[int, typer.Option(help="Port of the SuperLink's HTTP API.", min=1, max=65535)] = 9092,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<study name>).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Override the study's rounds.")] = None,
     strategy: Annotated[str | None, typer.Option(help="Override the strategy: fedavg, fedprox, fedadam.")] = None,
@@ -856,21 +878,77 @@ _register_site_commands(sites_app)
 
 
 # ---------------------------------------------------------------- entry point
+EXIT_INTERRUPTED = 130
+_INTERRUPTED_MESSAGE = "interrupted; a cohort build or prepare that did not finish changed nothing"
+_interrupted: list[int] = []  # the signal number, once SIGINT arrived during a command
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Note the interrupt, then raise KeyboardInterrupt as Python's default handler does.
+
+    DuckDB turns the KeyboardInterrupt of a running query into ``RuntimeError: Query interrupted``;
+    the note lets :func:`main` report an interrupt whatever exception it surfaces as.
+    """
+    if _interrupted:  # a second Ctrl-C while the first one unwinds (rollback, temp folder removal): let it finish
+        return
+    _interrupted.append(signum)
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    sys.stderr.write(f"omopfl: error: {' '.join(str(message).split())}\n")
+    raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app and map errors to one line and an exit code."""
+    """Console-script entry point: run the app and map every outcome to one line and an exit code.
+
+    Exit codes: 0 success, 1 unexpected internal error (reported by type only), 2 configuration,
+    3 database, 4 CDM, 5 data, 6 fatal validation findings (``omopfl validate``), 7 federated run,
+    130 interrupted (SIGINT).  Click's own usage errors keep click's exit code 2.
+    Set ``OMOPFL_DEBUG=1`` to see the traceback of an unexpected error.
+    """
+    import threading
+
+    _interrupted.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except OmopflError as exc:
-        sys.stderr.write(f"omopfl: error: {exc.message}\n")
+        if _interrupted:
+            _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+        _fail(exc.message, exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:
-        sys.stderr.write("omopfl: aborted\n")
-        raise SystemExit(130) from None
     except click.exceptions.ClickException as exc:
         exc.show()
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
+    except SystemExit:
+        raise
+    except Exception as exc:  # the last line of defence: no traceback, no driver or exception text
+        if _interrupted:
+            _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+        if os.environ.get("OMOPFL_DEBUG"):
+            raise
+        if "sqlalchemy" in sys.modules:
+            from omopfl.db import is_driver_error, map_driver_error
+
+            if is_driver_error(exc):
+                mapped = map_driver_error(exc)
+                _fail(mapped.message, mapped.exit_code)
+        _fail(f"internal error ({type(exc).__name__}); please report it with the command you ran "
+              "(OMOPFL_DEBUG=1 shows the traceback)", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if _interrupted:
+        _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
+    if isinstance(code, int) and code != 0:  # typer returns typer.Exit(code) with standalone_mode=False
+        raise SystemExit(code)
 
 
 def run() -> None:

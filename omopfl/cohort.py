@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "CohortSummary",
     "CohortDetail",
     "load_definition",
+    "parse_definition",
     "render_sql",
     "build_cohorts",
     "list_cohorts",
@@ -104,24 +106,124 @@ class CohortDefinition:
         return ids
 
 
+MAX_DEPTH = 100  # nesting levels of a definition (ATLAS exports use fewer than 20)
+MAX_CONCEPT_ID = 2**31 - 1  # OMOP concept_id is a 32-bit integer
+_CODESET_KEYS = ("CodesetId", "DrugCodesetId")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _walk(expression: dict[str, Any], where: str) -> list[tuple[str, int]]:
+    """Check nesting depth and finiteness everywhere; return every concept-set reference ``(path, id)``.
+
+    Iterative, so a deeply nested document gives an error, not a RecursionError.
+    """
+    references: list[tuple[str, int]] = []
+    stack: list[tuple[Any, str, int]] = [(expression, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise DataError(f"{where}: the definition is nested more than {MAX_DEPTH} levels deep (at {path[:80]}...)")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                if key in _CODESET_KEYS and item is not None:
+                    if not _is_int(item):
+                        raise DataError(f"{where}: {child} must be a concept set id (an integer) or null")
+                    references.append((child, item))
+                stack.append((item, child, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"{where}: {path} must be a finite number")
+    return references
+
+
+def _check_concept_sets(expression: dict[str, Any], where: str) -> set[int]:
+    concept_sets = expression.get("ConceptSets")
+    if concept_sets is None:
+        return set()
+    if not isinstance(concept_sets, list):
+        raise DataError(f"{where}: ConceptSets must be a list of concept sets")
+    ids: set[int] = set()
+    for i, concept_set in enumerate(concept_sets):
+        key = f"ConceptSets[{i}]"
+        if not isinstance(concept_set, dict) or "id" not in concept_set:
+            raise DataError(f"{where}: {key} needs an id and an expression")
+        if not _is_int(concept_set["id"]):
+            raise DataError(f"{where}: {key}.id must be an integer")
+        if concept_set["id"] in ids:
+            raise DataError(f"{where}: {key}.id {concept_set['id']} is used by two concept sets")
+        ids.add(concept_set["id"])
+        if "name" in concept_set and not isinstance(concept_set["name"], str | None):
+            raise DataError(f"{where}: {key}.name must be a string")
+        body = concept_set.get("expression")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise DataError(f"{where}: {key}.expression must be an object with items")
+        items = body.get("items")
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise DataError(f"{where}: {key}.expression.items must be a list")
+        for j, item in enumerate(items):
+            item_key = f"{key}.expression.items[{j}]"
+            if not isinstance(item, dict) or not isinstance(item.get("concept"), dict):
+                raise DataError(f"{where}: {item_key} must be an object with a concept")
+            concept = item["concept"]
+            value = concept.get("CONCEPT_ID", concept.get("conceptId"))
+            if not _is_int(value) or not 0 <= value <= MAX_CONCEPT_ID:
+                raise DataError(f"{where}: {item_key}.concept.CONCEPT_ID must be an integer concept id "
+                                f"(0 to {MAX_CONCEPT_ID})")
+            for flag in ("isExcluded", "includeDescendants", "includeMapped"):
+                if flag in item and not isinstance(item[flag], bool | None):
+                    raise DataError(f"{where}: {item_key}.{flag} must be true or false")
+    return ids
+
+
 def _check_expression(expression: Any, where: str) -> dict[str, Any]:
+    """Refuse, naming the key, a CIRCE expression that cannot be served (shape, types, references)."""
     if not isinstance(expression, dict):
         raise DataError(f"{where}: a cohort definition must be a JSON object with PrimaryCriteria")
+    references = _walk(expression, where)
     primary = expression.get("PrimaryCriteria")
-    if not isinstance(primary, dict) or not primary.get("CriteriaList"):
-        raise DataError(f"{where}: PrimaryCriteria.CriteriaList is missing or empty")
-    for i, criterion in enumerate(primary["CriteriaList"]):
+    if not isinstance(primary, dict):
+        raise DataError(f"{where}: PrimaryCriteria is missing or not an object")
+    criteria = primary.get("CriteriaList")
+    if not isinstance(criteria, list) or not criteria:
+        raise DataError(f"{where}: PrimaryCriteria.CriteriaList must be a non-empty list of criteria")
+    for i, criterion in enumerate(criteria):
         if not isinstance(criterion, dict) or len(criterion) != 1:
             raise DataError(f"{where}: PrimaryCriteria.CriteriaList[{i}] must hold exactly one criterion")
-        (kind,) = criterion
+        ((kind, body),) = criterion.items()
         if kind not in _CRITERIA_DOMAINS:
             raise DataError(
-                f"{where}: unsupported criterion {kind!r} in PrimaryCriteria.CriteriaList[{i}]; "
+                f"{where}: unsupported criterion {str(kind)[:40]!r} in PrimaryCriteria.CriteriaList[{i}]; "
                 f"supported: {', '.join(sorted(_CRITERIA_DOMAINS))}"
             )
-    for i, concept_set in enumerate(expression.get("ConceptSets") or []):
-        if not isinstance(concept_set, dict) or "id" not in concept_set:
-            raise DataError(f"{where}: ConceptSets[{i}] needs an id and an expression")
+        if not isinstance(body, dict):
+            raise DataError(f"{where}: PrimaryCriteria.CriteriaList[{i}].{kind} must be an object")
+    for key in ("InclusionRules", "CensoringCriteria"):
+        value = expression.get(key)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, dict) for v in value)):
+            raise DataError(f"{where}: {key} must be a list of objects")
+    for i, rule in enumerate(expression.get("InclusionRules") or []):
+        if not isinstance(rule.get("expression"), dict | None):
+            raise DataError(f"{where}: InclusionRules[{i}].expression must be an object")
+        if not isinstance(rule.get("name"), str | None):
+            raise DataError(f"{where}: InclusionRules[{i}].name must be a string")
+    for key in ("EndStrategy", "CollapseSettings", "CensorWindow", "QualifiedLimit", "ExpressionLimit",
+                "AdditionalCriteria"):
+        if expression.get(key) is not None and not isinstance(expression[key], dict):
+            raise DataError(f"{where}: {key} must be an object")
+    ids = _check_concept_sets(expression, where)
+    for path, codeset in references:
+        if codeset not in ids:
+            raise DataError(f"{where}: {path} = {codeset} names no concept set in ConceptSets; "
+                            "fix the id or add the concept set")
     return expression
 
 
@@ -136,29 +238,58 @@ def load_definition(path: str | Path) -> CohortDefinition:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: cohort definition file not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    default_id = int(path.stem) if path.stem.isdigit() else None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save the definition as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the cohort definition ({type(exc).__name__})") from None
+    return parse_definition(text, path)
+
+
+def _parse_json(text: str, where: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise DataError(f"{where}: {constant} is not a number JSON allows; use a finite number")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where}: the definition is nested too deeply") from None
+
+
+def parse_definition(text: str, path: str | Path) -> CohortDefinition:
+    """Parse the text of a cohort definition file (``path`` names it and chooses JSON or YAML by suffix).
+
+    Raises
+    ------
+    DataError
+        Malformed definition, naming the file and the key.
+    """
+    path = Path(path)
+    where = str(path)
+    stem = path.stem
+    default_id = int(stem) if stem.isascii() and stem.isdigit() else None
     if path.suffix.lower() in {".yaml", ".yml"}:
         from omopfl.cohort_yaml import yaml_to_circe
 
-        name, expression, yaml_id = yaml_to_circe(text, str(path))
-        return CohortDefinition(name, _check_expression(expression, str(path)), str(path), yaml_id or default_id)
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    name = path.stem
+        name, expression, yaml_id = yaml_to_circe(text, where)
+        return CohortDefinition(name, _check_expression(expression, where), where, yaml_id or default_id)
+    document = _parse_json(text, where)
+    name = stem
     if isinstance(document, dict) and "PrimaryCriteria" not in document and "expression" in document:
-        name = str(document.get("name") or name)
-        if isinstance(document.get("id"), int):
+        if document.get("name") is not None and not isinstance(document["name"], str):
+            raise DataError(f"{where}: name must be a string")
+        name = document.get("name") or name
+        if document.get("id") is not None:
+            if not _is_int(document["id"]) or not 0 < document["id"] < 2**31:
+                raise DataError(f"{where}: id must be a positive 32-bit integer")
             default_id = document["id"]
         document = document["expression"]
         if isinstance(document, str):  # WebAPI stores the expression as a JSON string
-            try:
-                document = json.loads(document)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: expression is not valid JSON ({exc.msg})") from None
-    return CohortDefinition(name, _check_expression(document, str(path)), str(path), default_id)
+            document = _parse_json(document, f"{where}: expression")
+    return CohortDefinition(name, _check_expression(document, where), where, default_id)
 
 
 # --------------------------------------------------------------------------- translation
@@ -200,6 +331,11 @@ def _translate_duckcdm(
         return translate(render(ohdsi), DIALECTS[dialect])
     except (CirceError, JavaError) as exc:
         raise DataError(f"{where}: cannot translate the cohort definition ({_one_line(exc)})") from None
+    except (RecursionError, MemoryError):
+        raise DataError(f"{where}: cannot translate the cohort definition (too large or too deeply nested)") from None
+    except Exception as exc:  # the translator's own bugs on unusual input: one line, naming the type only
+        raise DataError(f"{where}: cannot translate the cohort definition ({type(exc).__name__}); "
+                        "check the values of its fields") from None
 
 
 def _translate_circepy(
@@ -403,19 +539,26 @@ def build_cohorts(
     dialect = engine.dialect.name
     where = f"site {site.name}"
     try:
-        with engine.begin() as conn:  # results tables are created once, outside the build transaction
-            create_results(conn, site.results_schema)
+        setup = engine.connect()
     except sa.exc.DBAPIError as exc:
-        raise DatabaseError(
-            f"{where}: cannot create results schema {site.results_schema} ({describe_driver_error(exc)}); "
-            "grant CREATE on the database or create the schema for omopfl"
-        ) from None
+        raise DatabaseError(f"cannot connect to {where}: {describe_driver_error(exc)}") from None
+    try:
+        with setup.begin():  # results tables are created once, outside the build transaction
+            create_results(setup, site.results_schema)
+    except sa.exc.DBAPIError as exc:
+        reason = describe_driver_error(exc)
+        hint = ("; grant CREATE on the database or create the schema for omopfl"
+                if reason.startswith("permission denied") else "")
+        raise DatabaseError(f"{where}: cannot create results schema {site.results_schema} ({reason}){hint}") \
+            from None
+    finally:
+        setup.close()
 
-    results: list[BuildResult] = []
     try:
         conn = engine.connect().execution_options(no_parameters=True)
     except sa.exc.DBAPIError as exc:
         raise DatabaseError(f"cannot connect to {where}: {describe_driver_error(exc)}") from None
+    results: list[BuildResult] = []
     try:
         existing = _existing_ids(conn, site.results_schema, ids)
         conn.rollback()

@@ -51,6 +51,8 @@ DOMAINS: dict[str, str] = {
     "death": "Death",
 }
 _OPS = {"gte": "gte", "gt": "gt", "lte": "lte", "lt": "lt", "eq": "eq"}
+MAX_INT = 2**31 - 1  # ids and counts are 32-bit integers in OMOP and CIRCE
+MAX_DAYS = 100_000  # about 270 years: any window, offset or gap beyond this is a typo
 
 
 class _Reader:
@@ -63,16 +65,29 @@ class _Reader:
     def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(key, "must be a mapping")
-        unknown = sorted(set(value) - allowed)
+        unknown = sorted(str(k) for k in value if k not in allowed)
         if unknown:
-            raise self.fail(key, f"unknown key {unknown[0]!r}; expected one of {', '.join(sorted(allowed))}")
+            raise self.fail(key, f"unknown key {unknown[0][:40]!r}; expected one of {', '.join(sorted(allowed))}")
         return value
 
-    def integer(self, value: Any, key: str, minimum: int | None = None) -> int:
+    def integer(self, value: Any, key: str, minimum: int | None = None, maximum: int = MAX_INT) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, "must be an integer")
         if minimum is not None and value < minimum:
             raise self.fail(key, f"must be at least {minimum}")
+        if value > maximum:
+            raise self.fail(key, f"must be at most {maximum}")
+        return value
+
+    def days(self, value: Any, key: str, minimum: int | None = None) -> int:
+        number = self.integer(value, key, minimum, MAX_DAYS)
+        if number < -MAX_DAYS:
+            raise self.fail(key, f"must be at least {-MAX_DAYS}")
+        return number
+
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, "must be a string")
         return value
 
 
@@ -81,6 +96,8 @@ def _concept_sets(reader: _Reader, raw: Any) -> tuple[list[dict[str, Any]], dict
         raise reader.fail("concept_sets", "must map names to lists of concepts")
     sets, ids = [], {}
     for index, (name, items) in enumerate(raw.items()):
+        if not isinstance(name, str) or not name:
+            raise reader.fail(f"concept_sets.{str(name)[:40]}", "a concept set name must be a non-empty string")
         key = f"concept_sets.{name}"
         if not isinstance(items, list) or not items:
             raise reader.fail(key, "must be a non-empty list of {concept_id: N, descendants: bool, exclude: bool}")
@@ -92,13 +109,20 @@ def _concept_sets(reader: _Reader, raw: Any) -> tuple[list[dict[str, Any]], dict
             concept_id = reader.integer(item.get("concept_id"), f"{key}[{j}].concept_id", minimum=1)
             circe_items.append({
                 "concept": {"CONCEPT_ID": concept_id, "CONCEPT_NAME": str(item.get("name", ""))},
-                "isExcluded": bool(item.get("exclude", False)),
-                "includeDescendants": bool(item.get("descendants", False)),
-                "includeMapped": bool(item.get("mapped", False)),
+                "isExcluded": _flag(reader, item, "exclude", f"{key}[{j}]"),
+                "includeDescendants": _flag(reader, item, "descendants", f"{key}[{j}]"),
+                "includeMapped": _flag(reader, item, "mapped", f"{key}[{j}]"),
             })
         sets.append({"id": index, "name": str(name), "expression": {"items": circe_items}})
         ids[str(name)] = index
     return sets, ids
+
+
+def _flag(reader: _Reader, item: dict[str, Any], key: str, where: str) -> bool:
+    value = item.get(key, False)
+    if not isinstance(value, bool):
+        raise reader.fail(f"{where}.{key}", "must be true or false")
+    return value
 
 
 def _criterion(reader: _Reader, raw: Any, key: str, ids: dict[str, int], extra: set[str]) -> tuple[dict, dict]:
@@ -114,18 +138,19 @@ def _criterion(reader: _Reader, raw: Any, key: str, ids: dict[str, int], extra: 
     set_name = raw[domain]
     body: dict[str, Any] = {}
     if domain != "death" or set_name is not None:
-        if set_name not in ids:
-            raise reader.fail(f"{key}.{domain}", f"unknown concept set {set_name!r}")
+        if not isinstance(set_name, str) or set_name not in ids:
+            raise reader.fail(f"{key}.{domain}", f"unknown concept set {str(set_name)[:40]!r}; "
+                              "name one of concept_sets")
         body["CodesetId"] = ids[set_name]
-    if raw.get("first"):
+    if _flag(reader, raw, "first", key):
         body["First"] = True
     if "value" in raw:
         value = reader.mapping(raw["value"], f"{key}.value", set(_OPS))
         if len(value) != 1:
             raise reader.fail(f"{key}.value", "give one comparison, e.g. {gte: 7}")
         ((op, number),) = value.items()
-        if isinstance(number, bool) or not isinstance(number, int | float):
-            raise reader.fail(f"{key}.value.{op}", "must be a number")
+        if isinstance(number, bool) or not isinstance(number, int | float) or not abs(number) <= 1e15:
+            raise reader.fail(f"{key}.value.{op}", "must be a finite number")
         body["ValueAsNumber"] = {"Value": number, "Op": _OPS[op]}
     return {DOMAINS[domain]: body}, {k: raw[k] for k in extra if k in raw}
 
@@ -139,10 +164,13 @@ def _window(reader: _Reader, raw: Any, key: str) -> dict[str, Any]:
     def bound(value: Any, side: str, default_coeff: int) -> dict[str, Any]:
         if value == "all":
             return {"Coeff": default_coeff}
-        number = reader.integer(value, f"{key}.{side}")
+        number = reader.days(value, f"{key}.{side}")
         return {"Days": abs(number), "Coeff": -1 if number < 0 else 1}
 
-    return {"Start": bound(raw[0], "start", -1), "End": bound(raw[1], "end", 1)}
+    start, end = bound(raw[0], "start", -1), bound(raw[1], "end", 1)
+    if "Days" in start and "Days" in end and start["Days"] * start["Coeff"] > end["Days"] * end["Coeff"]:
+        raise reader.fail(key, "start must not be after end")
+    return {"Start": start, "End": end}
 
 
 def _inclusion_rule(reader: _Reader, raw: Any, index: int, ids: dict[str, int]) -> dict[str, Any]:
@@ -155,7 +183,7 @@ def _inclusion_rule(reader: _Reader, raw: Any, index: int, ids: dict[str, int]) 
         if mode not in rule:
             continue
         criterion, extra = _criterion(reader, rule[mode], f"{key}.{mode}", ids, {"window", "at_least"})
-        at_least = reader.integer(extra.get("at_least", 1), f"{key}.{mode}.at_least", minimum=1)
+        at_least = reader.integer(extra.get("at_least", 1), f"{key}.{mode}.at_least", minimum=1, maximum=100_000)
         occurrence = {"Type": 2, "Count": at_least} if mode == "require" else {"Type": 0, "Count": 0}
         criteria.append({
             "Criteria": criterion,
@@ -167,21 +195,31 @@ def _inclusion_rule(reader: _Reader, raw: Any, index: int, ids: dict[str, int]) 
     if "age" in rule:
         age = reader.mapping(rule["age"], f"{key}.age", {"min", "max"})
         low, high = age.get("min"), age.get("max")
+        if low is not None:
+            low = reader.integer(low, f"{key}.age.min", minimum=0, maximum=200)
+        if high is not None:
+            high = reader.integer(high, f"{key}.age.max", minimum=0, maximum=200)
         if low is not None and high is not None:
-            demographics.append({"Age": {"Value": reader.integer(low, f"{key}.age.min"),
-                                         "Extent": reader.integer(high, f"{key}.age.max"), "Op": "bt"}})
+            if low > high:
+                raise reader.fail(f"{key}.age", "min must not be above max")
+            demographics.append({"Age": {"Value": low, "Extent": high, "Op": "bt"}})
         elif low is not None:
-            demographics.append({"Age": {"Value": reader.integer(low, f"{key}.age.min"), "Op": "gte"}})
+            demographics.append({"Age": {"Value": low, "Op": "gte"}})
         elif high is not None:
-            demographics.append({"Age": {"Value": reader.integer(high, f"{key}.age.max"), "Op": "lte"}})
+            demographics.append({"Age": {"Value": high, "Op": "lte"}})
+        else:
+            raise reader.fail(f"{key}.age", "give min, max or both")
     if "gender" in rule:
         genders = rule["gender"] if isinstance(rule["gender"], list) else [rule["gender"]]
-        demographics.append({"Gender": [{"CONCEPT_ID": reader.integer(g, f"{key}.gender")} for g in genders]})
+        if not genders:
+            raise reader.fail(f"{key}.gender", "must list at least one gender concept id")
+        demographics.append({"Gender": [{"CONCEPT_ID": reader.integer(g, f"{key}.gender", minimum=1)}
+                                        for g in genders]})
     if not criteria and not demographics:
         raise reader.fail(key, "needs one of require, exclude, age or gender")
     return {
         "name": rule["name"],
-        "description": str(rule.get("description", "")),
+        "description": reader.text(rule.get("description", ""), f"{key}.description"),
         "expression": {"Type": "ALL", "CriteriaList": criteria, "DemographicCriteriaList": demographics,
                        "Groups": []},
     }
@@ -189,7 +227,7 @@ def _inclusion_rule(reader: _Reader, raw: Any, index: int, ids: dict[str, int]) 
 
 def _limit(reader: _Reader, value: Any, key: str) -> dict[str, str]:
     names = {"first": "First", "all": "All", "last": "Last"}
-    if value not in names:
+    if not isinstance(value, str) or value not in names:
         raise reader.fail(key, "must be first, all or last")
     return {"Type": names[value]}
 
@@ -202,18 +240,20 @@ def _exit(reader: _Reader, raw: Any, ids: dict[str, int]) -> dict[str, Any] | No
         raise reader.fail("exit", "give exactly one of end_of_observation, days_after_start, days_after_end, era")
     ((kind, value),) = rule.items()
     if kind == "end_of_observation":
+        if value is not True:
+            raise reader.fail("exit.end_of_observation", "must be true")
         return None
     if kind in {"days_after_start", "days_after_end"}:
-        days = reader.integer(value, f"exit.{kind}", minimum=0)
+        days = reader.days(value, f"exit.{kind}", minimum=0)
         field = "StartDate" if kind == "days_after_start" else "EndDate"
         return {"DateOffset": {"DateField": field, "Offset": days}}
     era = reader.mapping(value, "exit.era", {"drug_exposure", "gap_days", "offset_days"})
-    if era.get("drug_exposure") not in ids:
+    if not isinstance(era.get("drug_exposure"), str) or era["drug_exposure"] not in ids:
         raise reader.fail("exit.era.drug_exposure", "must name a concept set of drugs")
     return {"CustomEra": {
         "DrugCodesetId": ids[era["drug_exposure"]],
-        "GapDays": reader.integer(era.get("gap_days", 30), "exit.era.gap_days", minimum=0),
-        "Offset": reader.integer(era.get("offset_days", 0), "exit.era.offset_days", minimum=0),
+        "GapDays": reader.days(era.get("gap_days", 30), "exit.era.gap_days", minimum=0),
+        "Offset": reader.days(era.get("offset_days", 0), "exit.era.offset_days", minimum=0),
     }}
 
 
@@ -231,14 +271,18 @@ def yaml_to_circe(text: str, where: str) -> tuple[str, dict[str, Any], int | Non
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise DataError(f"{where}: not valid YAML{at}") from None
+    except (RecursionError, ValueError, TypeError):  # deep nesting; values PyYAML's constructors reject
+        raise DataError(f"{where}: not valid YAML (too deeply nested or an unreadable value)") from None
     reader = _Reader(where)
     document = reader.mapping(
         document, "top level",
         {"id", "name", "description", "concept_sets", "entry", "inclusion_rules", "limit", "exit", "collapse_days",
          "censor"},
     )
-    if not isinstance(document.get("name"), str):
+    if not isinstance(document.get("name"), str) or not document["name"].strip():
         raise reader.fail("name", "is required (a short human-readable name)")
+    if "description" in document:
+        reader.text(document["description"], "description")
     cohort_id = reader.integer(document["id"], "id", minimum=1) if "id" in document else None
     concept_sets, ids = _concept_sets(reader, document.get("concept_sets"))
     entry = reader.mapping(document.get("entry"), "entry",
@@ -258,8 +302,8 @@ def yaml_to_circe(text: str, where: str) -> tuple[str, dict[str, Any], int | Non
         "PrimaryCriteria": {
             "CriteriaList": criteria_list,
             "ObservationWindow": {
-                "PriorDays": reader.integer(entry.get("prior_observation_days", 0), "entry.prior_observation_days", 0),
-                "PostDays": reader.integer(entry.get("post_observation_days", 0), "entry.post_observation_days", 0),
+                "PriorDays": reader.days(entry.get("prior_observation_days", 0), "entry.prior_observation_days", 0),
+                "PostDays": reader.days(entry.get("post_observation_days", 0), "entry.post_observation_days", 0),
             },
             "PrimaryCriteriaLimit": _limit(reader, entry.get("limit", "first"), "entry.limit"),
         },
@@ -268,7 +312,7 @@ def yaml_to_circe(text: str, where: str) -> tuple[str, dict[str, Any], int | Non
         "InclusionRules": [_inclusion_rule(reader, r, i, ids) for i, r in enumerate(rules)],
         "CensoringCriteria": [_criterion(reader, c, f"censor[{i}]", ids, set())[0] for i, c in enumerate(censor)],
         "CollapseSettings": {"CollapseType": "ERA",
-                             "EraPad": reader.integer(document.get("collapse_days", 0), "collapse_days", 0)},
+                             "EraPad": reader.days(document.get("collapse_days", 0), "collapse_days", 0)},
         "CensorWindow": {},
         "cdmVersionRange": ">=5.0.0",
     }

@@ -22,6 +22,7 @@ Example ``adapters/site_a.toml``::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
@@ -35,7 +36,9 @@ from omopfl.policy import SitePolicy, parse_policy
 __all__ = ["SiteConfig", "load_site", "IDENTIFIER_RE", "check_identifier"]
 
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SITE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# A plain name: it becomes a folder (data/prepared/<site>), so no '.', '..', separators or leading dot.
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+MAX_MIN_CELL_COUNT = 1_000_000
 ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 DEFAULT_MIN_CELL_COUNT = 10
 
@@ -93,7 +96,10 @@ def _get(table: dict[str, Any], key: str, kind: type, path: Path, section: str, 
     if kind is int and isinstance(value, bool):
         raise ConfigError(f"{path}: [{section}] {key} must be an integer")
     if not isinstance(value, kind):
-        raise ConfigError(f"{path}: [{section}] {key} must be a {kind.__name__}")
+        kinds = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
+        raise ConfigError(f"{path}: [{section}] {key} must be {kinds.get(kind, kind.__name__)}")
+    if isinstance(value, str) and ("\x00" in value or not value.strip()):
+        raise ConfigError(f"{path}: [{section}] {key} must be a non-empty string without NUL characters")
     return value
 
 
@@ -111,7 +117,9 @@ def _section(data: dict[str, Any], name: str, path: Path, required: bool = True)
 def _resolve(root: str | None, base: Path) -> Path | None:
     if root is None:
         return None
-    candidate = Path(os.path.expandvars(root)).expanduser()
+    candidate = Path(os.path.expandvars(root))
+    with contextlib.suppress(RuntimeError):  # ~user of an unknown user: kept as written
+        candidate = candidate.expanduser()
     return candidate if candidate.is_absolute() else (base / candidate)
 
 
@@ -130,17 +138,20 @@ def load_site(path: str | Path) -> SiteConfig:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except (OSError, RecursionError) as exc:
+        raise ConfigError(f"{path}: cannot read the site adapter ({type(exc).__name__})") from None
 
     site = _section(data, "site", path)
     database = _section(data, "database", path)
     files = _section(data, "files", path, required=False)
 
     name = _get(site, "name", str, path, "site")
-    if not SITE_NAME_RE.match(name):
-        raise ConfigError(f"{path}: [site] name must be 1-64 letters, digits, '_', '-' or '.'")
+    if not SITE_NAME_RE.match(name) or ".." in name:
+        raise ConfigError(f"{path}: [site] name must be a plain name: 1-64 letters, digits, '_', '-' or '.', "
+                          "starting with a letter, digit or '_' (it names the site's dataset folder)")
     min_cell_count = _get(site, "min_cell_count", int, path, "site", DEFAULT_MIN_CELL_COUNT)
-    if min_cell_count < 1:
-        raise ConfigError(f"{path}: [site] min_cell_count must be at least 1")
+    if not 1 <= min_cell_count <= MAX_MIN_CELL_COUNT:
+        raise ConfigError(f"{path}: [site] min_cell_count must be between 1 and {MAX_MIN_CELL_COUNT:,}")
 
     if "url" in database:
         raise ConfigError(
@@ -173,8 +184,13 @@ def load_site(path: str | Path) -> SiteConfig:
             f"{path}: [database] duckdb_path file name {duckdb_path.name} equals a schema name; DuckDB would "
             "confuse the catalog with the schema: rename the file (e.g. omop.duckdb)"
         )
-    if results_schema == cdm_schema:
-        raise ConfigError(f"{path}: [database] results_schema must differ from cdm_schema (the CDM is read-only)")
+    # DuckDB compares identifiers case-insensitively, and omopfl looks schemas up that way on both backends.
+    if results_schema.lower() == cdm_schema.lower():
+        raise ConfigError(f"{path}: [database] results_schema must differ from cdm_schema, also in letter case "
+                          "(the CDM is read-only; DuckDB takes CDM and cdm for the same schema)")
+    if results_schema.lower() == vocabulary_schema.lower():
+        raise ConfigError(f"{path}: [database] results_schema must differ from vocabulary_schema, also in letter "
+                          "case (the vocabulary is read-only)")
 
     base = path.parent
     image_root = _resolve(_get(files, "image_root", str, path, "files", None), base)
@@ -182,11 +198,15 @@ def load_site(path: str | Path) -> SiteConfig:
     known = {"site": {"name", "min_cell_count"},
              "database": {"url_env", "duckdb_path", "cdm_schema", "vocabulary_schema", "results_schema"},
              "files": {"image_root", "omics_root"}}
+    for section in data:
+        if section not in known and section != "policy":  # [policy]: parsed by omopfl.policy
+            expected = ", ".join(f"[{k}]" for k in (*known, "policy"))
+            raise ConfigError(f"{path}: unknown section [{section[:40]}]; expected {expected}")
     policy = parse_policy(data.get("policy"), path, name)
     for section, keys in known.items():
         for key in _section(data, section, path, required=False):
             if key not in keys:
-                raise ConfigError(f"{path}: unknown key [{section}] {key}; expected one of {sorted(keys)}")
+                raise ConfigError(f"{path}: unknown key [{section}] {key[:40]}; expected one of {sorted(keys)}")
 
     return SiteConfig(
         name=name,

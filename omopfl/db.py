@@ -7,6 +7,7 @@ with a message that is safe to show (no driver text, which can echo values).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ __all__ = [
     "CdmInfo",
     "inspect_cdm",
     "describe_driver_error",
+    "is_driver_error",
+    "map_driver_error",
 ]
 
 SQL_DIR = Path(__file__).parent / "sql"
@@ -46,28 +49,78 @@ def qualified(schema: str, table: str) -> str:
     return f"{quote_identifier(schema)}.{quote_identifier(table)}"
 
 
+_NAME = r'"?([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)"?'
+# (pattern in the lower-cased driver text, reason) -- the first match wins.  A reason may name a
+# table, column, schema or role (``{0}``: an identifier captured by the pattern, checked against the
+# identifier allow-list), never a value.
+_DRIVER_REASONS: tuple[tuple[str, str], ...] = (
+    (r"password authentication failed|password authentication|no password supplied|"
+     r"authentication failed", "authentication failed: check the user name and password in the URL"),
+    (r"role " + _NAME + r" does not exist", "authentication failed: role {0} does not exist"),
+    (r"database " + _NAME + r" does not exist", "database {0} does not exist: check the URL"),
+    (r"connection refused", "connection refused: is the database server running on that host and port?"),
+    (r"could not translate host name|name or service not known|nodename nor servname",
+     "unknown host: check the host name in the URL"),
+    (r"canceling statement due to statement timeout",
+     "a statement ran longer than the statement timeout (OMOPFL_STATEMENT_TIMEOUT_MS)"),
+    (r"canceling statement due to user request|query interrupted", "the statement was cancelled"),
+    (r"timeout expired|timed out|timeout", "connection timed out: check the host, port and firewall"),
+    (r"terminating connection|server closed the connection|connection already closed|"
+     r"ssl syscall error|connection not open|could not receive data from server|"
+     r"the database system is shutting down",
+     "the database server closed the connection (database dropped or server restarted); run the command again"),
+    (r"could not set lock|conflicting lock|lock on file",
+     "the DuckDB file is locked by another process: wait for it to finish or close it, then run again"),
+    (r"permission denied to create temporary tables",
+     "permission denied to create temporary tables: grant TEMP on the database to this role"),
+    (r"permission denied for schema " + _NAME, "permission denied on schema {0}: grant USAGE (and CREATE for the "
+     "results schema) to this role"),
+    (r"permission denied for (?:table|relation) " + _NAME, "permission denied on table {0}: grant SELECT to this role"),
+    (r"permission denied", "permission denied: check the role's grants"),
+    (r"relation " + _NAME + r" does not exist", "table {0} does not exist"),
+    (r"table with name " + _NAME + r" does not exist", "table {0} does not exist"),
+    (r"column " + _NAME + r" does not exist", "column {0} does not exist"),
+    (r"referenced column " + _NAME + r" not found", "column {0} does not exist"),
+    (r"schema " + _NAME + r" does not exist", "schema {0} does not exist"),
+    (r"does not exist", "object does not exist"),
+    (r"value out of range|numeric field overflow|out of range", "a value is out of range for its type"),
+    (r"could not convert|conversion error|invalid input syntax",
+     "a value does not have the type its column should have (check the column types of the CDM tables)"),
+    (r"io error|cannot open file|could not open file|unable to open", "cannot open the database file"),
+    (r"syntax error", "SQL syntax error"),
+    (r"duplicate key", "duplicate key"),
+    (r"disk full|no space left", "no space left on the database server's disk"),
+)
+_DRIVER_PATTERNS = tuple((re.compile(p), reason) for p, reason in _DRIVER_REASONS)
+
+
 def describe_driver_error(exc: BaseException) -> str:
-    """Classify a driver error into a short reason that never echoes driver text."""
-    text = str(getattr(exc, "orig", exc)).lower()
-    for needle, reason in (
-        ("password authentication failed", "authentication failed"),
-        ("authentication", "authentication failed"),
-        ("connection refused", "connection refused"),
-        ("could not translate host name", "unknown host"),
-        ("name or service not known", "unknown host"),
-        ("timeout", "connection timed out"),
-        ("timed out", "connection timed out"),
-        ("does not exist", "object does not exist"),
-        ("permission denied", "permission denied"),
-        ("could not set lock", "database file is locked by another process"),
-        ("conflicting lock", "database file is locked by another process"),
-        ("io error", "cannot open database file"),
-        ("syntax error", "SQL syntax error"),
-        ("duplicate key", "duplicate key"),
-    ):
-        if needle in text:
+    """Classify a driver error into a short reason that never echoes driver text.
+
+    The reason may name a role, database, schema, table or column taken from the driver's message
+    (only when it is a plain identifier), never a value.
+    """
+    text = " ".join(str(getattr(exc, "orig", exc)).lower().split())
+    for pattern, reason in _DRIVER_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            names = [g for g in match.groups() if g and re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?", g)]
+            if "{0}" in reason:
+                return reason.format(names[0]) if names else reason.replace(" {0}", "")
             return reason
     return type(getattr(exc, "orig", exc)).__name__
+
+
+def is_driver_error(exc: BaseException) -> bool:
+    """True for errors raised by SQLAlchemy or a database driver (psycopg, duckdb)."""
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, sa.exc.SQLAlchemyError) or module in {"psycopg2", "psycopg", "duckdb", "_duckdb"}
+
+
+def map_driver_error(exc: BaseException, what: str | None = None) -> DatabaseError:
+    """A driver error as one-line :class:`DatabaseError`: where (the engine's ``what``) and why."""
+    where = what or getattr(exc, "omopfl_what", None) or "database"
+    return DatabaseError(f"{where}: {describe_driver_error(exc)}")
 
 
 def make_engine(url: str, *, what: str = "database") -> sa.Engine:
@@ -84,17 +137,35 @@ def make_engine(url: str, *, what: str = "database") -> sa.Engine:
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg2")
-        return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
-    if backend == "duckdb":
+        engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    elif backend == "duckdb":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        return sa.create_engine(parsed)
-    raise ConfigError(f"{what}: unsupported database '{backend}'; use postgresql:// or duckdb:///")
+        engine = sa.create_engine(parsed)
+    else:
+        raise ConfigError(f"{what}: unsupported database '{backend}'; use postgresql:// or duckdb:///")
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _name_the_database(context: sa.engine.ExceptionContext) -> None:
+        # Errors that escape every stage still say which database they came from (map_driver_error).
+        if context.sqlalchemy_exception is not None:
+            context.sqlalchemy_exception.omopfl_what = what  # type: ignore[attr-defined]
+
+    return engine
 
 
 def site_engine(site: SiteConfig) -> sa.Engine:
-    """Engine for a site's database (URL from the environment variable its adapter names)."""
+    """Engine for a site's database (URL from the environment variable its adapter names).
+
+    A ``duckdb_path`` must name an existing file: connecting would otherwise create an empty database.
+    """
     source = site.url_env or "duckdb_path"
+    if site.duckdb_path is not None and not site.duckdb_path.is_file():
+        where = f"{site.source}: " if site.source else ""
+        problem = "is in a folder that does not exist" if not site.duckdb_path.parent.is_dir() else \
+            "names a file that does not exist"
+        raise ConfigError(f"{where}[database] duckdb_path {problem}; check the path (relative to the adapter file) "
+                          "or run omopfl synth / omopfl eunomia to create the database")
     return make_engine(site.database_url(), what=f"site {site.name} ({source})")
 
 
@@ -104,8 +175,7 @@ def connect(engine: sa.Engine, *, what: str = "database") -> Iterator[sa.Connect
     try:
         conn = engine.connect()
     except sa.exc.DBAPIError as exc:
-        reason = describe_driver_error(exc)
-        raise DatabaseError(f"cannot connect to {what}: {reason}; check the URL, server and credentials") from None
+        raise DatabaseError(f"cannot connect to {what}: {describe_driver_error(exc)}") from None
     try:
         yield conn
     except sa.exc.DBAPIError as exc:

@@ -28,7 +28,8 @@ column                        kind          value
                                             ``last`` (latest date, then datetime, measurement_id
                                             and value, all descending) or ``mean``; NaN if none
 <measurement>__unknown_unit   unknown_unit  rows in the window whose unit has no conversion
-<measurement>__non_finite     non_finite    rows in the window whose value is NaN or +-inf
+<measurement>__non_finite     non_finite    rows in the window whose value is NaN, +-inf or beyond
+                                            ±1e18 (absurd; the same on both backends)
 ============================  ============  ===================================================
 
 Demographic columns appear only if listed in the study's ``demographics`` (in that order).
@@ -81,8 +82,11 @@ __all__ = [
 
 DEFAULT_CHUNK_ROWS = 50_000
 _SAFE_UNIT = re.compile(r"^[A-Za-z0-9%/\[\]{}_.*^+\-]{1,64}$")  # UCUM codes that may be inlined as literals
-_NON_FINITE = ("CAST('NaN' AS DOUBLE PRECISION), CAST('Infinity' AS DOUBLE PRECISION), "
-               "CAST('-Infinity' AS DOUBLE PRECISION)")
+# A measurement value beyond this magnitude (or NaN, +-inf) is counted as non-finite and never used: no
+# canonical unit has plausible values near it, and the bound keeps conversion and AVG far from float
+# overflow, which PostgreSQL raises as an error (NumericValueOutOfRange) where DuckDB gives inf.  An integer
+# literal, so that a NUMERIC column is compared as NUMERIC (a cast to double could itself overflow).
+ABSURD_MAGNITUDE = 10**18
 _OK, _UNKNOWN_UNIT, _NON_FINITE_VALUE = 0, 1, 2  # status of a measurement row
 
 
@@ -216,9 +220,10 @@ def _measurement_row_ctes(b: _Binds, site: SiteConfig, k: int, m: MeasurementFea
         f"m{k}_rows AS (SELECT t.person_id, e.measurement_date AS event_date, e.measurement_datetime AS event_time,"
         " e.measurement_id AS row_id, e.unit_concept_id,"
         f" CASE WHEN u.concept_id IS NULL THEN {_UNKNOWN_UNIT}"
-        f" WHEN CAST(e.value_as_number AS DOUBLE PRECISION) IN ({_NON_FINITE}) THEN {_NON_FINITE_VALUE}"
+        f" WHEN NOT (ABS(e.value_as_number) <= {ABSURD_MAGNITUDE}) THEN {_NON_FINITE_VALUE}"
         f" ELSE {_OK} END AS status,"
-        " CAST(e.value_as_number AS DOUBLE PRECISION) * u.factor + u.shift AS value"
+        f" CASE WHEN ABS(e.value_as_number) <= {ABSURD_MAGNITUDE}"
+        " THEN CAST(e.value_as_number AS DOUBLE PRECISION) * u.factor + u.shift END AS value"
         f" FROM target t JOIN {measurement} e ON e.person_id = t.person_id"
         f" JOIN m{k}_concepts k ON k.concept_id = e.measurement_concept_id"
         f" LEFT JOIN m{k}_unit_ids u ON u.concept_id = e.unit_concept_id"

@@ -36,7 +36,8 @@ from omopfl.config import SiteConfig
 from omopfl.errors import ConfigError, DataError
 from omopfl.study import StudyConfig
 
-__all__ = ["PreparedSite", "prepare_site", "load_prepared", "cdm_snapshot_hash", "ensure_cohorts", "check_can_serve"]
+__all__ = ["PreparedSite", "prepare_site", "load_prepared", "cdm_snapshot_hash", "ensure_cohorts", "check_can_serve",
+           "dataset_folder"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -141,21 +142,89 @@ def check_can_serve(conn: sa.Connection, site: SiteConfig, study: StudyConfig) -
         raise ConfigError(f"{where}: [linking.omics] enabled needs [files] omics_root in {site.source}")
 
 
+_TMP_MARK = ".tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _recover(final: Path) -> None:
+    """Finish what a killed run left: the previous dataset back in place, dead runs' temp folders removed."""
+    backup = final.with_name(f".{final.name}.old")
+    if not final.exists() and backup.is_dir():
+        backup.rename(final)  # killed between the two renames of the fallback commit
+    if not final.parent.is_dir():
+        return
+    for leftover in final.parent.glob(f".{final.name}{_TMP_MARK}*"):
+        pid = leftover.name[len(f".{final.name}{_TMP_MARK}"):].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _atomic_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _recover(final)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_MARK}{os.getpid()}.", dir=final.parent))
+    except OSError as exc:
+        raise ConfigError(f"{final.parent}: cannot write the dataset there ({type(exc).__name__}); "
+                          "check --out") from None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _commit_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp`` (same filesystem); the old dataset stays until the new one is complete."""
+    """Replace ``final`` by ``tmp`` (same filesystem); the old dataset stays until the new one is complete.
+
+    Where the kernel can swap two folders atomically, a signal at any point leaves either the old or the
+    new dataset in place; otherwise the old one is renamed aside first and :func:`_recover` puts it back if
+    the process dies between the two renames.
+    """
+    if final.is_dir() and _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous dataset
+        return
     backup = final.with_name(f".{final.name}.old")
     if backup.exists():
         shutil.rmtree(backup)
     if final.exists():
         final.rename(backup)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if backup.exists() and not final.exists():
+            backup.rename(final)
+        raise
     if backup.exists():
         shutil.rmtree(backup)
+
+
+def dataset_folder(out_dir: str | Path, site: SiteConfig) -> Path:
+    """``<out_dir>/<site name>``, refusing a site name that is not a plain folder name inside ``out_dir``."""
+    out = Path(out_dir)
+    name = site.name
+    folder = out / name
+    if (name in {"", ".", ".."} or "/" in name or "\\" in name or name.startswith(".")
+            or folder.name != name or folder.parent != out):
+        where = f"{site.source}: " if site.source else ""
+        raise ConfigError(f"{where}[site] name must be a plain folder name (no '.', '..' or separators)")
+    return folder
 
 
 def _json_safe(value: Any) -> Any:
@@ -187,11 +256,16 @@ def load_prepared(folder: str | Path) -> PreparedSite:
         If the folder holds no complete prepared dataset.
     """
     folder = Path(folder)
+    if not folder.exists():
+        _recover(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise DataError(f"{folder}: no prepared dataset here (manifest.json missing); run omopfl prepare")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{folder}: manifest.json is unreadable; run omopfl prepare again") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{folder}: prepared with another omopfl format; run omopfl prepare again")
     with np.load(folder / "tabular.npz", allow_pickle=False) as data:
         x, y = data["x"], data["y"]
@@ -265,6 +339,8 @@ def prepare_site(
     from omopfl.db import detect_cdm_version
 
     started = time.perf_counter()
+    if write:
+        dataset_folder(out_dir, site)  # refuse a bad folder before any work
     with engine.connect() as conn:
         check_can_serve(conn, site, study)
     cohorts = ensure_cohorts(engine, site, study, progress=progress)
@@ -294,7 +370,7 @@ def prepare_site(
     report.raise_if_fatal(allow_fatal=allow_fatal or study.validation.allow_fatal)
     if not write:
         return None, _json_safe(manifest)
-    folder = write_prepared(Path(out_dir) / site.name, site, frame, feature_names, manifest, images, omics)
+    folder = write_prepared(dataset_folder(out_dir, site), site, frame, feature_names, manifest, images, omics)
     return folder, json.loads((folder / MANIFEST).read_text())
 
 

@@ -11,6 +11,7 @@ Example: ``examples/t2dm_hf/study.toml``.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ __all__ = [
 ]
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+LEVEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+MAX_DAYS = 100_000  # about 270 years: a window or time at risk beyond this is a typo
+MAX_CONCEPT_ID = 2**31 - 1  # OMOP concept_id is a 32-bit integer
+RESERVED_NAMES = ("person_id", "index_date", "label")  # key columns of every feature frame
+GENERATED_SEPARATOR = "__"  # <measurement>__missing, __unknown_unit, __non_finite are generated
 DEMOGRAPHICS = ("age", "sex", "prior_observation_days")
 # domain -> (table, concept column, start date column)
 DOMAIN_TABLES: dict[str, tuple[str, str, str]] = {
@@ -215,6 +221,28 @@ class _Reader:
             raise self.fail(f"[{section}] {key}", f"must be {' or '.join(k.__name__ for k in kinds)}")
         if not isinstance(value, kinds):
             raise self.fail(f"[{section}] {key}", f"must be {' or '.join(k.__name__ for k in kinds)}")
+        if isinstance(value, str) and "\x00" in value:
+            raise self.fail(f"[{section}] {key}", "must not hold NUL characters")
+        return value
+
+    def integer(self, data: dict, section: str, key: str, default: int, low: int, high: int) -> int:
+        value = self.get(data, section, key, int, default)
+        if not low <= value <= high:
+            raise self.fail(f"[{section}] {key}", f"must be between {low} and {high:,}")
+        return value
+
+    def number(self, data: dict, section: str, key: str, default: float, low: float, high: float, *,
+               low_open: bool = False, high_open: bool = False) -> float:
+        """A finite number in [low, high] (``low_open``/``high_open``: that bound excluded)."""
+        try:
+            value = float(self.get(data, section, key, (int, float), default))
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise self.fail(f"[{section}] {key}", f"must be a finite number in {interval}")
         return value
 
     def name(self, value: Any, where: str) -> str:
@@ -222,23 +250,85 @@ class _Reader:
             raise self.fail(where, "must be a lower-case name (letters, digits, underscores; starting with a letter)")
         return value
 
-    def window(self, data: dict, section: str, default: tuple[int, int]) -> tuple[int, int]:
-        value = data.get("window", list(default))
+    def window(self, data: dict, section: str, default: tuple[int, int], key: str = "window",
+               what: str = "relative to index") -> tuple[int, int]:
+        value = data.get(key, list(default))
         if (not isinstance(value, list) or len(value) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
-            raise self.fail(f"[{section}] window", "must be [start, end] in days relative to index, start <= end")
+                or not all(isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_DAYS for v in value)
+                or value[0] > value[1]):
+            raise self.fail(f"[{section}] {key}", f"must be [start, end] in days {what}, start <= end, "
+                            f"each within ±{MAX_DAYS:,}")
         return value[0], value[1]
 
     def concepts(self, data: dict, section: str) -> tuple[int, ...]:
         value = data.get("concepts")
         if (not isinstance(value, list) or not value
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-            raise self.fail(f"[{section}] concepts", "must be a non-empty list of OMOP concept ids")
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_CONCEPT_ID
+                           for v in value)):
+            raise self.fail(f"[{section}] concepts", "must be a non-empty list of OMOP concept ids "
+                            f"(integers from 1 to {MAX_CONCEPT_ID})")
+        return tuple(value)
+
+    def strings(self, data: dict, section: str, key: str, default: list[str], *, pattern: re.Pattern | None = None,
+                what: str = "strings") -> tuple[str, ...]:
+        value = self.get(data, section, key, list, default)
+        if not all(isinstance(v, str) and v and "\x00" not in v and (pattern is None or pattern.match(v))
+                   for v in value):
+            raise self.fail(f"[{section}] {key}", f"must be a list of {what}")
+        if len(set(value)) != len(value):
+            raise self.fail(f"[{section}] {key}", "lists a value twice")
         return tuple(value)
 
 
+MODALITY_RE = re.compile(r"^[A-Z0-9]{1,16}$")
+UNIT_RE = re.compile(r"^[A-Za-z0-9%/\[\]{}_.*^+\-]{1,64}$")  # UCUM codes (the alphabet omopfl.features inlines)
+
+
+def _check_unit(r: _Reader, section: str, unit: str, analyte: str | None) -> None:
+    """The canonical unit must be one omopfl converts into, and the analyte one it knows."""
+    from omopfl.harmonize import canonical_analyte, conversions_to
+
+    if analyte is not None and canonical_analyte(analyte) is None:
+        raise r.fail(f"[{section}] analyte", "is not an analyte omopfl converts (e.g. glucose, creatinine, hba1c, "
+                     "cholesterol, triglycerides); leave it out for unit-only conversions")
+    if not UNIT_RE.match(unit):
+        raise r.fail(f"[{section}] unit", "must be a UCUM unit code (e.g. mg/dL)")
+    try:
+        conversions_to(analyte, unit)
+    except (KeyError, ValueError):
+        raise r.fail(f"[{section}] unit", "has no conversion table; use a UCUM code omopfl knows") from None
+
+
+def _check_generated_names(r: _Reader, names: list[str], demographics: list[str],
+                           categories: dict[str, tuple[str, ...]], measurements: list) -> None:
+    """Refuse feature names that collide with the frame's keys or the columns harmonization generates."""
+    from omopfl.harmonize import MISSING_SUFFIX, NON_FINITE_SUFFIX, UNKNOWN_UNIT_SUFFIX
+
+    own = set(names)
+    generated: dict[str, str] = {}
+    if "sex" in demographics:
+        generated.update({f"sex_{level}": "a sex level column" for level in categories["sex"]})
+    for m in measurements:
+        for suffix in (MISSING_SUFFIX, UNKNOWN_UNIT_SUFFIX, NON_FINITE_SUFFIX):
+            generated[m.name + suffix] = f"a column generated for measurement {m.name}"
+    for name in names:
+        if name in RESERVED_NAMES:
+            raise r.fail("[features]", f"name {name!r} is reserved (a key column of every dataset); rename it")
+        if name in generated and name not in DEMOGRAPHICS:
+            raise r.fail("[features]", f"name {name!r} collides with {generated[name]}; rename it")
+        if GENERATED_SEPARATOR in name and name not in DEMOGRAPHICS:
+            raise r.fail("[features]", f"name {name!r} contains '{GENERATED_SEPARATOR}', which is reserved for "
+                         "generated columns (e.g. <measurement>__missing); rename it")
+    clash = own & set(generated)
+    if clash:  # pragma: no cover - caught above, kept as a guard
+        raise r.fail("[features]", f"name {sorted(clash)[0]!r} collides with a generated column")
+
+
 def _resolve(base: Path, value: str) -> Path:
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user of an unknown user
+        path = Path(value)
     return path if path.is_absolute() else (base / path).resolve()
 
 
@@ -252,7 +342,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
         value = r.get(t, "privacy", key, (int, float), default)
         if value is None:
             return None
-        if not math.isfinite(float(value)) or float(value) <= 0:
+        if not (-1e308 < value < 1e308) or not math.isfinite(float(value)) or float(value) <= 0:
             raise r.fail(f"[privacy] {key}", "must be a positive finite number")
         return float(value)
 
@@ -265,7 +355,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
     for feature, pair in bounds_table.items():
         if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(v, int | float) and not
                                                                     isinstance(v, bool) for v in pair)
-                or not all(math.isfinite(v) for v in pair) or not pair[0] < pair[1]):
+                or not all(-1e308 < v < 1e308 for v in pair) or not pair[0] < pair[1]):
             raise r.fail(f"[privacy.bounds] {feature}", "must be [low, high] with finite low < high")
         bounds.append((str(feature), float(pair[0]), float(pair[1])))
     statistics_epsilon = positive("statistics_epsilon", None)
@@ -283,17 +373,25 @@ def load_study(path: str | Path) -> StudyConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: study file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the study as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the study file ({type(exc).__name__})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
     r = _Reader(path)
     r.keys(data, "top level", {"study", "cohorts", "outcome", "features", "categories", "linking", "validation",
                                "model", "training", "privacy"})
     study = r.table(data, "study", required=True)
     r.keys(study, "study", {"name", "description"})
     name = r.name(r.get(study, "study", "name", str), "[study] name")
+    description = r.get(study, "study", "description", str, "")
 
     cohorts = r.table(data, "cohorts", required=True)
     r.keys(cohorts, "cohorts", {"target", "outcome"})
@@ -305,16 +403,17 @@ def load_study(path: str | Path) -> StudyConfig:
 
     outcome_section = r.table(data, "outcome")
     r.keys(outcome_section, "outcome", {"time_at_risk"})
-    tar = outcome_section.get("time_at_risk", [1, 365])
-    if (not isinstance(tar, list) or len(tar) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                                for v in tar) or tar[0] > tar[1]):
-        raise r.fail("[outcome] time_at_risk", "must be [start, end] in days after index, start <= end")
+    tar = r.window(outcome_section, "outcome", (1, 365), key="time_at_risk", what="after index")
 
     features = r.table(data, "features")
     r.keys(features, "features", {"demographics", "concept_sets", "measurements"})
     demographics = features.get("demographics", list(DEMOGRAPHICS))
-    if not isinstance(demographics, list) or any(d not in DEMOGRAPHICS for d in demographics):
+    if not isinstance(demographics, list) or any(not isinstance(d, str) or d not in DEMOGRAPHICS
+                                                 for d in demographics):
         raise r.fail("[features] demographics", f"must list some of {', '.join(DEMOGRAPHICS)}")
+    for key in ("concept_sets", "measurements"):
+        if not isinstance(features.get(key, []), list):
+            raise r.fail(f"[features] {key}", "must be a list of tables ([[features.{key}]])")
 
     concept_sets = []
     for i, item in enumerate(features.get("concept_sets", [])):
@@ -344,12 +443,14 @@ def load_study(path: str | Path) -> StudyConfig:
             raise r.fail(f"[{section}] aggregate", "must be last or mean")
         plausible = item.get("range")
         if plausible is not None and (not isinstance(plausible, list) or len(plausible) != 2
-                                      or not all(isinstance(v, int | float) for v in plausible)
+                                      or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                 and -1e308 < v < 1e308 for v in plausible)
                                       or plausible[0] >= plausible[1]):
-            raise r.fail(f"[{section}] range", "must be [low, high] in the canonical unit")
+            raise r.fail(f"[{section}] range", "must be [low, high], finite numbers in the canonical unit, low < high")
+        unit, analyte = r.get(item, section, "unit", str), r.get(item, section, "analyte", str, None)
+        _check_unit(r, section, unit, analyte)
         measurements.append(MeasurementFeature(
-            r.name(item.get("name"), f"[{section}] name"), r.concepts(item, section),
-            r.get(item, section, "unit", str), r.get(item, section, "analyte", str, None),
+            r.name(item.get("name"), f"[{section}] name"), r.concepts(item, section), unit, analyte,
             r.window(item, section, (-365, 0)), aggregate,
             (float(plausible[0]), float(plausible[1])) if plausible else None,
             r.get(item, section, "descendants", bool, False),
@@ -363,29 +464,31 @@ def load_study(path: str | Path) -> StudyConfig:
     categories = {"sex": ("male", "female")}
     for key, levels in categories_raw.items():
         if key != "sex":
-            raise r.fail(f"[categories] {key}", "is not a categorical feature (only sex is categorical)")
-        if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
+            raise r.fail(f"[categories] {key[:40]}", "is not a categorical feature (only sex is categorical)")
+        if not isinstance(levels, list) or not levels:
             raise r.fail(f"[categories] {key}", "must be a non-empty list of level names")
-        categories[key] = tuple(levels)
+        categories[key] = r.strings(categories_raw, "categories", key, [], pattern=LEVEL_RE,
+                                    what="lower-case level names (letters, digits, underscores)")
+    _check_generated_names(r, names, demographics, categories, measurements)
 
     linking = r.table(data, "linking")
     r.keys(linking, "linking", {"images", "omics"})
     images = r.table(linking, "linking.images")
     r.keys(images, "linking.images", {"enabled", "modalities", "size", "window"})
+    modalities = r.strings(images, "linking.images", "modalities", ["MR", "CT"], pattern=MODALITY_RE,
+                           what="DICOM modality codes (e.g. MR, CT)")
+    if not modalities:
+        raise r.fail("[linking.images] modalities", "must list at least one DICOM modality code")
     imaging = ImagingSpec(
         r.get(images, "linking.images", "enabled", bool, False),
-        tuple(r.get(images, "linking.images", "modalities", list, ["MR", "CT"])),
-        r.get(images, "linking.images", "size", int, 32),
+        modalities,
+        r.integer(images, "linking.images", "size", 32, 4, 512),
         r.window(images, "linking.images", (-365, 0)),
     )
-    if not 4 <= imaging.size <= 512:
-        raise r.fail("[linking.images] size", "must be between 4 and 512 pixels")
     omics_raw = r.table(linking, "linking.omics")
     r.keys(omics_raw, "linking.omics", {"enabled", "genes", "log1p"})
-    genes = r.get(omics_raw, "linking.omics", "genes", list, [])
-    if not all(isinstance(g, str) and g for g in genes):
-        raise r.fail("[linking.omics] genes", "must be a list of gene symbols")
-    omics = OmicsSpec(r.get(omics_raw, "linking.omics", "enabled", bool, False), tuple(genes),
+    genes = r.strings(omics_raw, "linking.omics", "genes", [], what="gene symbols")
+    omics = OmicsSpec(r.get(omics_raw, "linking.omics", "enabled", bool, False), genes,
                       r.get(omics_raw, "linking.omics", "log1p", bool, True))
     if omics.enabled and not omics.genes:
         raise r.fail("[linking.omics] genes", "must list the study's genes when omics is enabled")
@@ -393,11 +496,13 @@ def load_study(path: str | Path) -> StudyConfig:
     v = r.table(data, "validation")
     r.keys(v, "validation", {"min_completeness", "fatal_completeness", "min_persons", "allow_fatal"})
     validation = ValidationSpec(
-        float(r.get(v, "validation", "min_completeness", (int, float), 0.5)),
-        float(r.get(v, "validation", "fatal_completeness", (int, float), 0.0)),
-        r.get(v, "validation", "min_persons", int, 10),
+        r.number(v, "validation", "min_completeness", 0.5, 0.0, 1.0),
+        r.number(v, "validation", "fatal_completeness", 0.0, 0.0, 1.0),
+        r.integer(v, "validation", "min_persons", 10, 1, 10**9),
         r.get(v, "validation", "allow_fatal", bool, False),
     )
+    if validation.fatal_completeness > validation.min_completeness:
+        raise r.fail("[validation] fatal_completeness", "must not be above min_completeness")
 
     m = r.table(data, "model")
     r.keys(m, "model", {"kind", "hidden", "dropout"})
@@ -406,8 +511,15 @@ def load_study(path: str | Path) -> StudyConfig:
         raise r.fail("[model] kind", f"must be one of {', '.join(MODELS)}")
     if kind in {"cnn", "fusion"} and not imaging.enabled:
         raise r.fail("[model] kind", f"{kind} needs [linking.images] enabled = true")
-    model = ModelSpec(kind, tuple(r.get(m, "model", "hidden", list, [256, 512, 128, 64, 32])),
-                      tuple(r.get(m, "model", "dropout", list, [0.4, 0.15])))
+    hidden = r.get(m, "model", "hidden", list, [256, 512, 128, 64, 32])
+    if not hidden or len(hidden) > 32 or not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 65_536
+                                                 for h in hidden):
+        raise r.fail("[model] hidden", "must be a non-empty list (at most 32) of layer widths from 1 to 65,536")
+    dropout = r.get(m, "model", "dropout", list, [0.4, 0.15])
+    if not 1 <= len(dropout) <= 2 or not all(isinstance(d, int | float) and not isinstance(d, bool)
+                                             and 0 <= d < 1 for d in dropout):
+        raise r.fail("[model] dropout", "must be one or two rates in [0, 1)")
+    model = ModelSpec(kind, tuple(hidden), tuple(float(d) for d in dropout))
 
     t = r.table(data, "training")
     r.keys(t, "training", {"rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "proximal_mu",
@@ -416,19 +528,21 @@ def load_study(path: str | Path) -> StudyConfig:
     if strategy not in STRATEGIES:
         raise r.fail("[training] strategy", f"must be one of {', '.join(STRATEGIES)}")
     training = TrainingSpec(
-        r.get(t, "training", "rounds", int, 5), r.get(t, "training", "local_epochs", int, 1),
-        r.get(t, "training", "batch_size", int, 64), float(r.get(t, "training", "learning_rate", (int, float), 0.01)),
-        strategy, float(r.get(t, "training", "proximal_mu", (int, float), 0.0)),
-        r.get(t, "training", "min_sites", int, 2), float(r.get(t, "training", "test_fraction", (int, float), 0.25)),
-        r.get(t, "training", "seed", int, 0),
-        float(r.get(t, "training", "threshold", (int, float), 0.5)),
+        r.integer(t, "training", "rounds", 5, 1, 100_000), r.integer(t, "training", "local_epochs", 1, 1, 10_000),
+        r.integer(t, "training", "batch_size", 64, 1, 10**7),
+        r.number(t, "training", "learning_rate", 0.01, 0.0, 1e3, low_open=True),
+        strategy, r.number(t, "training", "proximal_mu", 0.0, 0.0, 1e6),
+        r.integer(t, "training", "min_sites", 2, 1, 100_000),
+        r.number(t, "training", "test_fraction", 0.25, 0.0, 1.0, low_open=True, high_open=True),
+        r.integer(t, "training", "seed", 0, 0, 2**32 - 1),
+        r.number(t, "training", "threshold", 0.5, 0.0, 1.0, low_open=True, high_open=True),
     )
     if not 0.0 < training.threshold < 1.0:
         raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
     privacy = _privacy(r, r.table(data, "privacy"))
     return StudyConfig(
         privacy=privacy,
-        name=name, description=str(study.get("description", "")), target_cohort=target, outcome_cohort=outcome,
+        name=name, description=description, target_cohort=target, outcome_cohort=outcome,
         time_at_risk=(tar[0], tar[1]), demographics=tuple(demographics), concept_sets=tuple(concept_sets),
         measurements=tuple(measurements), categories=categories, imaging=imaging, omics=omics,
         validation=validation, model=model, training=training, source=path, text=text,

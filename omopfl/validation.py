@@ -630,6 +630,52 @@ class _Sql:
             return reason
         return tuple(int(value or 0) for value in row)
 
+    def ints(self, sql: str) -> set[int] | str:
+        """Every value of the first column as ints, or a safe reason why the query failed."""
+        try:
+            if self.postgres:
+                with self.conn.begin_nested():
+                    values = self.conn.execute(sa.text(sql)).scalars().all()
+            else:
+                values = self.conn.execute(sa.text(sql)).scalars().all()
+        except sa.exc.DBAPIError as exc:
+            reason = describe_driver_error(exc)
+            if not self.postgres:
+                if not self.owns_transaction:
+                    raise DatabaseError(f"CDM conformance check failed ({reason})") from None
+                self.conn.rollback()
+            return reason
+        return {int(v) for v in values if v is not None}
+
+
+def _study_concepts(sql: _Sql, site: SiteConfig, study: StudyConfig) -> list[CheckResult]:
+    """A warning per study feature listing concept ids absent from the site's vocabulary.
+
+    Such a feature is 0 (or missing) for everyone at this site: vocabularies differ between sites, so this
+    is not fatal, but it must not pass silently.
+    """
+    features = [(f.name, f.concepts) for f in study.concept_sets] + [(m.name, m.concepts) for m in study.measurements]
+    ids = sorted({int(c) for _, concepts in features for c in concepts})  # ints checked by the study parser
+    if not ids:
+        return []
+    known = sql.ints(f"SELECT concept_id FROM {qualified(site.vocabulary_schema, 'concept')} "
+                     f"WHERE concept_id IN ({', '.join(str(i) for i in ids)})")
+    results = []
+    for name, concepts in features:
+        if isinstance(known, str):
+            results.append(CheckResult("cdm", "conceptInVocabulary", "concept", name, WARNING, False, None,
+                                       len(concepts), None, f"concept ids of feature {name} could not be "
+                                       f"checked ({known})"))
+            continue
+        unknown = [c for c in concepts if c not in known]
+        listed = ", ".join(str(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        description = (f"feature {name}: concept id(s) {listed} not in the vocabulary of site {site.name}"
+                       + (" (the feature is empty at this site)" if len(unknown) == len(concepts) else "")
+                       if unknown else f"feature {name}: every concept id is in the vocabulary")
+        results.append(CheckResult("cdm", "conceptInVocabulary", "concept", name, WARNING, not unknown,
+                                   len(unknown), len(concepts), 0.0, description))
+    return results
+
 
 def _columns_in_schema(conn: sa.Connection, schema: str) -> dict[str, set[str]]:
     rows = conn.execute(
@@ -776,6 +822,14 @@ def _cdm_conformance(
                 add(check, table, field, level, None, total, f"{description}: could not run ({value})", passed=False)
             else:
                 add(check, table, field, level, value, total, description)
+
+    if "person" in totals:
+        empty = totals["person"] == 0
+        add("personTableNotEmpty", "person", None, FATAL, None, totals["person"],
+            "person table holds no rows: load the CDM's persons" if empty else "person table holds rows",
+            passed=not empty)
+    if study is not None and "concept" in vocab_tables:
+        results.extend(_study_concepts(sql, site, study))
 
     def count(check: str, table: str, field: str | None, level: str, query: str, description: str,
               total: int | None = None) -> None:

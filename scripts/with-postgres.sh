@@ -29,10 +29,13 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 "${RUNAS[@]}" "$PGBIN/initdb" -D "$DATA/db" -U postgres --auth=trust -E UTF8 >/dev/null
+# One role must give its password (tests of a wrong password); every other connection is trusted.
+"${RUNAS[@]}" sh -c "printf 'host all omopfl_password_test 127.0.0.1/32 scram-sha-256\n' | cat - '$DATA/db/pg_hba.conf' > '$DATA/db/pg_hba.new' && mv '$DATA/db/pg_hba.new' '$DATA/db/pg_hba.conf'"
 "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$DATA/db" -l "$DATA/server.log" -w -t 60 \
   -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DATA -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100" \
   start >/dev/null
 export OMOPFL_TEST_PG_URL="postgresql+psycopg2://postgres@127.0.0.1:$PORT/postgres"
+export OMOPFL_TEST_PG_PASSWORD_ROLE=omopfl_password_test
 echo "omopfl: PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') ready on 127.0.0.1:$PORT" >&2
 set +e
 "$@"

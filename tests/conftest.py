@@ -229,3 +229,99 @@ def run_omopfl(args: list[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+@dataclass
+class CliSite:
+    """A small synthetic site with its cohorts built and its dataset prepared, for CLI tests.
+
+    ``adapter`` is the site's adapter TOML (its URL, on PostgreSQL, in the env var ``env``);
+    ``study`` a copy of examples/t2dm_hf/study.toml without images and omics; ``prepared`` the
+    folder holding ``<prepared>/site_a``.  :meth:`clone` gives a private copy to damage.
+    """
+
+    backend: str
+    base: Path
+    adapter: Path
+    study: Path
+    prepared: Path
+    url: str
+    env: str | None
+
+    def clone(self, tag: str) -> CliSite:
+        """A copy of the site's database and adapter (DuckDB file copy, PostgreSQL TEMPLATE)."""
+        import shutil
+
+        base = Path(tempfile.mkdtemp(prefix=f"omopfl-{tag}-"))
+        text = self.adapter.read_text()
+        if self.backend == "duckdb":
+            source = sa.engine.make_url(self.url).database
+            shutil.copy2(source, base / "omop.duckdb")
+            text = "\n".join(line for line in text.splitlines() if not line.startswith("duckdb_path"))
+            text = text.replace("[database]", f'[database]\nduckdb_path = "{base / "omop.duckdb"}"')
+            url, env = f"duckdb:///{base / 'omop.duckdb'}", None
+        else:
+            name = f"t_{tag}_{uuid.uuid4().hex[:8]}".lower()
+            source = sa.engine.make_url(self.url).database
+            admin = make_engine(PG_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{source}"'))
+            admin.dispose()
+            url = str(sa.engine.make_url(self.url).set(database=name).render_as_string(hide_password=False))
+            env = f"OMOPFL_TEST_{uuid.uuid4().hex[:8].upper()}_URL"
+            os.environ[env] = url
+            text = text.replace(f'"{self.env}"', f'"{env}"')
+        adapter = base / "site_a.toml"
+        adapter.write_text(text)
+        return CliSite(self.backend, base, adapter, self.study, base / "prepared", url, env)
+
+
+def cli_study_text(extra: str = "") -> str:
+    """examples/t2dm_hf/study.toml with absolute cohort paths, no images or omics, and ``extra`` appended."""
+    text = (ROOT / "examples" / "t2dm_hf" / "study.toml").read_text()
+    return text.replace('"../../cohorts/', f'"{ROOT}/cohorts/').replace("enabled = true", "enabled = false") + extra
+
+
+@pytest.fixture(scope="session")
+def cli_site_factory(tmp_path_factory: pytest.TempPathFactory, database_factory):
+    """``make("duckdb" | "postgresql")``: one :class:`CliSite` per backend, built once per session."""
+    from omopfl.config import load_site
+    from omopfl.prepare import prepare_site
+    from omopfl.study import load_study
+    from omopfl.synth import run_synth
+
+    made: dict[str, CliSite] = {}
+
+    def make(name: str) -> CliSite:
+        if name in made:
+            return made[name]
+        url = database_factory(name, "clisite")
+        base = tmp_path_factory.mktemp(f"cli_{name}")
+        env = None
+        kwargs: dict = {}
+        if name == "postgresql":
+            env = f"OMOPFL_TEST_{uuid.uuid4().hex[:8].upper()}_URL"
+            os.environ[env] = url
+            kwargs = {"pg_url": url, "pg_url_env": env}
+        run_synth(base / "synth", n_sites=1, persons=[400], seed=3, image_share=0.0, omics_share=0.0,
+                  progress=False, **kwargs)
+        (base / "study.toml").write_text(cli_study_text())
+        adapter = base / "synth" / "adapters" / "site_a.toml"
+        site = load_site(adapter)
+        engine = make_engine(site.database_url())
+        try:
+            prepare_site(engine, site, load_study(base / "study.toml"), base / "prepared")
+        finally:
+            engine.dispose()
+        made[name] = CliSite(name, base, adapter, base / "study.toml", base / "prepared", site.database_url(), env)
+        return made[name]
+
+    return make
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, list[str]]:
+    """Run ``omopfl`` in this process: ``(exit code, stdout, stderr lines)``."""
+    capsys.readouterr()
+    code = run_omopfl([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
