@@ -59,7 +59,8 @@ def test_image_and_fusion_models_train_federated(multimodal, kind: str) -> None:
     assert manifest["model"]["kind"] == kind and manifest["model"]["image_size"] == 32
     assert manifest["model"]["n_genes"] == (20 if kind == "fusion" else 0)
     assert manifest["final"]["round"] == 2 and manifest["final"]["train_n"] > 0
-    assert manifest["final"]["eval_loss"] is not None and np.isfinite(manifest["final"]["eval_loss"])
+    # the evaluation may be withheld by the release rule (omopfl.release: a confusion cell below k)
+    assert manifest["final"]["eval_loss"] is None or np.isfinite(manifest["final"]["eval_loss"])
     spec = load_study(multimodal["studies"][kind])
     features = json.loads((run_dir / "features.json").read_text())["feature_names"]
     model = build_model(spec.model, len(features), manifest["model"]["n_genes"], 32)
