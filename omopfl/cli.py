@@ -33,7 +33,7 @@ from rich.table import Table  # noqa: E402
 
 from omopfl import __version__  # noqa: E402
 from omopfl.config import SiteConfig, load_site  # noqa: E402
-from omopfl.errors import ConfigError, OmopflError  # noqa: E402
+from omopfl.errors import ConfigError, FederationError, OmopflError  # noqa: E402
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -463,9 +463,12 @@ def stats(
                        send_scaler=send_scaler)
     if as_json:
         _emit_json(result)
-        return
-    _print_stats(result)
-    console.print(f"result written to {out}")
+    else:
+        _print_stats(result)
+        console.print(f"result written to {out}")
+    if result.get("global") is None:
+        raise FederationError(f"no site contributed statistics (see {out} for each site's reason): "
+                              "prepare the sites, approve the study there, or use a larger cohort")
 
 
 def _require_prepared(adapters: list[Path], prepared: Path) -> None:
@@ -476,17 +479,28 @@ def _require_prepared(adapters: list[Path], prepared: Path) -> None:
                           f"{prepared} first (or pass --prepared)")
 
 
+def _failure_text(failure: dict) -> str:
+    """``site: reason (code)`` for one entry of a statistics result's ``failed`` list."""
+    from omopfl.federation import codec
+
+    code = str(failure.get("code", ""))
+    who = failure.get("site") or f"node {failure.get('node')}"
+    return f"{who}: {codec.ERROR_TEXT.get(code, code)} ({code})"
+
+
 def _print_stats(result: dict) -> None:
     sites = result.get("sites", {})
     console.print(
         f"sites contributing: {', '.join(sites.get('contributing', [])) or 'none'}; "
         f"withheld (fewer than their min_cell_count): {', '.join(sites.get('withheld', [])) or 'none'}; "
-        f"failed: {', '.join(str(s) for s in sites.get('failed', [])) or 'none'}"
+        f"failed: {', '.join(_failure_text(f) for f in sites.get('failed', [])) or 'none'}"
     )
     table = Table(title="global statistics (merged from per-site moments)")
     for column in ("feature", "n", "mean", "std"):
         table.add_column(column, justify="right" if column != "feature" else "left")
-    merged = result.get("global", {})
+    merged = result.get("global") or {}
+    if not merged:
+        return
     for name, n, mean, std in zip(merged.get("feature_names", []), merged.get("n", []), merged.get("mean", []),
                                   merged.get("std", []), strict=False):
         table.add_row(name, str(n), _fmt(mean), _fmt(std))

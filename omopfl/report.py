@@ -104,7 +104,10 @@ def write_report(run_dir: str | Path) -> Path:
     dropped = manifest.get("dropped") or []
     if dropped or manifest.get("resumed_from_round"):
         lines += ["", "## Faults", ""]
-        lines += [f"- site {d['site']} dropped in round {d['round']}: {d['reason']}" for d in dropped]
+        for d in dropped:
+            statistics = d.get("phase") == "statistics"
+            when = "left in the statistics phase" if statistics else f"dropped in round {d['round']}"
+            lines.append(f"- site {d['site']} {when}: {d['reason']}")
         if manifest.get("resumed_from_round"):
             lines.append(f"- resumed from the checkpoint of round {manifest['resumed_from_round']}")
     lines += ["", "## Per round", "", "| round | train loss | eval loss | AUC | accuracy | F1 | kappa |",
