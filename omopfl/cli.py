@@ -890,6 +890,10 @@ from omopfl.cli_site import register as _register_site_commands  # noqa: E402
 
 _register_site_commands(sites_app)
 
+from omopfl.cli_evaluate import register as _register_evaluate  # noqa: E402
+
+_register_evaluate(app)
+
 
 # ---------------------------------------------------------------- entry point
 EXIT_INTERRUPTED = 130
