@@ -495,6 +495,8 @@ def _print_stats(result: dict) -> None:
         f"withheld (fewer than their min_cell_count): {', '.join(sites.get('withheld', [])) or 'none'}; "
         f"failed: {', '.join(_failure_text(f) for f in sites.get('failed', [])) or 'none'}"
     )
+    for site, names in sorted((sites.get("suppressed") or {}).items()):
+        console.print(f"{site} withheld (its release rule): {', '.join(names)}")
     table = Table(title="global statistics (merged from per-site moments)")
     for column in ("feature", "n", "mean", "std"):
         table.add_column(column, justify="right" if column != "feature" else "left")

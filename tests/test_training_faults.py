@@ -220,3 +220,34 @@ def test_a_site_lost_in_the_statistics_phase_is_in_the_manifest_and_report(prepa
 
     report = write_report(run_dir).read_text()
     assert "site site_b left in the statistics phase" in report and "study_not_approved" in report
+
+
+def test_features_a_site_withholds_are_named_in_the_result_manifest_and_report(prepared_sites_factory) -> None:
+    """site_c's own rule (k = 12) withholds some of its features but not its whole aggregate: the
+    statistics result, the manifest and the report name them, and each named feature really has a
+    small cell at site_c (checked on its prepared rows)."""
+    import re
+
+    from omopfl.prepare import load_prepared
+    from omopfl.release import small
+    from omopfl.report import write_report
+
+    fed = prepared_sites_factory("suppressed")
+    k = 12
+    adapter = fed["adapters"][2]
+    adapter.write_text(re.sub(r"min_cell_count = \d+", f"min_cell_count = {k}", adapter.read_text()))
+    run_dir = fed["tmp"] / "run"
+    manifest = run_training(fed["study"], fed["adapters"], fed["prepared_dir"], out_dir=run_dir, rounds=1)
+    suppressed = manifest["stats_sites"]["suppressed"]
+    assert set(suppressed) == {"site_c"} and suppressed["site_c"], suppressed
+    assert json.loads((run_dir / "stats.json").read_text())["sites"]["suppressed"] == suppressed
+    site_c = load_prepared(fed["prepared_dir"] / "site_c")
+    x = np.asarray(site_c.x, dtype=float)
+    for name in suppressed["site_c"]:
+        column = x[:, site_c.feature_names.index(name)]
+        present = column[~np.isnan(column)]
+        cells = [present.size, column.size - present.size, int((present > 0).sum()), int((present == 0).sum())]
+        assert any(small(c, k) for c in cells) or name.startswith("sex_"), (name, cells)
+    report = write_report(run_dir).read_text()
+    assert "Features withheld by a site's release rule" in report
+    assert f"| site_c | {', '.join(suppressed['site_c'])} |" in report
