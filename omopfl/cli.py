@@ -88,7 +88,7 @@ def version() -> None:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="Folder for site data, files and adapters.")] = Path("data/synth"),
-    sites: Annotated[int, typer.Option(help="Number of sites.", min=1, max=26)] = 3,
+    sites: Annotated[int, typer.Option(help="Number of sites (site_a .. site_z, site_aa ...).", min=1, max=100)] = 3,
     persons: Annotated[
         int | None, typer.Option(help="Persons per site (default: a different size per site).", min=10)
     ] = None,
