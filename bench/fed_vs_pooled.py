@@ -99,6 +99,7 @@ def _round(value: Any, digits: int = 4) -> float | None:
 
 def _prepare_sites(adapters: list[Path], study_path: Path, prepared_dir: Path) -> list[dict[str, Any]]:
     """Build the study's cohorts in every site's database and prepare each site (as ``omopfl demo`` does)."""
+    from omopfl import policy
     from omopfl.cohort import build_cohorts, load_definition
     from omopfl.config import load_site
     from omopfl.db import site_engine
@@ -116,6 +117,7 @@ def _prepare_sites(adapters: list[Path], study_path: Path, prepared_dir: Path) -
             _folder, manifest = prepare_site(engine, site, spec, prepared_dir)
         finally:
             engine.dispose()
+        policy.approve(site, spec)  # the site's data engineer approves the study (omopfl sites approve)
         validation = manifest["validation"]
         sites.append({"site": site.name, "cohort_persons": int(manifest["persons"]),
                       "outcomes": int(manifest["outcomes"]), "fatal": int(validation["fatal_count"]),

@@ -100,6 +100,9 @@ def synth(
     image_share: Annotated[float, typer.Option(help="Share of cohort persons with a DICOM image.", min=0, max=1)] = 0.2,
     omics_share: Annotated[float, typer.Option(help="Share of cohort persons with an omics file.", min=0, max=1)] = 0.2,
     adapters: Annotated[Path | None, typer.Option(help="Folder for adapter TOMLs (default OUT/adapters).")] = None,
+    label_skew: Annotated[
+        float | None, typer.Option(help="Non-IID labels, e.g. 0.95: sites a, c... 5% outcomes, b, d... 95%.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summaries as JSON.")] = False,
 ) -> None:
     """Generate deterministic synthetic OMOP sites (DuckDB files, or PostgreSQL schemas)."""
@@ -121,6 +124,7 @@ def synth(
         omics_share=omics_share,
         adapters_dir=adapters,
         progress=not as_json,
+        label_skew=label_skew,
     )
     if as_json:
         _emit_json([s.to_dict() for s in summaries])
