@@ -28,6 +28,8 @@ __all__ = [
     "write_covariate_list",
     "parse_covariates",
     "LIST_COLUMNS",
+    "describe_covariate",
+    "concept_based",
 ]
 
 
@@ -242,3 +244,27 @@ def parse_covariates(table: dict, base: Path, source: Path) -> CovariateSettings
         list_file = str(path)
     return CovariateSettings(tuple(analyses), days["long_term_days"], days["short_term_days"], days["end_days"],
                              ids, list_file, digest)
+
+
+def concept_based(analysis_id: int) -> bool:
+    """Is ``covariate_id // 1000`` a concept id for this analysis (not an age group, year, month or count)?"""
+    return analysis_id in ANALYSES and analysis_id not in (3, 6, 7, 920, 922)
+
+
+def describe_covariate(covariate_id: int, concept_name: str | None = None) -> str:
+    """A name for a covariate id, e.g. ``DemographicsAgeGroup: 45-49``.
+
+    ``concept_name``: the vocabulary's name of the concept (``""``: not in the vocabulary; ``None``: no
+    vocabulary was asked, the name shows the concept id).
+    """
+    analysis_id, value = covariate_id % 1000, covariate_id // 1000
+    analysis = ANALYSES.get(analysis_id)
+    if analysis is None:
+        return f"analysis {analysis_id}: {value}"
+    if analysis_id == 3:
+        return f"{analysis.name}: {value * 5}-{value * 5 + 4}"
+    if analysis_id in (6, 7, 920, 922):
+        return analysis.name if analysis_id in (920, 922) else f"{analysis.name}: {value}"
+    if concept_name is None:  # no vocabulary at hand (the coordinator): the concept id
+        return f"{analysis.name}: concept {value}"
+    return f"{analysis.name}: {concept_name or 'Unknown concept'}"

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -71,6 +72,8 @@ from omopfl.covariate_sets import (
     GENERIC_CONDITION_NAMES,
     Analysis,
     CovariateSettings,
+    concept_based,
+    describe_covariate,
 )
 from omopfl.db import describe_driver_error, qualified
 from omopfl.errors import ConfigError, DatabaseError
@@ -82,9 +85,15 @@ __all__ = [
     "covariate_matrix",
     "covariate_names",
     "stream_covariates",
+    "save_matrix",
+    "persons_per_covariate",
+    "load_matrix",
+    "COVARIATES_FILE",
 ]
 
 DEFAULT_CHUNK_ROWS = 100_000
+COVARIATES_FILE = "covariates.npz"
+"""The covariate matrix in a prepared dataset (rows in ``tabular.npz`` order; stays at the site)."""
 
 def _int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -310,7 +319,7 @@ def covariate_names(conn: sa.Connection, site: SiteConfig, covariate_ids: Iterab
     the vocabulary.  Concepts absent from the site's vocabulary are named ``Unknown concept``.
     """
     ids = sorted({_int(c, "covariate id") for c in covariate_ids})
-    concept_ids = sorted({c // 1000 for c in ids if _concept_based(c % 1000)})
+    concept_ids = sorted({c // 1000 for c in ids if concept_based(c % 1000)})
     names: dict[int, str] = {}
     if concept_ids:
         concept = qualified(site.vocabulary_schema, "concept")
@@ -323,21 +332,28 @@ def covariate_names(conn: sa.Connection, site: SiteConfig, covariate_ids: Iterab
                     names[int(cid)] = str(name)
             except sa.exc.DBAPIError as exc:
                 raise _failed(site, "covariate name query", exc) from None
-    return {c: describe_covariate(c, names.get(c // 1000)) for c in ids}
+    return {c: describe_covariate(c, names.get(c // 1000, "")) for c in ids}
 
 
-def _concept_based(analysis_id: int) -> bool:
-    return analysis_id in ANALYSES and analysis_id not in (3, 6, 7, 920, 922)
+def save_matrix(path: Path, cm: CovariateMatrix) -> None:
+    """Write a covariate matrix (CSR arrays, shape, covariate ids) to one ``.npz`` file."""
+    m = cm.matrix.tocsr()
+    with open(path, "wb") as fh:
+        np.savez(fh, data=m.data.astype(np.float32), indices=m.indices.astype(np.int32),
+                 indptr=m.indptr.astype(np.int64), shape=np.asarray(m.shape, dtype=np.int64),
+                 covariate_ids=cm.covariate_ids.astype(np.int64))
 
 
-def describe_covariate(covariate_id: int, concept_name: str | None = None) -> str:
-    """A name for a covariate id, e.g. ``DemographicsAgeGroup: 45-49`` (``concept_name`` for concept ids)."""
-    analysis_id, value = covariate_id % 1000, covariate_id // 1000
-    analysis = ANALYSES.get(analysis_id)
-    if analysis is None:
-        return f"analysis {analysis_id}: {value}"
-    if analysis_id == 3:
-        return f"{analysis.name}: {value * 5}-{value * 5 + 4}"
-    if analysis_id in (6, 7, 920, 922):
-        return analysis.name if analysis_id in (920, 922) else f"{analysis.name}: {value}"
-    return f"{analysis.name}: {concept_name or 'Unknown concept'}"
+def load_matrix(path: Path) -> CovariateMatrix:
+    """Inverse of :func:`save_matrix` (no pickles)."""
+    with np.load(path, allow_pickle=False) as z:
+        shape = tuple(int(v) for v in z["shape"])
+        matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
+        return CovariateMatrix(matrix, z["covariate_ids"].copy())
+
+
+def persons_per_covariate(cm: CovariateMatrix) -> dict[int, int]:
+    """Covariate id -> persons with a non-zero value (each row is one person)."""
+    m = cm.matrix.tocsr()
+    counts = np.bincount(m.indices[m.data != 0], minlength=m.shape[1])
+    return {int(c): int(n) for c, n in zip(cm.covariate_ids, counts, strict=True)}
