@@ -552,6 +552,8 @@ def load_study(path: str | Path) -> StudyConfig:
         raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
     privacy = _privacy(r, r.table(data, "privacy"))
     covariates = parse_covariates(r.table(data, "covariates"), path.parent, path) if "covariates" in data else None
+    if covariates is not None and covariates.covariate_ids is not None and model.kind != "logistic":
+        raise r.fail("[model] kind", "must be logistic in a study with a [covariates] list (sparse inputs)")
     return StudyConfig(
         privacy=privacy, covariates=covariates,
         name=name, description=description, target_cohort=target, outcome_cohort=outcome,

@@ -72,6 +72,7 @@ __all__ = [
     "STUDY_HASH_KEY",
     "ROUND_KEYS",
     "training_settings",
+    "covariate_settings",
     "audit_entry",
     "reply_refusal",
     "study_dp_config",
@@ -590,7 +591,17 @@ def training_settings(study: Any) -> dict[str, Any]:
         "proximal-mu": float(training.proximal_mu) if training.strategy == "fedprox" else 0.0,
         "test-fraction": float(training.test_fraction), "seed": int(training.seed),
         "threshold": float(getattr(training, "threshold", 0.5)),
+        **covariate_settings(study),
     }
+
+
+def covariate_settings(study: Any) -> dict[str, Any]:
+    """Settings of a covariate study (issue 13b): the number of covariates in its fixed list and the L2
+    penalty; empty for a study without ``[covariates] list`` (so other studies' messages are unchanged)."""
+    covariates = getattr(study, "covariates", None)
+    if covariates is None or covariates.covariate_ids is None:
+        return {}
+    return {"model-covariates": len(covariates.covariate_ids), "model-l2": float(study.model.l2)}
 
 
 def audit_entry(reply: Any, message_type: str) -> dict[str, Any]:
