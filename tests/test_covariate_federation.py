@@ -65,7 +65,7 @@ def eunomia_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with engine.begin() as conn:
         load_eunomia(conn, cdm_schema="cdm")
     engine.dispose()
-    for k, name in enumerate(SITES):
+    for name in SITES:
         path = base / name / "omop.duckdb"
         if name != "eu_a":
             path.parent.mkdir()
@@ -177,3 +177,46 @@ def test_a_changed_list_is_another_study(eunomia_sites, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="list is already set"):
         run_discovery(tmp_path / "study.toml", eunomia_sites["adapters"], base / "prepared",
                       out=tmp_path / "x.csv", mode="inprocess")
+
+
+def test_unapproved_study_and_release_rule_at_the_site(eunomia_sites, tmp_path: Path) -> None:
+    from omopfl import release
+
+    base = eunomia_sites["base"]
+    other = tmp_path / "other.toml"  # another study (other windows): no site approved it
+    other.write_text(_study_text().replace('set = "default"', 'set = "default"\nlong_term_days = 180'))
+    with pytest.raises(Exception, match="no site answered.*study_not_approved"):
+        run_discovery(other, eunomia_sites["adapters"], base / "prepared", out=tmp_path / "x.csv",
+                      min_sites=1, mode="inprocess")
+    assert release.covariate_ids({1: 9, 2: 10, 3: 11}, 10) == [2, 3]
+    assert release.covariate_ids({1: 9, 2: 10, 3: 11}, 10, requested=1) == [2, 3]  # never below the site's k
+    assert release.covariate_ids({1: 9, 2: 10, 3: 11}, 10, requested=11) == [3]
+    with pytest.raises(release.ReleaseViolation):
+        release.check_reply(codec.COVARIATES_QUERY, {"omopfl.covariates": {"covariate-ids": [1], "persons": [12]}}, 10)
+
+
+def test_cli_covariates(eunomia_sites, tmp_path: Path, capsys) -> None:
+    from omopfl.cli import main
+
+    base = eunomia_sites["base"]
+    args = ["covariates", "--study", str(base / "discovery.toml"), "--prepared", str(base / "prepared"),
+            "--out", str(tmp_path / "cov.csv"), "--min-sites", "2", "--mode", "inprocess"]
+    for adapter in eunomia_sites["adapters"]:
+        args += ["--site", str(adapter)]
+    main(args)
+    out = capsys.readouterr().out
+    assert "eu_c released" in out and 'list = "cov.csv"' in out
+    assert read_covariate_list(tmp_path / "cov.csv", "test")[0]
+    with pytest.raises(SystemExit) as info:
+        main([*args[:-2], "--mode", "nowhere"])
+    assert info.value.code == 2 and "--mode must be inprocess or deployment" in capsys.readouterr().err
+
+
+def test_discovery_on_a_loopback_deployment(eunomia_sites, tmp_path: Path) -> None:
+    base = eunomia_sites["base"]
+    inprocess = run_discovery(base / "discovery.toml", eunomia_sites["adapters"], base / "prepared",
+                              out=tmp_path / "a.csv", min_sites=2, mode="inprocess")
+    deployed = run_discovery(base / "discovery.toml", eunomia_sites["adapters"], base / "prepared",
+                             out=tmp_path / "b.csv", min_sites=2, mode="deployment", timeout=120)
+    assert deployed["covariates"] == inprocess["covariates"]
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
