@@ -243,16 +243,21 @@ def stream_covariates(conn: sa.Connection, site: SiteConfig, target_id: int, set
                       chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[np.ndarray]:
     """Yield chunks of the long result as ``(rows, 3)`` float64 arrays ``person_id, covariate_id, value``.
 
-    Rows come through a server-side cursor (``stream_results``), at most ``chunk_rows`` at a time.
+    Rows come through a server-side cursor (``yield_per``), at most ``chunk_rows`` at a time.
     """
     sql = covariate_query(site, target_id, settings)
     try:
-        result = conn.execution_options(stream_results=True, max_row_buffer=chunk_rows).execute(sa.text(sql))
+        if conn.dialect.name == "postgresql":
+            # A server-side cursor is planned for its first 10% of rows by default; every row is fetched here,
+            # so plan for all of them (bench/covariates_bench.py shows the difference).
+            conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
+        result = conn.execution_options(yield_per=chunk_rows).execute(sa.text(sql))
         while True:
             rows = result.fetchmany(chunk_rows)
             if not rows:
                 break
-            yield np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+            # tuples first: numpy reads SQLAlchemy Row objects one by one, about 40 us a row
+            yield np.array([tuple(r) for r in rows], dtype=np.float64).reshape(-1, 3)
     except sa.exc.DBAPIError as exc:
         raise _failed(site, "covariate query", exc) from None
 
