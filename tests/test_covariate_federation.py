@@ -22,7 +22,7 @@ from omopfl.config import load_site
 from omopfl.covariate_sets import read_covariate_list
 from omopfl.covariates import COVARIATES_FILE, load_matrix, persons_per_covariate
 from omopfl.db import make_engine
-from omopfl.errors import ConfigError
+from omopfl.errors import ConfigError, FederationError
 from omopfl.federation import codec
 from omopfl.federation.discovery import run_discovery
 from omopfl.prepare import prepare_site
@@ -185,7 +185,7 @@ def test_unapproved_study_and_release_rule_at_the_site(eunomia_sites, tmp_path: 
     base = eunomia_sites["base"]
     other = tmp_path / "other.toml"  # another study (other windows): no site approved it
     other.write_text(_study_text().replace('set = "default"', 'set = "default"\nlong_term_days = 180'))
-    with pytest.raises(Exception, match="no site answered.*study_not_approved"):
+    with pytest.raises(FederationError, match=r"no site answered.*study_not_approved"):
         run_discovery(other, eunomia_sites["adapters"], base / "prepared", out=tmp_path / "x.csv",
                       min_sites=1, mode="inprocess")
     assert release.covariate_ids({1: 9, 2: 10, 3: 11}, 10) == [2, 3]
