@@ -75,7 +75,7 @@ from omopfl.covariate_sets import (
     concept_based,
     describe_covariate,
 )
-from omopfl.db import describe_driver_error, qualified
+from omopfl.db import describe_driver_error, existing_tables, qualified
 from omopfl.errors import ConfigError, DatabaseError
 
 __all__ = [
@@ -85,6 +85,7 @@ __all__ = [
     "covariate_matrix",
     "covariate_names",
     "stream_covariates",
+    "check_tables",
     "save_matrix",
     "persons_per_covariate",
     "load_matrix",
@@ -239,6 +240,28 @@ def _failed(site: SiteConfig, what: str, exc: BaseException) -> DatabaseError:
     return DatabaseError(f"site {site.name}: {what} failed: {describe_driver_error(exc)}")
 
 
+def check_tables(conn: sa.Connection, site: SiteConfig, settings: CovariateSettings) -> None:
+    """Refuse, naming the analysis and the table, a covariate set that reads a table the site's CDM lacks."""
+    needed: dict[tuple[str, str], int] = {(site.results_schema, "cohort"): 0}
+    for aid in settings.analyses:
+        a = ANALYSES[aid]
+        if a.table:
+            needed.setdefault((site.cdm_schema, a.table), aid)
+        if a.kind in ("group_condition", "group_drug"):
+            needed.setdefault((site.vocabulary_schema, "concept_ancestor"), aid)
+            needed.setdefault((site.vocabulary_schema, "concept"), aid)
+        if a.kind in ("gender", "race", "ethnicity", "age_group"):
+            needed.setdefault((site.cdm_schema, "person"), aid)
+    present: dict[str, set[str]] = {}
+    for (schema, table), aid in needed.items():
+        if schema not in present:
+            present[schema] = existing_tables(conn, schema)
+        if table not in present[schema]:
+            what = f"analysis {aid} ({ANALYSES[aid].name})" if aid else "the covariate query"
+            raise DatabaseError(f"site {site.name}: [covariates] {what} reads {schema}.{table}, which the database "
+                                "lacks; remove the analysis from the study or add the table")
+
+
 def stream_covariates(conn: sa.Connection, site: SiteConfig, target_id: int, settings: CovariateSettings, *,
                       chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[np.ndarray]:
     """Yield chunks of the long result as ``(rows, 3)`` float64 arrays ``person_id, covariate_id, value``.
@@ -246,6 +269,7 @@ def stream_covariates(conn: sa.Connection, site: SiteConfig, target_id: int, set
     Rows come through a server-side cursor (``yield_per``), at most ``chunk_rows`` at a time.
     """
     sql = covariate_query(site, target_id, settings)
+    check_tables(conn, site, settings)
     try:
         if conn.dialect.name == "postgresql":
             # A server-side cursor is planned for its first 10% of rows by default; every row is fetched here,
@@ -266,6 +290,7 @@ def covariate_counts(conn: sa.Connection, site: SiteConfig, target_id: int,
                      settings: CovariateSettings) -> dict[int, int]:
     """Covariate id -> number of distinct target persons holding it (stays at the site; see
     :func:`omopfl.release.covariate_ids` for what may leave)."""
+    check_tables(conn, site, settings)
     try:
         rows = conn.execute(sa.text(covariate_query(site, target_id, settings, aggregate=True))).fetchall()
     except sa.exc.DBAPIError as exc:

@@ -18,7 +18,7 @@ from omopfl.config import SiteConfig
 from omopfl.covariate_sets import DEFAULT_SET, CovariateSettings, parse_covariates, write_covariate_list
 from omopfl.covariates import covariate_counts, covariate_matrix, covariate_names, covariate_query
 from omopfl.db import make_engine
-from omopfl.errors import ConfigError
+from omopfl.errors import ConfigError, DatabaseError
 
 TARGET = 1
 SITE = SiteConfig(name="tiny", url_env=None, cdm_schema="cdm", vocabulary_schema="vocab", results_schema="results",
@@ -234,3 +234,12 @@ def test_parse_covariates(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[covariates\] long_term_days"):
         parse_covariates({"long_term_days": -3}, tmp_path, study)
     assert np.array_equal(DEFAULT_SET, parse_covariates({}, tmp_path, study).analyses)
+
+
+def test_a_missing_table_names_the_analysis(tiny: sa.Engine) -> None:
+    import dataclasses
+
+    site = dataclasses.replace(SITE, cdm_schema="vocab")  # no condition_era there
+    with tiny.connect() as conn, pytest.raises(DatabaseError, match=r"analysis 210 \(ConditionGroupEraLongTerm\) "
+                                                                      r"reads vocab.condition_era"):
+        covariate_counts(conn, site, TARGET, CovariateSettings(analyses=(210, 212)))
