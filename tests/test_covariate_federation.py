@@ -139,6 +139,9 @@ def test_discovery_keeps_ids_of_enough_sites_and_training_uses_them(eunomia_site
     assert study.hash != load_study(base / "discovery.toml").hash
     assert codec.training_settings(study)["model-covariates"] == len(kept)
     assert "model-covariates" not in codec.training_settings(load_study(base / "discovery.toml"))
+    summary = policy.study_summary(study, load_site(eunomia_sites["adapters"][2]))
+    assert summary["covariates"]["covariates"] == len(kept) and summary["covariates"]["list"] == "covariates.csv"
+    assert "at least 25 persons" in summary["covariates"]["discovery_releases"]
     prepared = base / "prepared_final"
     for name in SITES:
         site = load_site(base / "adapters" / f"{name}.toml")
