@@ -223,3 +223,16 @@ def test_discovery_on_a_loopback_deployment(eunomia_sites, tmp_path: Path) -> No
                              out=tmp_path / "b.csv", min_sites=2, mode="deployment", timeout=120)
     assert deployed["covariates"] == inprocess["covariates"]
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+def test_the_discovery_server_imports_no_patient_data_code() -> None:
+    import subprocess
+    import sys
+
+    forbidden = ("omopfl.prepare", "omopfl.features", "omopfl.covariates", "omopfl.db", "omopfl.cohort",
+                 "omopfl.config", "omopfl.federation.client_app", "omopfl.federation.site_covariates",
+                 "sqlalchemy", "duckdb", "psycopg", "psycopg2", "torch")
+    code = "import json, sys; import omopfl.federation.discovery; print(json.dumps(sorted(sys.modules)))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                       text=True).stdout)
+    assert not [m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)]
