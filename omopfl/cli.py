@@ -33,7 +33,7 @@ from rich.table import Table  # noqa: E402
 
 from omopfl import __version__  # noqa: E402
 from omopfl.config import SiteConfig, load_site  # noqa: E402
-from omopfl.errors import ConfigError, OmopflError  # noqa: E402
+from omopfl.errors import ConfigError, FederationError, OmopflError  # noqa: E402
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -88,7 +88,7 @@ def version() -> None:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="Folder for site data, files and adapters.")] = Path("data/synth"),
-    sites: Annotated[int, typer.Option(help="Number of sites.", min=1, max=26)] = 3,
+    sites: Annotated[int, typer.Option(help="Number of sites (site_a .. site_z, site_aa ...).", min=1, max=100)] = 3,
     persons: Annotated[
         int | None, typer.Option(help="Persons per site (default: a different size per site).", min=10)
     ] = None,
@@ -463,9 +463,12 @@ def stats(
                        send_scaler=send_scaler)
     if as_json:
         _emit_json(result)
-        return
-    _print_stats(result)
-    console.print(f"result written to {out}")
+    else:
+        _print_stats(result)
+        console.print(f"result written to {out}")
+    if result.get("global") is None:
+        raise FederationError(f"no site contributed statistics (see {out} for each site's reason): "
+                              "prepare the sites, approve the study there, or use a larger cohort")
 
 
 # ---------------------------------------------------------------- covariates (issue 13b)
@@ -518,17 +521,30 @@ def _require_prepared(adapters: list[Path], prepared: Path) -> None:
                           f"{prepared} first (or pass --prepared)")
 
 
+def _failure_text(failure: dict) -> str:
+    """``site: reason (code)`` for one entry of a statistics result's ``failed`` list."""
+    from omopfl.federation import codec
+
+    code = str(failure.get("code", ""))
+    who = failure.get("site") or f"node {failure.get('node')}"
+    return f"{who}: {codec.ERROR_TEXT.get(code, code)} ({code})"
+
+
 def _print_stats(result: dict) -> None:
     sites = result.get("sites", {})
     console.print(
         f"sites contributing: {', '.join(sites.get('contributing', [])) or 'none'}; "
         f"withheld (fewer than their min_cell_count): {', '.join(sites.get('withheld', [])) or 'none'}; "
-        f"failed: {', '.join(str(s) for s in sites.get('failed', [])) or 'none'}"
+        f"failed: {', '.join(_failure_text(f) for f in sites.get('failed', [])) or 'none'}"
     )
+    for site, names in sorted((sites.get("suppressed") or {}).items()):
+        console.print(f"{site} withheld (its release rule): {', '.join(names)}")
     table = Table(title="global statistics (merged from per-site moments)")
     for column in ("feature", "n", "mean", "std"):
         table.add_column(column, justify="right" if column != "feature" else "left")
-    merged = result.get("global", {})
+    merged = result.get("global") or {}
+    if not merged:
+        return
     for name, n, mean, std in zip(merged.get("feature_names", []), merged.get("n", []), merged.get("mean", []),
                                   merged.get("std", []), strict=False):
         table.add_row(name, str(n), _fmt(mean), _fmt(std))
@@ -917,6 +933,10 @@ def examples(
 from omopfl.cli_site import register as _register_site_commands  # noqa: E402
 
 _register_site_commands(sites_app)
+
+from omopfl.cli_evaluate import register as _register_evaluate  # noqa: E402
+
+_register_evaluate(app)
 
 
 # ---------------------------------------------------------------- entry point

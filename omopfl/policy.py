@@ -148,6 +148,16 @@ def _model_parameters(study: StudyConfig) -> int | None:
         return None
 
 
+def _cohort_summary(study: StudyConfig, role: str) -> dict[str, Any]:
+    """What the data engineer approves of one cohort: its definition file and hash, or the site's id."""
+    file = study.cohort_file(role)
+    entry: dict[str, Any] = ({"file": f"cohort id {study.cohort_ids[role]} (built at this site)", "sha256": None}
+                             if file is None else {"file": Path(file).name, "sha256": _file_hash(file)})
+    if role in study.cohort_ids:
+        entry["id"] = study.cohort_ids[role]
+    return entry
+
+
 def _file_hash(path: Path) -> str | None:
     import hashlib
 
@@ -166,8 +176,7 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
     metrics = list(EVALUATE_METRICS) if policy.release_metrics else []
     return {
         "study": study.name, "hash": study.hash, "site": site.name,
-        "cohorts": {"target": {"file": Path(study.target_cohort).name, "sha256": _file_hash(study.target_cohort)},
-                    "outcome": {"file": Path(study.outcome_cohort).name, "sha256": _file_hash(study.outcome_cohort)}},
+        "cohorts": {role: _cohort_summary(study, role) for role in ("target", "outcome")},
         "time_at_risk": list(study.time_at_risk),
         "features": study.feature_names(),
         "categories": {name: [f"{name}_{level}" for level in levels] for name, levels in study.categories.items()},

@@ -93,24 +93,51 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
     from omopfl.cohort import build_cohorts, load_definition
     from omopfl.db import existing_tables, qualified
 
-    definitions = {"target": load_definition(study.target_cohort), "outcome": load_definition(study.outcome_cohort)}
-    for role, definition in definitions.items():
-        if definition.default_id is None:
-            raise DataError(f"{definition.source}: the study's {role} cohort needs an id (add 'id:' to the file)")
-    if definitions["target"].default_id == definitions["outcome"].default_id:
-        raise DataError(f"{study.source}: target and outcome cohorts have the same id")
-    built: dict[int, str] = {}
+    definitions: dict[str, Any] = {}
+    ids: dict[str, int] = {}
+    for role in ("target", "outcome"):
+        file = study.cohort_file(role)
+        if file is None:  # a cohort built at the site beforehand, by id
+            ids[role] = study.cohort_ids[role]
+            continue
+        definition = load_definition(file)
+        cohort_id = study.cohort_ids.get(role, definition.default_id)
+        if cohort_id is None:
+            raise DataError(f"{study.source}: [cohorts] {role}: {file.name} carries no cohort id; "
+                            f"write {role} = {{file = \"{file.name}\", id = <id>}} in the study")
+        definitions[role], ids[role] = definition, int(cohort_id)
+    if ids["target"] == ids["outcome"]:
+        raise DataError(f"{study.source}: target and outcome cohorts have the same id {ids['target']}; "
+                        "give each its own id in [cohorts]")
+    built: dict[int, str | None] = {}
     with engine.connect() as conn:
-        if "cohort_definition" in existing_tables(conn, site.results_schema):
+        tables = existing_tables(conn, site.results_schema)
+        if "cohort_definition" in tables:
             table = qualified(site.results_schema, "cohort_definition")
             rows = conn.execute(sa.text(f"SELECT cohort_definition_id, definition_hash FROM {table}")).all()
             built = {int(r[0]): str(r[1]) for r in rows}
-    todo = [(d, d.default_id) for d in definitions.values() if built.get(d.default_id) != d.hash]
+        for role in ("target", "outcome"):  # a cohort built by other tools at the site: rows in cohort only
+            if role not in definitions and ids[role] not in built and "cohort" in tables:
+                found = conn.execute(sa.text(f"SELECT 1 FROM {qualified(site.results_schema, 'cohort')} "
+                                             "WHERE cohort_definition_id = :id LIMIT 1"), {"id": ids[role]}).first()
+                if found is not None:
+                    built[ids[role]] = None
+    for role in ("target", "outcome"):
+        if role not in definitions and ids[role] not in built:
+            raise DataError(f"site {site.name}: [cohorts] {role} names cohort id {ids[role]}, which is not built "
+                            f"in {site.results_schema}; run omopfl cohort build <definition> --site "
+                            f"{site.source.name if site.source else '<adapter>'} --id {ids[role]} first")
+    todo = [(d, ids[role]) for role, d in definitions.items() if built.get(ids[role]) != d.hash]
     if todo:
         build_cohorts(engine, site, todo, replace=True, progress=progress)
     rebuilt = {cohort_id for _, cohort_id in todo}
-    return {role: {"id": d.default_id, "hash": d.hash, "name": d.name, "rebuilt": d.default_id in rebuilt}
-            for role, d in definitions.items()}
+    out: dict[str, Any] = {}
+    for role in ("target", "outcome"):
+        d = definitions.get(role)
+        out[role] = ({"id": ids[role], "hash": d.hash, "name": d.name, "rebuilt": ids[role] in rebuilt} if d else
+                     {"id": ids[role], "hash": built[ids[role]], "name": f"cohort {ids[role]} (built at the site)",
+                      "rebuilt": False})
+    return out
 
 
 def check_can_serve(conn: sa.Connection, site: SiteConfig, study: StudyConfig) -> None:

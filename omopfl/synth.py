@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 CHUNK_SIZE = 25_000
-MAX_SITES = 26
+MAX_SITES = 100
 PERSON_ID_STRIDE = 10_000_000  # site k's person ids are (k + 1) * stride + 1 ...
 DEFAULT_URL_ENV = "OMOPFL_SYNTH_PG_URL"
 # Not "cdm.duckdb": DuckDB names the catalog after the file, and a catalog "cdm" makes the schema
@@ -168,11 +168,21 @@ _LAB_NOISE = {"hba1c": 0.15, "glucose": 8.0, "creatinine": 0.05, "ldl": 6.0, "bm
 # ----------------------------------------------------------------------------------------------
 
 
+def _letters(k: int) -> str:
+    """``a`` .. ``z``, then ``aa``, ``ab`` ... (spreadsheet columns): sorted by length, then name."""
+    out = ""
+    k += 1
+    while k:
+        k, rest = divmod(k - 1, 26)
+        out = chr(ord("a") + rest) + out
+    return out
+
+
 def site_names(n_sites: int) -> list[str]:
-    """``site_a``, ``site_b``, ... for ``n_sites`` sites (1 to 26)."""
+    """``site_a`` .. ``site_z``, ``site_aa``, ``site_ab`` ... for ``n_sites`` sites (1 to 100)."""
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or not 1 <= n_sites <= MAX_SITES:
         raise ConfigError(f"n_sites must be an integer from 1 to {MAX_SITES}")
-    return [f"site_{chr(ord('a') + k)}" for k in range(n_sites)]
+    return [f"site_{_letters(k)}" for k in range(n_sites)]
 
 
 def _default_size(k: int) -> int:
@@ -1337,7 +1347,7 @@ def run_synth(
         Folder of the sites: ``<out_dir>/<site>/`` holds ``omop.duckdb`` (embedded mode),
         ``images/``, ``omics/`` (with ``manifest.csv``) and ``truth.json``.
     n_sites:
-        Number of sites, 1 to 26, named ``site_a``, ``site_b``, ...
+        Number of sites, 1 to 100, named ``site_a`` .. ``site_z``, ``site_aa``, ...
     persons:
         ``None`` for the default spread (2000, 1200, 800, 600, 500, then 400 per site);
         an ``int`` is the *total* over all sites, split in proportion to that spread;
