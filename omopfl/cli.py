@@ -475,6 +475,48 @@ def stats(
                               "prepare the sites, approve the study there, or use a larger cohort")
 
 
+# ---------------------------------------------------------------- covariates (issue 13b)
+@app.command()
+def covariates(
+    study: StudyOption,
+    sites: Annotated[
+        list[Path] | None, typer.Option("--site", help="Site adapters (default: every adapters/*.toml).")
+    ] = None,
+    prepared: Annotated[Path, typer.Option(help="Folder of the sites' prepared datasets.")] = Path("data/prepared"),
+    out: Annotated[Path, typer.Option(help="Covariate list written (CSV) for [covariates] list.")] = Path(
+        "covariates.csv"),
+    min_sites: Annotated[int, typer.Option(help="Keep covariates released by at least this many sites.")] = 2,
+    min_persons: Annotated[
+        int, typer.Option(help="Ask for covariates of at least this many persons (a site never goes below its "
+                               "own min_cell_count).")
+    ] = 0,
+    mode: Annotated[str, typer.Option(help="inprocess, or deployment (SuperLink + SuperNodes on loopback).")] = (
+        "deployment"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Federated covariate discovery: the covariate ids each site releases (held by >= its min_cell_count
+    persons), kept when at least --min-sites sites release them, written as the study's covariate list."""
+    from omopfl.federation.discovery import run_discovery
+
+    adapters = list(sites) if sites else sorted(Path("adapters").glob("*.toml"))
+    if not adapters:
+        raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
+    for adapter in adapters:
+        load_site(adapter)
+    _require_prepared(adapters, prepared)
+    result = run_discovery(study, adapters, prepared, out=out, min_sites=min_sites, min_persons=min_persons,
+                           mode=mode)
+    if as_json:
+        _emit_json(result)
+        return
+    answered = result["sites"]["answered"]
+    failed = ", ".join(f"{f['site'] or f['node']} {f['code']}" for f in result["sites"]["failed"])
+    console.print("sites: " + ", ".join(f"{site} released {n}" for site, n in sorted(answered.items()))
+                  + (f"; failed: {failed}" if failed else ""))
+    console.print(f"{len(result['covariates'])} covariates released by >= {result['min_sites']} sites written to "
+                  f"{out}; name it in the study: [covariates] list = \"{out.name}\"")
+
+
 def _require_prepared(adapters: list[Path], prepared: Path) -> None:
     """Refuse, before any process starts, a run where no site has a prepared dataset."""
     if not any((prepared / load_site(adapter).name / "manifest.json").is_file() for adapter in adapters):

@@ -140,7 +140,9 @@ def _model_parameters(study: StudyConfig) -> int | None:
         n_features = len(study.feature_names()) + len(study.measurements)  # + missingness indicators (at most)
         genes = len(study.omics.genes) if study.omics.enabled and study.model.kind == "fusion" else 0
         size = int(study.imaging.size) if study.imaging.enabled and study.model.kind in ("cnn", "fusion") else 0
-        model = build_model(study.model, n_features, genes, size)
+        covariates = study.covariates
+        n_cov = len(covariates.covariate_ids) if covariates is not None and covariates.covariate_ids else 0
+        model = build_model(study.model, n_features, genes, size, n_covariates=n_cov)
         return int(sum(p.numel() for p in model.parameters()))
     except Exception:  # a summary, not a check: the study is still shown
         return None
@@ -201,7 +203,22 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
                     "dp_sgd": study.privacy.dp_sgd, "target_epsilon": study.privacy.target_epsilon,
                     "max_grad_norm": study.privacy.max_grad_norm, "budget_epsilon": study.privacy.budget_epsilon},
         "min_cell_count": site.min_cell_count,
+        **_covariates_summary(study, site),
     }
+
+
+def _covariates_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
+    """A covariate study's analyses, windows and fixed list, and what discovery releases (issue 13b)."""
+    c = study.covariates
+    if c is None:
+        return {}
+    return {"covariates": {
+        "analyses": list(c.analyses), "long_term_days": c.long_term_days, "short_term_days": c.short_term_days,
+        "end_days": c.end_days, "list": Path(c.list_file).name if c.list_file else None,
+        "list_sha256": c.list_sha256 or None,
+        "covariates": len(c.covariate_ids) if c.covariate_ids is not None else None,
+        "discovery_releases": f"covariate ids held by at least {site.min_cell_count} persons (no counts)",
+    }}
 
 
 def policy_problems(study: StudyConfig, site: SiteConfig) -> list[str]:

@@ -314,8 +314,13 @@ def write_prepared(
     manifest: dict[str, Any],
     images: tuple[np.ndarray, np.ndarray] | None = None,
     omics: np.ndarray | None = None,
+    covariates: Any = None,
 ) -> Path:
-    """Write a prepared dataset atomically (a temp folder renamed into place)."""
+    """Write a prepared dataset atomically (a temp folder renamed into place).
+
+    ``covariates``: an :class:`omopfl.covariates.CovariateMatrix` (rows in the frame's order), written as
+    ``covariates.npz`` (CSR arrays and the covariate ids).
+    """
     tmp = _atomic_dir(final)
     try:
         x = frame[feature_names].to_numpy(dtype=np.float32, na_value=np.nan)
@@ -330,6 +335,11 @@ def write_prepared(
         if omics is not None:
             np.save(tmp / "omics.npy", omics.astype(np.float32, copy=False))
             files.append("omics.npy")
+        if covariates is not None:  # [covariates] (issue 13b)
+            from omopfl.covariates import COVARIATES_FILE, save_matrix
+
+            save_matrix(tmp / COVARIATES_FILE, covariates)
+            files.append(COVARIATES_FILE)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "site": site.name,
                     "files": {name: _hash_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(_json_safe(manifest), indent=2, sort_keys=True))
@@ -377,6 +387,7 @@ def prepare_site(
         frame, feature_names, harmonization = _features(conn, site, study, cohorts)
         images, image_report = _images(conn, site, study, frame, Path(out_dir))
         omics, omics_report = _omics(conn, site, study, frame)
+        covariates, covariate_report = _covariates(conn, site, study, cohorts, frame)
         report = _validate(conn, site, study, frame, cdm_version)
     manifest: dict[str, Any] = {
         "study": study.name,
@@ -390,6 +401,7 @@ def prepare_site(
         "genes": list(study.omics.genes) if omics is not None else [],
         "harmonization": harmonization,
         "linking": {"images": image_report, "omics": omics_report},
+        **({"covariates": covariate_report} if covariate_report else {}),
         "validation": report.to_dict(),
         "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 3),
@@ -397,7 +409,8 @@ def prepare_site(
     report.raise_if_fatal(allow_fatal=allow_fatal or study.validation.allow_fatal)
     if not write:
         return None, _json_safe(manifest)
-    folder = write_prepared(dataset_folder(out_dir, site), site, frame, feature_names, manifest, images, omics)
+    folder = write_prepared(dataset_folder(out_dir, site), site, frame, feature_names, manifest, images, omics,
+                            covariates=covariates)
     return folder, json.loads((folder / MANIFEST).read_text())
 
 
@@ -433,6 +446,21 @@ def _omics(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd.
     links = link_omics(conn, site, study, frame[["person_id", "index_date"]])
     matrix = links.matrix.reindex(frame["person_id"].to_numpy())[list(study.omics.genes)]
     return matrix.to_numpy(dtype=np.float32, na_value=np.nan), _json_safe(links.report)
+
+
+def _covariates(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohorts: dict[str, Any],
+                frame: pd.DataFrame):
+    """The study's covariate set as a sparse matrix in the frame's row order (issue 13b), and its report."""
+    if study.covariates is None:
+        return None, {}
+    from omopfl.covariates import covariate_matrix
+
+    matrix = covariate_matrix(conn, site, cohorts["target"]["id"], study.covariates,
+                              frame["person_id"].to_numpy(dtype=np.int64))
+    settings = study.covariates
+    return matrix, {"analyses": list(settings.analyses), "covariates": int(matrix.matrix.shape[1]),
+                    "nonzeros": int(matrix.matrix.nnz), "fixed_list": settings.covariate_ids is not None,
+                    "list_sha256": settings.list_sha256}
 
 
 def _validate(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd.DataFrame, version: str):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omopfl.covariate_sets import CovariateSettings, parse_covariates
 from omopfl.errors import ConfigError
 
 __all__ = [
@@ -108,6 +109,7 @@ class ModelSpec:
     kind: str = "logistic"
     hidden: tuple[int, ...] = (256, 512, 128, 64, 32)
     dropout: tuple[float, float] = (0.4, 0.15)
+    l2: float = 0.0  # L2 penalty (weight decay) on the weights; used by covariate studies
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class StudyConfig:
     source: Path | None = field(default=None, compare=False)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     text: str = field(default="", compare=False, repr=False)
+    covariates: CovariateSettings | None = None  # [covariates] (issue 13b): FeatureExtraction covariate sets
     cohort_ids: dict[str, int] = field(default_factory=dict)
     """Cohort ids the study fixes, by role (``target``/``outcome``): the id a definition file is built
     under (overriding the file's own), or, where the role's file is None, a cohort already built at
@@ -179,7 +182,14 @@ class StudyConfig:
 
     @property
     def hash(self) -> str:
-        """sha256 of the study file's text (the same file at every site gives the same hash)."""
+        """sha256 of the study file's text (the same file at every site gives the same hash).
+
+        With a ``[covariates] list`` file, the hash also covers that file's bytes, so the fixed
+        covariate list is part of what a site approves.
+        """
+        if self.covariates is not None and self.covariates.list_sha256:
+            return hashlib.sha256(self.text.encode() + b"\0covariates:" + self.covariates.list_sha256.encode()
+                                  ).hexdigest()
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def feature_names(self) -> list[str]:
@@ -426,7 +436,7 @@ def load_study(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
     r = _Reader(path)
     r.keys(data, "top level", {"study", "cohorts", "outcome", "features", "categories", "linking", "validation",
-                               "model", "training", "privacy"})
+                               "model", "training", "privacy", "covariates"})
     study = r.table(data, "study", required=True)
     r.keys(study, "study", {"name", "description"})
     name = r.name(r.get(study, "study", "name", str), "[study] name")
@@ -548,7 +558,7 @@ def load_study(path: str | Path) -> StudyConfig:
         raise r.fail("[validation] fatal_completeness", "must not be above min_completeness")
 
     m = r.table(data, "model")
-    r.keys(m, "model", {"kind", "hidden", "dropout"})
+    r.keys(m, "model", {"kind", "hidden", "dropout", "l2"})
     kind = r.get(m, "model", "kind", str, "logistic")
     if kind not in MODELS:
         raise r.fail("[model] kind", f"must be one of {', '.join(MODELS)}")
@@ -562,7 +572,8 @@ def load_study(path: str | Path) -> StudyConfig:
     if not 1 <= len(dropout) <= 2 or not all(isinstance(d, int | float) and not isinstance(d, bool)
                                              and 0 <= d < 1 for d in dropout):
         raise r.fail("[model] dropout", "must be one or two rates in [0, 1)")
-    model = ModelSpec(kind, tuple(hidden), tuple(float(d) for d in dropout))
+    model = ModelSpec(kind, tuple(hidden), tuple(float(d) for d in dropout),
+                      r.number(m, "model", "l2", 0.0, 0.0, 1e6))
 
     t = r.table(data, "training")
     r.keys(t, "training", {"rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "proximal_mu",
@@ -583,8 +594,11 @@ def load_study(path: str | Path) -> StudyConfig:
     if not 0.0 < training.threshold < 1.0:
         raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
     privacy = _privacy(r, r.table(data, "privacy"))
+    covariates = parse_covariates(r.table(data, "covariates"), path.parent, path) if "covariates" in data else None
+    if covariates is not None and covariates.covariate_ids is not None and model.kind != "logistic":
+        raise r.fail("[model] kind", "must be logistic in a study with a [covariates] list (sparse inputs)")
     return StudyConfig(
-        privacy=privacy,
+        privacy=privacy, covariates=covariates,
         name=name, description=description, target_cohort=target, outcome_cohort=outcome,
         time_at_risk=(tar[0], tar[1]), demographics=tuple(demographics), concept_sets=tuple(concept_sets),
         measurements=tuple(measurements), categories=categories, imaging=imaging, omics=omics,

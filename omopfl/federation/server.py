@@ -92,6 +92,7 @@ def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_si
         "test-fraction": float(t.test_fraction), "seed": int(t.seed),
         "round-timeout": float(round_timeout), "evaluate-on-train": bool(evaluate_on_train), "poll-interval": 0.02,
         **codec.study_dp_config(spec),
+        **codec.covariate_settings(spec),  # only for covariate studies (issue 13b)
     }
 
 

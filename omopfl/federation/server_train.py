@@ -543,7 +543,7 @@ def initial_model(config: Mapping[str, Any], n_features: int) -> Any:
     from omopfl.models import build_model
 
     return build_model(_spec(config), n_features, int(config["model-genes"]), int(config["model-image-size"]),
-                       seed=int(config["seed"]))
+                       seed=int(config["seed"]), n_covariates=int(config.get("model-covariates", 0)))
 
 
 _IDENTITY_KEYS = ("study-hash", "model-kind", "model-hidden", "model-dropout", "local-epochs", "batch-size",
@@ -638,6 +638,8 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
             (run_dir / name).unlink(missing_ok=True)
     shared = {key: config[key] for key in ("model-kind", "model-hidden", "model-dropout", "test-fraction", "seed")}
     shared[codec.STUDY_HASH_KEY] = settings.study_hash  # each site serves only the study it approved
+    if int(config.get("model-covariates", 0)):  # a covariate study (issue 13b): its sites compare these too
+        shared.update({"model-covariates": int(config["model-covariates"]), "model-l2": float(config["model-l2"])})
     plan = RoundPlan(
         num_rounds=num_rounds,
         train_config={**shared, "local-epochs": int(config["local-epochs"]), "batch-size": int(config["batch-size"]),
