@@ -79,7 +79,7 @@ def box_plot(groups: dict[str, tuple[Sequence[float | None], Sequence[float | No
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 4.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.8 + 1.6 * len(groups)), 4.2), constrained_layout=True)
     data, labels, colours = [], [], []
     for name, (fed, cen) in groups.items():
         data += [_finite(fed), _finite(cen)]
@@ -90,7 +90,7 @@ def box_plot(groups: dict[str, tuple[Sequence[float | None], Sequence[float | No
         patch.set_facecolor(colour)
         patch.set_alpha(0.35)
     ax.set_ylabel(metric)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=110)
     plt.close(fig)
