@@ -283,3 +283,104 @@ def test_categorical_levels_release_groups_and_bad_input(tmp_path: Path) -> None
                                                   '[[features.measurements]]\nname = "score_mean"', 1))
     with pytest.raises(ConfigError, match=r"aggregate must be one of last, mean, min, max, count"):
         _write_study(tmp_path, STUDY_TOML.replace('aggregate = "mean"', 'aggregate = "median"'))
+
+
+def test_prepare_on_a_synthetic_site_with_the_new_domains(backend, tmp_path: Path) -> None:
+    """``omopfl synth`` smoking status, PHQ-9 score and unitless INR, through prepare, against pandas truth."""
+    import os
+    import uuid
+
+    import pandas as pd
+
+    from omopfl import vocab
+    from omopfl.config import load_site
+    from omopfl.db import make_engine
+    from omopfl.prepare import load_prepared, prepare_site
+    from omopfl.synth import run_synth
+
+    text = (ROOT / "examples" / "t2dm_hf" / "study.toml").read_text().replace("../../cohorts/",
+                                                                              f"{ROOT / 'cohorts'}/")
+    text += f"""
+[[features.categoricals]]
+name = "smoking"
+domain = "observation"
+concepts = [{vocab.SMOKING_STATUS}]
+levels = {{ current = [{vocab.SMOKING_CURRENT}], former = [{vocab.SMOKING_FORMER}] }}
+window = [-3650, 0]
+
+[[features.measurements]]
+name = "phq9"
+domain = "observation"
+concepts = [{vocab.PHQ9_SCORE}]
+unit = "1"
+window = [-3650, 0]
+aggregate = "max"
+
+[[features.measurements]]
+name = "inr"
+concepts = [{vocab.INR}]
+unit = "1"
+window = [-3650, 0]
+aggregate = "count"
+
+[[features.concept_sets]]
+name = "inpatient"
+domain = "visit"
+concepts = [9201]
+window = [-3650, 0]
+aggregate = "count"
+"""
+    study = _write_study(tmp_path, text)
+    env = f"OMOPFL_TEST_{uuid.uuid4().hex[:8].upper()}_URL"
+    os.environ[env] = backend.url
+    kwargs = {"pg_url": backend.url, "pg_url_env": env} if backend.name == "postgresql" else {}
+    try:
+        run_synth(tmp_path / "synth", n_sites=1, persons=[600], seed=5, image_share=0, omics_share=0,
+                  progress=False, **kwargs)
+        site = load_site(tmp_path / "synth" / "adapters" / "site_a.toml")
+        engine = make_engine(site.database_url())
+        try:
+            folder, manifest = prepare_site(engine, site, study, tmp_path / "prepared")
+            with engine.connect() as conn:
+                cohort = pd.read_sql(sa.text(
+                    f"SELECT subject_id AS person_id, MIN(cohort_start_date) AS index_date FROM "
+                    f"{site.results_schema}.cohort WHERE cohort_definition_id = 101 GROUP BY subject_id"), conn)
+                obs = pd.read_sql(sa.text(
+                    f"SELECT observation_id, person_id, observation_concept_id, observation_date, value_as_number,"
+                    f" value_as_concept_id FROM {site.cdm_schema}.observation WHERE observation_concept_id IN"
+                    f" ({vocab.SMOKING_STATUS}, {vocab.PHQ9_SCORE})"), conn)
+                inr = pd.read_sql(sa.text(
+                    f"SELECT person_id, measurement_date FROM {site.cdm_schema}.measurement"
+                    f" WHERE measurement_concept_id = {vocab.INR}"), conn)
+        finally:
+            engine.dispose()
+    finally:
+        os.environ.pop(env, None)
+    prepared = load_prepared(folder)
+    persons = np.load(folder / "persons.npy")
+    x = pd.DataFrame(prepared.x, columns=prepared.feature_names, index=persons)
+    assert "smoking_other" in x.columns and "smoking__missing" not in x.columns and "inr__missing" not in x.columns
+    assert "phq9__missing" in x.columns and manifest["harmonization"]["warnings"] == []
+    # truth in pandas: rows from index - 3650 to index
+    cohort["index_date"] = pd.to_datetime(cohort["index_date"])
+
+    def in_window(rows: pd.DataFrame, date_column: str) -> pd.DataFrame:
+        rows = rows.merge(cohort, on="person_id")
+        days = (pd.to_datetime(rows[date_column]) - rows["index_date"]).dt.days
+        return rows[(days >= -3650) & (days <= 0)]
+
+    smoking = in_window(obs[obs["observation_concept_id"] == vocab.SMOKING_STATUS], "observation_date")
+    last = smoking.sort_values(["person_id", "observation_date", "observation_id"]).groupby("person_id").tail(1)
+    level = last.set_index("person_id")["value_as_concept_id"].map(
+        {vocab.SMOKING_CURRENT: "current", vocab.SMOKING_FORMER: "former"}).fillna("other")
+    expected = pd.DataFrame(0.0, index=x.index, columns=["smoking_current", "smoking_former", "smoking_other"])
+    for person, label in level.items():
+        expected.loc[person, f"smoking_{label}"] = 1.0
+    pd.testing.assert_frame_equal(x[expected.columns], expected, check_dtype=False)
+    assert expected["smoking_current"].sum() > 0 and expected["smoking_other"].sum() > 0  # never -> other
+    phq = in_window(obs[obs["observation_concept_id"] == vocab.PHQ9_SCORE], "observation_date")
+    maximum = phq.groupby("person_id")["value_as_number"].max().reindex(x.index)
+    np.testing.assert_allclose(x["phq9"].to_numpy(), maximum.to_numpy())
+    assert x["phq9__missing"].tolist() == maximum.isna().astype(float).tolist()
+    counts = in_window(inr, "measurement_date").groupby("person_id").size().reindex(x.index, fill_value=0)
+    assert x["inr"].tolist() == counts.astype(float).tolist() and counts.sum() > 0
