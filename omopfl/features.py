@@ -24,16 +24,23 @@ column                        kind          value
 <concept set>                 binary/count  events of the concept set (with descendants through
                                             ``concept_ancestor`` if asked) starting in the window
                                             relative to index: presence 0/1 or row count
-<measurement>                 numeric unit  value in the study's canonical unit, converted in SQL,
-                                            ``last`` (latest date, then datetime, measurement_id
-                                            and value, all descending) or ``mean``; NaN if none
+<measurement>                 numeric unit  value (measurement or observation ``value_as_number``)
+                                            in the study's canonical unit, converted in SQL,
+                                            ``last`` (latest date, then datetime, row id and value,
+                                            all descending), ``mean``, ``min`` or ``max``; NaN if
+                                            none; ``count`` (kind count): usable rows, 0 if none
+<categorical>                 categorical   level of the last ``value_as_concept_id`` (NULL/0 are no
+                                            value) of the concept set in the window: a study level,
+                                            ``"other"``, or NULL when none
 <measurement>__unknown_unit   unknown_unit  rows in the window whose unit has no conversion
 <measurement>__non_finite     non_finite    rows in the window whose value is NaN, +-inf or beyond
                                             ±1e18 (absurd; the same on both backends)
 ============================  ============  ===================================================
 
 Demographic columns appear only if listed in the study's ``demographics`` (in that order).
-Measurement rows with a NULL ``value_as_number`` are ignored.  The conversion table
+Measurement rows with a NULL ``value_as_number`` are ignored.  A declared unitless feature
+(``unit = "1"``) uses rows with a NULL or 0 ``unit_concept_id`` or a dimensionless UCUM unit (code
+``1`` or an annotation alone, ``{score}``).  The conversion table
 (:func:`omopfl.harmonize.conversions_to`) is rendered as a ``VALUES`` CTE and joined through
 the ``concept_code`` of ``measurement.unit_concept_id`` in the UCUM vocabulary; a unit concept
 whose code matches no entry (or several conflicting ones) is unknown: its rows are not used,
