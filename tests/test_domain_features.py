@@ -384,3 +384,26 @@ aggregate = "count"
     assert x["phq9__missing"].tolist() == maximum.isna().astype(float).tolist()
     counts = in_window(inr, "measurement_date").groupby("person_id").size().reindex(x.index, fill_value=0)
     assert x["inr"].tolist() == counts.astype(float).tolist() and counts.sum() > 0
+
+
+def test_a_categorical_group_is_released_like_sex(tmp_path: Path) -> None:
+    """The persons in none of a categorical's levels (no value) must not be a small cell, else the group goes."""
+    from omopfl.policy import study_summary
+    from omopfl.release import moments
+
+    study = _write_study(tmp_path)
+    groups = study_summary(study, SITE)["categories"]
+    columns = groups["smoking"]
+    k = 5
+
+    def released(no_value: int) -> dict[str, bool]:
+        rows = []
+        for j in range(len(columns)):  # 6 persons per level (other included)
+            rows += [[1.0 if i == j else 0.0 for i in range(len(columns))]] * 6
+        rows += [[0.0] * len(columns)] * no_value
+        x = np.array(rows)
+        result = moments(x, columns, len(x), k, groups={"smoking": columns})
+        return dict(zip(result.feature_names, result.released, strict=True))
+
+    assert all(released(0).values()) and all(released(k).values())
+    assert not any(released(3).values())  # 3 persons without a smoking value: small, the whole group withheld
