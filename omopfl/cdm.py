@@ -121,6 +121,15 @@ _CDM54: dict[str, str] = {
         "source_documentation_reference:vc255 cdm_etl_reference:vc255 source_release_date:date! "
         "cdm_release_date:date! cdm_version:vc10 cdm_version_concept_id:int! vocabulary_version:vc20!"
     ),
+    # Standardized derived elements (eras): omopfl reads them, it does not build them
+    "condition_era": (
+        "condition_era_id:int!* person_id:int! condition_concept_id:int! condition_era_start_date:date! "
+        "condition_era_end_date:date! condition_occurrence_count:int"
+    ),
+    "drug_era": (
+        "drug_era_id:int!* person_id:int! drug_concept_id:int! drug_era_start_date:date! drug_era_end_date:date! "
+        "drug_exposure_count:int gap_days:int"
+    ),
     # Medical Imaging extension (OHDSI Imaging WG)
     "image_occurrence": (
         "image_occurrence_id:int!* person_id:int! visit_occurrence_id:int procedure_occurrence_id:int! "

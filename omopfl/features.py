@@ -24,16 +24,23 @@ column                        kind          value
 <concept set>                 binary/count  events of the concept set (with descendants through
                                             ``concept_ancestor`` if asked) starting in the window
                                             relative to index: presence 0/1 or row count
-<measurement>                 numeric unit  value in the study's canonical unit, converted in SQL,
-                                            ``last`` (latest date, then datetime, measurement_id
-                                            and value, all descending) or ``mean``; NaN if none
+<measurement>                 numeric unit  value (measurement or observation ``value_as_number``)
+                                            in the study's canonical unit, converted in SQL,
+                                            ``last`` (latest date, then datetime, row id and value,
+                                            all descending), ``mean``, ``min`` or ``max``; NaN if
+                                            none; ``count`` (kind count): usable rows, 0 if none
+<categorical>                 categorical   level of the last ``value_as_concept_id`` (NULL/0 are no
+                                            value) of the concept set in the window: a study level,
+                                            ``"other"``, or NULL when none
 <measurement>__unknown_unit   unknown_unit  rows in the window whose unit has no conversion
 <measurement>__non_finite     non_finite    rows in the window whose value is NaN, +-inf or beyond
                                             ±1e18 (absurd; the same on both backends)
 ============================  ============  ===================================================
 
 Demographic columns appear only if listed in the study's ``demographics`` (in that order).
-Measurement rows with a NULL ``value_as_number`` are ignored.  The conversion table
+Measurement rows with a NULL ``value_as_number`` are ignored.  A declared unitless feature
+(``unit = "1"``) uses rows with a NULL or 0 ``unit_concept_id`` or a dimensionless UCUM unit (code
+``1`` or an annotation alone, ``{score}``).  The conversion table
 (:func:`omopfl.harmonize.conversions_to`) is rendered as a ``VALUES`` CTE and joined through
 the ``concept_code`` of ``measurement.unit_concept_id`` in the UCUM vocabulary; a unit concept
 whose code matches no entry (or several conflicting ones) is unknown: its rows are not used,
@@ -67,7 +74,16 @@ from omopfl.harmonize import (
     conversions_to,
     feature_columns,
 )
-from omopfl.study import DOMAIN_TABLES, ConceptSetFeature, MeasurementFeature, StudyConfig
+from omopfl.study import (
+    DOMAIN_TABLES,
+    LEVEL_RE,
+    OTHER_LEVEL,
+    VALUE_TABLES,
+    CategoricalFeature,
+    ConceptSetFeature,
+    MeasurementFeature,
+    StudyConfig,
+)
 
 __all__ = [
     "ColumnSpec",
@@ -204,30 +220,49 @@ def _concept_set_ctes(b: _Binds, site: SiteConfig, k: int, f: ConceptSetFeature)
     ]
 
 
-def _measurement_row_ctes(b: _Binds, site: SiteConfig, k: int, m: MeasurementFeature) -> list[str]:
-    """CTEs up to ``m{k}_rows``: one row per usable-or-not measurement value in the window."""
+def _unit_ids_cte(b: _Binds, site: SiteConfig, k: int, m: MeasurementFeature) -> list[str]:
+    """``m{k}_unit_ids(concept_id, factor, shift)``: unit concepts with a conversion into the canonical unit.
+
+    A declared unitless feature (``unit = "1"``) takes instead the UCUM dimensionless units (code ``1`` or an
+    annotation alone, ``{score}``...) and concept 0 (no unit; a NULL ``unit_concept_id`` is joined as 0).
+    """
+    concept = qualified(site.vocabulary_schema, "concept")
+    if m.unitless:
+        return [f"m{k}_unit_ids AS (SELECT c.concept_id, 1.0 AS factor, 0.0 AS shift FROM {concept} c"
+                " WHERE c.vocabulary_id = 'UCUM' AND c.concept_id <> 0"
+                " AND (c.concept_code = '1' OR (SUBSTR(c.concept_code, 1, 1) = '{'"
+                " AND SUBSTR(c.concept_code, LENGTH(c.concept_code), 1) = '}'))"
+                " UNION ALL SELECT 0, 1.0, 0.0)"]
     units = conversions_to(m.analyte, m.unit)
     values = ", ".join(f"({b.unit(code)}, {b.float(factor)}, {b.float(offset)})"
                        for code, (factor, offset) in units.items())
-    concept = qualified(site.vocabulary_schema, "concept")
-    measurement = qualified(site.cdm_schema, "measurement")
     return [
-        _concepts_cte(f"m{k}_concepts", m.concepts, m.descendants, site, f"measurement {m.name}"),
         f"m{k}_units(unit_code, factor, shift) AS (VALUES {values})",
         f"m{k}_unit_ids AS (SELECT c.concept_id, MIN(u.factor) AS factor, MIN(u.shift) AS shift FROM {concept} c"
         f" JOIN m{k}_units u ON u.unit_code = c.concept_code WHERE c.vocabulary_id = 'UCUM' GROUP BY c.concept_id"
         " HAVING MIN(u.factor) = MAX(u.factor) AND MIN(u.shift) = MAX(u.shift))",
-        f"m{k}_rows AS (SELECT t.person_id, e.measurement_date AS event_date, e.measurement_datetime AS event_time,"
-        " e.measurement_id AS row_id, e.unit_concept_id,"
+    ]
+
+
+def _measurement_row_ctes(b: _Binds, site: SiteConfig, k: int, m: MeasurementFeature) -> list[str]:
+    """CTEs up to ``m{k}_rows``: one row per usable-or-not value (measurement or observation) in the window."""
+    table, concept_column, date_column, datetime_column, id_column = VALUE_TABLES[m.domain]
+    events = qualified(site.cdm_schema, table)
+    unit_key = "COALESCE(e.unit_concept_id, 0)" if m.unitless else "e.unit_concept_id"
+    return [
+        _concepts_cte(f"m{k}_concepts", m.concepts, m.descendants, site, f"measurement {m.name}"),
+        *_unit_ids_cte(b, site, k, m),
+        f"m{k}_rows AS (SELECT t.person_id, e.{date_column} AS event_date, e.{datetime_column} AS event_time,"
+        f" e.{id_column} AS row_id, e.unit_concept_id,"
         f" CASE WHEN u.concept_id IS NULL THEN {_UNKNOWN_UNIT}"
         f" WHEN NOT (ABS(e.value_as_number) <= {ABSURD_MAGNITUDE}) THEN {_NON_FINITE_VALUE}"
         f" ELSE {_OK} END AS status,"
         f" CASE WHEN ABS(e.value_as_number) <= {ABSURD_MAGNITUDE}"
         " THEN CAST(e.value_as_number AS DOUBLE PRECISION) * u.factor + u.shift END AS value"
-        f" FROM target t JOIN {measurement} e ON e.person_id = t.person_id"
-        f" JOIN m{k}_concepts k ON k.concept_id = e.measurement_concept_id"
-        f" LEFT JOIN m{k}_unit_ids u ON u.concept_id = e.unit_concept_id"
-        f" WHERE {_window(b, 'e.measurement_date', m.window, m.name)} AND e.value_as_number IS NOT NULL)",
+        f" FROM target t JOIN {events} e ON e.person_id = t.person_id"
+        f" JOIN m{k}_concepts k ON k.concept_id = e.{concept_column}"
+        f" LEFT JOIN m{k}_unit_ids u ON u.concept_id = {unit_key}"
+        f" WHERE {_window(b, 'e.' + date_column, m.window, m.name)} AND e.value_as_number IS NOT NULL)",
     ]
 
 
@@ -235,9 +270,12 @@ def _measurement_ctes(b: _Binds, site: SiteConfig, k: int, m: MeasurementFeature
     ctes = _measurement_row_ctes(b, site, k, m)
     counts = (f"SUM(CASE WHEN status = {_UNKNOWN_UNIT} THEN 1 ELSE 0 END) AS unknown_unit,"
               f" SUM(CASE WHEN status = {_NON_FINITE_VALUE} THEN 1 ELSE 0 END) AS non_finite")
-    if m.aggregate == "mean":
-        ctes.append(f"m{k} AS (SELECT person_id, AVG(CASE WHEN status = {_OK} THEN value END) AS value, {counts}"
-                    f" FROM m{k}_rows GROUP BY person_id)")
+    if m.aggregate != "last":
+        value = {"mean": f"AVG(CASE WHEN status = {_OK} THEN value END)",
+                 "min": f"MIN(CASE WHEN status = {_OK} THEN value END)",
+                 "max": f"MAX(CASE WHEN status = {_OK} THEN value END)",
+                 "count": f"SUM(CASE WHEN status = {_OK} THEN 1 ELSE 0 END)"}[m.aggregate]
+        ctes.append(f"m{k} AS (SELECT person_id, {value} AS value, {counts} FROM m{k}_rows GROUP BY person_id)")
         return ctes
     ctes.append(
         f"m{k}_ranked AS (SELECT r.person_id, r.status, r.value, ROW_NUMBER() OVER (PARTITION BY r.person_id,"
@@ -247,6 +285,33 @@ def _measurement_ctes(b: _Binds, site: SiteConfig, k: int, m: MeasurementFeature
     ctes.append(f"m{k} AS (SELECT person_id, MAX(CASE WHEN status = {_OK} AND rn = 1 THEN value END) AS value,"
                 f" {counts} FROM m{k}_ranked GROUP BY person_id)")
     return ctes
+
+
+def _categorical_ctes(b: _Binds, site: SiteConfig, k: int, c: CategoricalFeature) -> list[str]:
+    """``c{k}(person_id, level)``: the level of the person's last ``value_as_concept_id`` in the window.
+
+    Rows whose ``value_as_concept_id`` is NULL or 0 hold no value and are ignored; the last row is the latest
+    date, then datetime, then row id (all descending); its value maps onto the study's level or ``other``.
+    """
+    table, concept_column, date_column, datetime_column, id_column = VALUE_TABLES[c.domain]
+    events = qualified(site.cdm_schema, table)
+    cases = " ".join(
+        f"WHEN r.value_concept_id IN ({', '.join(str(i) for i in _concept_ids(ids, f'categorical {c.name}'))})"
+        f" THEN '{label}'" for label, ids in c.levels)  # labels match LEVEL_RE (checked by the study parser)
+    if not all(LEVEL_RE.match(label) for label in c.labels):
+        raise ConfigError(f"categorical {c.name}: level names must be lower-case names")
+    return [
+        _concepts_cte(f"c{k}_concepts", c.concepts, c.descendants, site, f"categorical {c.name}"),
+        f"c{k}_ranked AS (SELECT t.person_id, e.value_as_concept_id AS value_concept_id, ROW_NUMBER() OVER"
+        f" (PARTITION BY t.person_id ORDER BY e.{date_column} DESC, e.{datetime_column} DESC NULLS LAST,"
+        f" e.{id_column} DESC, e.value_as_concept_id DESC) AS rn"
+        f" FROM target t JOIN {events} e ON e.person_id = t.person_id"
+        f" JOIN c{k}_concepts k ON k.concept_id = e.{concept_column}"
+        f" WHERE {_window(b, 'e.' + date_column, c.window, c.name)}"
+        " AND e.value_as_concept_id IS NOT NULL AND e.value_as_concept_id <> 0)",
+        f"c{k} AS (SELECT r.person_id, CASE {cases} ELSE '{OTHER_LEVEL}' END AS level FROM c{k}_ranked r"
+        " WHERE r.rn = 1)",
+    ]
 
 
 _AGE = (
@@ -274,9 +339,11 @@ def _select_list(study: StudyConfig) -> tuple[list[str], list[str]]:
         exprs[name] = f"COALESCE(cs{k}.n, 0)" if f.aggregate == "count" else \
             f"CASE WHEN cs{k}.n > 0 THEN 1 ELSE 0 END"
     for name, k in measurements.items():
-        exprs[name] = f"m{k}.value"
+        exprs[name] = f"COALESCE(m{k}.value, 0)" if study.measurements[k].aggregate == "count" else f"m{k}.value"
         exprs[name + UNKNOWN_UNIT_SUFFIX] = f"COALESCE(m{k}.unknown_unit, 0)"
         exprs[name + NON_FINITE_SUFFIX] = f"COALESCE(m{k}.non_finite, 0)"
+    for k, c in enumerate(study.categoricals):
+        exprs[c.name] = f"c{k}.level"
     select = [f"{exprs[c.name]} AS {quote_identifier(c.name)}" for c in feature_columns(study)]
     joins = ["LEFT JOIN outcome o ON o.person_id = t.person_id"]
     if {"age", "sex"} & set(study.demographics):
@@ -285,6 +352,7 @@ def _select_list(study: StudyConfig) -> tuple[list[str], list[str]]:
         joins.append("LEFT JOIN prior_obs po ON po.person_id = t.person_id")
     joins += [f"LEFT JOIN cs{k} ON cs{k}.person_id = t.person_id" for k in range(len(study.concept_sets))]
     joins += [f"LEFT JOIN m{k} ON m{k}.person_id = t.person_id" for k in range(len(study.measurements))]
+    joins += [f"LEFT JOIN c{k} ON c{k}.person_id = t.person_id" for k in range(len(study.categoricals))]
     return select, joins
 
 
@@ -324,6 +392,8 @@ def feature_query(
         ctes += _concept_set_ctes(b, site, k, f)
     for k, m in enumerate(study.measurements):
         ctes += _measurement_ctes(b, site, k, m)
+    for k, c in enumerate(study.categoricals):
+        ctes += _categorical_ctes(b, site, k, c)
     select, joins = _select_list(study)
     sql = ("WITH " + ",\n".join(ctes) + "\nSELECT " + ",\n  ".join(select) + "\nFROM target t\n"
            + "\n".join(joins) + "\nORDER BY t.person_id")
@@ -445,7 +515,10 @@ def unknown_unit_counts(
             raise _failed(site, f"unknown-unit count of {m.name}", exc) from None
         counts: dict[str, int] = {}
         for unit_id, code, n in rows:
-            label = str(code) if code is not None else (NO_VALUE if unit_id is None else f"concept_id {unit_id}")
+            if unit_id is None or int(unit_id) == 0:
+                label = NO_VALUE  # no unit recorded
+            else:
+                label = str(code) if code is not None else f"concept_id {unit_id}"
             counts[label] = counts.get(label, 0) + int(n)
         out[m.name] = dict(sorted(counts.items()))
     return out

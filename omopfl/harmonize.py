@@ -73,6 +73,7 @@ __all__ = [
     "model_feature_names",
     "align_categories",
     "add_missing_indicators",
+    "missable_measurements",
     "impute",
     "apply_plausible_range",
     "HarmonizationReport",
@@ -246,7 +247,12 @@ def feature_columns(study: StudyConfig) -> tuple[ColumnSpec, ...]:
     for cs in study.concept_sets:
         columns.append(ColumnSpec(cs.name, "binary" if cs.aggregate == "presence" else "count", None, cs.name))
     for m in study.measurements:
-        columns.append(ColumnSpec(m.name, "numeric", m.unit, m.name))
+        if m.aggregate == "count":
+            columns.append(ColumnSpec(m.name, "count", None, m.name))
+        else:
+            columns.append(ColumnSpec(m.name, "numeric", m.unit, m.name))
+    for c in study.categoricals:
+        columns.append(ColumnSpec(c.name, "categorical", None, c.name, c.labels))
     for m in study.measurements:
         columns.append(ColumnSpec(m.name + UNKNOWN_UNIT_SUFFIX, "unknown_unit", None, m.name))
         columns.append(ColumnSpec(m.name + NON_FINITE_SUFFIX, "non_finite", None, m.name))
@@ -263,8 +269,17 @@ def harmonized_columns(study: StudyConfig) -> tuple[ColumnSpec, ...]:
             columns += [ColumnSpec(f"{spec.name}_{level}", "binary", None, spec.name) for level in spec.levels]
         else:
             columns.append(spec)
-    columns += [ColumnSpec(m.name + MISSING_SUFFIX, "binary", None, m.name) for m in study.measurements]
+    columns += [ColumnSpec(m.name + MISSING_SUFFIX, "binary", None, m.name) for m in missable_measurements(study)]
     return tuple(columns)
+
+
+def missable_measurements(study: StudyConfig) -> list:
+    """Value features that can be missing (every aggregate but ``count``): each gets ``<name>__missing``.
+
+    Presence and count features are 0 without events, and a categorical's all-zero one-hot already says
+    "no value": neither needs an indicator.
+    """
+    return [m for m in study.measurements if m.can_be_missing]
 
 
 def model_feature_names(study: StudyConfig) -> list[str]:
@@ -513,7 +528,8 @@ def harmonize(
         else:  # non_finite rows the query left out
             key = spec.feature or spec.name
             report.non_finite[key] = report.non_finite.get(key, 0) + int(column.sum())
-    result = add_missing_indicators(pd.DataFrame(out, index=frame.index), [m.name for m in study.measurements])
+    result = add_missing_indicators(pd.DataFrame(out, index=frame.index),
+                                    [m.name for m in missable_measurements(study)])
     for name, counts in (unknown_units or {}).items():
         report.unknown_unit[name] = dict(sorted((str(k), int(v)) for k, v in counts.items()))
     return result[[c.name for c in harmonized_columns(study)]], report

@@ -180,7 +180,8 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
         "time_at_risk": list(study.time_at_risk),
         "features": study.feature_names(),
         "categories": {name: [f"{name}_{level}" for level in levels] for name, levels in study.categories.items()},
-        "count_features": [f.name for f in study.concept_sets if f.aggregate == "count"],
+        "count_features": [f.name for f in study.concept_sets if f.aggregate == "count"]
+        + [m.name for m in study.measurements if m.aggregate == "count"],
         "linked": {"imaging": list(study.imaging.modalities) if study.imaging.enabled else [],
                    "omics_genes": len(study.omics.genes) if study.omics.enabled else 0},
         "model": {"kind": study.model.kind, "parameters": _model_parameters(study)},

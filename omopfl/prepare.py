@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -149,17 +150,10 @@ def check_can_serve(conn: sa.Connection, site: SiteConfig, study: StudyConfig) -
         Naming the study key and the site's missing piece (adapter key or CDM table).
     """
     from omopfl.db import existing_tables
-    from omopfl.study import DOMAIN_TABLES
 
     where = f"site {site.name} cannot serve study {study.name}"
     tables = existing_tables(conn, site.cdm_schema)
-    needed = {DOMAIN_TABLES[f.domain][0]: f"[[features.concept_sets]] {f.name}" for f in study.concept_sets}
-    if study.measurements:
-        needed["measurement"] = f"[[features.measurements]] {study.measurements[0].name}"
-    if study.imaging.enabled:
-        needed["image_occurrence"] = "[linking.images] enabled"
-    if study.omics.enabled:
-        needed["specimen"] = "[linking.omics] enabled"
+    needed = study.tables_read()
     for table, key in needed.items():
         if table not in tables:
             raise ConfigError(f"{where}: {key} needs CDM table {table}, absent from schema {site.cdm_schema}")
@@ -420,7 +414,38 @@ def _features(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohorts
 
     read = features.read_features(conn, site, study, cohorts["target"]["id"], cohorts["outcome"]["id"])
     frame, feature_names, report = harmonize.harmonize_frame(read.frame, study, unknown_units=read.unknown_units)
-    return frame, feature_names, _json_safe(report)
+    warnings = unit_warnings(study, read.frame, read.unknown_units)
+    for warning in warnings:
+        print(f"warning: site {site.name}: {warning}", file=sys.stderr)
+    return frame, feature_names, {**_json_safe(report), "warnings": warnings}
+
+
+def _is_unitless_code(code: str) -> bool:
+    from omopfl.harmonize import NO_VALUE
+
+    return code in (NO_VALUE, "1") or (code.startswith("{") and code.endswith("}"))
+
+
+def unit_warnings(study: StudyConfig, frame: pd.DataFrame, unknown_units: dict[str, dict[str, int]]) -> list[str]:
+    """A warning per value feature with a real unit whose rows were all recorded without a unit.
+
+    Such a feature is missing for everyone at the site although it has values: the study should declare it
+    unitless (``unit = "1"``) if it is, or the site map its units.  ``frame`` is the feature frame as read.
+    """
+    out = []
+    for m in study.measurements:
+        counts = unknown_units.get(m.name, {})
+        if m.unitless or not counts or not all(_is_unitless_code(code) for code in counts):
+            continue
+        if m.name in frame.columns and m.can_be_missing and frame[m.name].notna().any():
+            continue
+        if not m.can_be_missing and m.name in frame.columns and (frame[m.name] > 0).any():
+            continue
+        rows = sum(counts.values())
+        out.append(f"[[features.measurements]] {m.name}: all {rows} row(s) in the window have no unit or a "
+                   f"unitless one, none in {m.unit}; the feature is missing for everyone at this site "
+                   "(declare unit = \"1\" if it is unitless, or map the site's units)")
+    return out
 
 
 def _images(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd.DataFrame, out_dir: Path):

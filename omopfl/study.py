@@ -25,6 +25,7 @@ __all__ = [
     "StudyConfig",
     "ConceptSetFeature",
     "MeasurementFeature",
+    "CategoricalFeature",
     "ImagingSpec",
     "OmicsSpec",
     "ValidationSpec",
@@ -50,7 +51,21 @@ DOMAIN_TABLES: dict[str, tuple[str, str, str]] = {
     "procedure_occurrence": ("procedure_occurrence", "procedure_concept_id", "procedure_date"),
     "observation": ("observation", "observation_concept_id", "observation_date"),
     "visit_occurrence": ("visit_occurrence", "visit_concept_id", "visit_start_date"),
+    "visit": ("visit_occurrence", "visit_concept_id", "visit_start_date"),
+    "measurement": ("measurement", "measurement_concept_id", "measurement_date"),
+    "condition_era": ("condition_era", "condition_concept_id", "condition_era_start_date"),
+    "drug_era": ("drug_era", "drug_concept_id", "drug_era_start_date"),
 }
+# domain of a value or categorical feature -> (table, concept column, date, datetime, row id)
+VALUE_TABLES: dict[str, tuple[str, str, str, str, str]] = {
+    "measurement": ("measurement", "measurement_concept_id", "measurement_date", "measurement_datetime",
+                    "measurement_id"),
+    "observation": ("observation", "observation_concept_id", "observation_date", "observation_datetime",
+                    "observation_id"),
+}
+VALUE_AGGREGATES = ("last", "mean", "min", "max", "count")
+UNITLESS = "1"  # the UCUM code of a declared unitless (dimensionless) value
+OTHER_LEVEL = "other"  # the one-hot level of a categorical value in none of the study's levels
 MODELS = ("logistic", "mlp", "cnn", "fusion")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
@@ -76,9 +91,44 @@ class MeasurementFeature:
     unit: str  # canonical unit, UCUM code, e.g. "mg/dL"
     analyte: str | None = None  # for molar conversions: glucose, creatinine, hba1c, cholesterol
     window: tuple[int, int] = (-365, 0)
-    aggregate: str = "last"  # last | mean
+    aggregate: str = "last"  # last | mean | min | max | count (of usable rows; never missing)
     plausible_range: tuple[float, float] | None = None
     descendants: bool = False
+    domain: str = "measurement"  # measurement | observation (value_as_number)
+
+    @property
+    def unitless(self) -> bool:
+        """Declared unitless (``unit = "1"``): rows without a unit or with a dimensionless one are used."""
+        return self.unit == UNITLESS
+
+    @property
+    def can_be_missing(self) -> bool:
+        """A value aggregate is missing when no usable row is in the window; a count is 0 then."""
+        return self.aggregate != "count"
+
+
+@dataclass(frozen=True)
+class CategoricalFeature:
+    """The last ``value_as_concept_id`` of a concept set in a window, mapped onto levels fixed by the study.
+
+    One-hot columns ``<name>_<label>`` per level and ``<name>_other`` for a value in no level; a person
+    with no value in the window has all zeros (which is its own, explicit, encoding: no missing indicator).
+    """
+
+    name: str
+    domain: str
+    concepts: tuple[int, ...]
+    levels: tuple[tuple[str, tuple[int, ...]], ...]
+    window: tuple[int, int] = (-365, 0)
+    descendants: bool = False
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """One-hot levels in column order, ``other`` last."""
+        return (*(label for label, _ in self.levels), OTHER_LEVEL)
+
+    def columns(self) -> list[str]:
+        return [f"{self.name}_{label}" for label in self.labels]
 
 
 @dataclass(frozen=True)
@@ -180,6 +230,23 @@ class StudyConfig:
         """The definition file of ``role`` (None: a cohort already built at the site)."""
         return self.target_cohort if role == "target" else self.outcome_cohort
 
+    categoricals: tuple[CategoricalFeature, ...] = ()
+
+    def tables_read(self) -> dict[str, str]:
+        """CDM tables the study's features read: ``{table: the study key that reads it}``."""
+        needed: dict[str, str] = {}
+        for f in self.concept_sets:
+            needed.setdefault(DOMAIN_TABLES[f.domain][0], f"[[features.concept_sets]] {f.name}")
+        for m in self.measurements:
+            needed.setdefault(VALUE_TABLES[m.domain][0], f"[[features.measurements]] {m.name}")
+        for c in self.categoricals:
+            needed.setdefault(VALUE_TABLES[c.domain][0], f"[[features.categoricals]] {c.name}")
+        if self.imaging.enabled:
+            needed.setdefault("image_occurrence", "[linking.images] enabled")
+        if self.omics.enabled:
+            needed.setdefault("specimen", "[linking.omics] enabled")
+        return needed
+
     @property
     def hash(self) -> str:
         """sha256 of the study file's text (the same file at every site gives the same hash).
@@ -202,6 +269,8 @@ class StudyConfig:
                 names.append(demographic)
         names += [f.name for f in self.concept_sets]
         names += [m.name for m in self.measurements]
+        for c in self.categoricals:
+            names += c.columns()
         return names
 
 
@@ -278,12 +347,12 @@ class _Reader:
                             f"each within ±{MAX_DAYS:,}")
         return value[0], value[1]
 
-    def concepts(self, data: dict, section: str) -> tuple[int, ...]:
-        value = data.get("concepts")
+    def concepts(self, data: dict, section: str, key: str = "concepts") -> tuple[int, ...]:
+        value = data.get(key)
         if (not isinstance(value, list) or not value
                 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_CONCEPT_ID
                            for v in value)):
-            raise self.fail(f"[{section}] concepts", "must be a non-empty list of OMOP concept ids "
+            raise self.fail(f"[{section}] {key}", "must be a non-empty list of OMOP concept ids "
                             f"(integers from 1 to {MAX_CONCEPT_ID})")
         return tuple(value)
 
@@ -318,7 +387,8 @@ def _check_unit(r: _Reader, section: str, unit: str, analyte: str | None) -> Non
 
 
 def _check_generated_names(r: _Reader, names: list[str], demographics: list[str],
-                           categories: dict[str, tuple[str, ...]], measurements: list) -> None:
+                           categories: dict[str, tuple[str, ...]], measurements: list,
+                           categoricals: list | tuple = ()) -> None:
     """Refuse feature names that collide with the frame's keys or the columns harmonization generates."""
     from omopfl.harmonize import MISSING_SUFFIX, NON_FINITE_SUFFIX, UNKNOWN_UNIT_SUFFIX
 
@@ -329,6 +399,13 @@ def _check_generated_names(r: _Reader, names: list[str], demographics: list[str]
     for m in measurements:
         for suffix in (MISSING_SUFFIX, UNKNOWN_UNIT_SUFFIX, NON_FINITE_SUFFIX):
             generated[m.name + suffix] = f"a column generated for measurement {m.name}"
+    for c in categoricals:
+        for column in c.columns():
+            if column in generated:
+                raise r.fail("[features]", f"categorical {c.name}: column {column!r} collides with "
+                             f"{generated[column]}; "
+                             "rename the feature or the level")
+            generated[column] = f"a level column of categorical {c.name}"
     for name in names:
         if name in RESERVED_NAMES:
             raise r.fail("[features]", f"name {name!r} is reserved (a key column of every dataset); rename it")
@@ -459,12 +536,12 @@ def load_study(path: str | Path) -> StudyConfig:
     tar = r.window(outcome_section, "outcome", (1, 365), key="time_at_risk", what="after index")
 
     features = r.table(data, "features")
-    r.keys(features, "features", {"demographics", "concept_sets", "measurements"})
+    r.keys(features, "features", {"demographics", "concept_sets", "measurements", "categoricals"})
     demographics = features.get("demographics", list(DEMOGRAPHICS))
     if not isinstance(demographics, list) or any(not isinstance(d, str) or d not in DEMOGRAPHICS
                                                  for d in demographics):
         raise r.fail("[features] demographics", f"must list some of {', '.join(DEMOGRAPHICS)}")
-    for key in ("concept_sets", "measurements"):
+    for key in ("concept_sets", "measurements", "categoricals"):
         if not isinstance(features.get(key, []), list):
             raise r.fail(f"[features] {key}", "must be a list of tables ([[features.{key}]])")
 
@@ -490,10 +567,14 @@ def load_study(path: str | Path) -> StudyConfig:
         section = f"features.measurements[{i}]"
         if not isinstance(item, dict):
             raise r.fail(f"[{section}]", "must be a table")
-        r.keys(item, section, {"name", "concepts", "unit", "analyte", "window", "aggregate", "range", "descendants"})
+        r.keys(item, section, {"name", "domain", "concepts", "unit", "analyte", "window", "aggregate", "range",
+                               "descendants"})
+        value_domain = r.get(item, section, "domain", str, "measurement")
+        if value_domain not in VALUE_TABLES:
+            raise r.fail(f"[{section}] domain", f"must be one of {', '.join(VALUE_TABLES)}")
         aggregate = r.get(item, section, "aggregate", str, "last")
-        if aggregate not in {"last", "mean"}:
-            raise r.fail(f"[{section}] aggregate", "must be last or mean")
+        if aggregate not in VALUE_AGGREGATES:
+            raise r.fail(f"[{section}] aggregate", f"must be one of {', '.join(VALUE_AGGREGATES)}")
         plausible = item.get("range")
         if plausible is not None and (not isinstance(plausible, list) or len(plausible) != 2
                                       or not all(isinstance(v, int | float) and not isinstance(v, bool)
@@ -506,9 +587,42 @@ def load_study(path: str | Path) -> StudyConfig:
             r.name(item.get("name"), f"[{section}] name"), r.concepts(item, section), unit, analyte,
             r.window(item, section, (-365, 0)), aggregate,
             (float(plausible[0]), float(plausible[1])) if plausible else None,
-            r.get(item, section, "descendants", bool, False),
+            r.get(item, section, "descendants", bool, False), value_domain,
         ))
-    names = [*demographics, *(f.name for f in concept_sets), *(m.name for m in measurements)]
+
+    categoricals = []
+    for i, item in enumerate(features.get("categoricals", [])):
+        section = f"features.categoricals[{i}]"
+        if not isinstance(item, dict):
+            raise r.fail(f"[{section}]", "must be a table")
+        r.keys(item, section, {"name", "domain", "concepts", "levels", "window", "descendants"})
+        value_domain = r.get(item, section, "domain", str, "observation")
+        if value_domain not in VALUE_TABLES:
+            raise r.fail(f"[{section}] domain", f"must be one of {', '.join(VALUE_TABLES)}")
+        levels_raw = r.get(item, section, "levels", dict)
+        if not levels_raw:
+            raise r.fail(f"[{section}] levels", "must be a table of level = [value concept ids], e.g. "
+                         "{ current = [4276526] }")
+        levels: list[tuple[str, tuple[int, ...]]] = []
+        seen: dict[int, str] = {}
+        for label, ids in levels_raw.items():
+            where = f"[{section}] levels.{str(label)[:40]}"
+            if not LEVEL_RE.match(label):
+                raise r.fail(where, "must be a lower-case level name (letters, digits, underscores)")
+            if label == OTHER_LEVEL:
+                raise r.fail(where, f"is generated ({OTHER_LEVEL!r} holds values in no level); rename it")
+            ids = r.concepts({f"levels.{label}": ids}, section, f"levels.{label}")
+            for c in ids:
+                if c in seen:
+                    raise r.fail(where, f"lists concept {c}, already in level {seen[c]}")
+                seen[c] = label
+            levels.append((label, ids))
+        categoricals.append(CategoricalFeature(
+            r.name(item.get("name"), f"[{section}] name"), value_domain, r.concepts(item, section), tuple(levels),
+            r.window(item, section, (-365, 0)), r.get(item, section, "descendants", bool, False),
+        ))
+    names = [*demographics, *(f.name for f in concept_sets), *(m.name for m in measurements),
+             *(c.name for c in categoricals)]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise r.fail("[features]", f"name {duplicates[0]!r} is used twice")
@@ -517,12 +631,15 @@ def load_study(path: str | Path) -> StudyConfig:
     categories = {"sex": ("male", "female")}
     for key, levels in categories_raw.items():
         if key != "sex":
-            raise r.fail(f"[categories] {key[:40]}", "is not a categorical feature (only sex is categorical)")
+            raise r.fail(f"[categories] {key[:40]}", "is not a categorical feature (only sex's levels are set here; "
+                         "other categoricals are [[features.categoricals]] with their own levels)")
         if not isinstance(levels, list) or not levels:
             raise r.fail(f"[categories] {key}", "must be a non-empty list of level names")
         categories[key] = r.strings(categories_raw, "categories", key, [], pattern=LEVEL_RE,
                                     what="lower-case level names (letters, digits, underscores)")
-    _check_generated_names(r, names, demographics, categories, measurements)
+    _check_generated_names(r, names, demographics, categories, measurements, categoricals)
+    for c in categoricals:  # one-hot groups, as sex's: the release rule treats each group alike
+        categories[c.name] = c.labels
 
     linking = r.table(data, "linking")
     r.keys(linking, "linking", {"images", "omics"})
@@ -603,4 +720,5 @@ def load_study(path: str | Path) -> StudyConfig:
         time_at_risk=(tar[0], tar[1]), demographics=tuple(demographics), concept_sets=tuple(concept_sets),
         measurements=tuple(measurements), categories=categories, imaging=imaging, omics=omics,
         validation=validation, model=model, training=training, source=path, text=text, cohort_ids=cohort_ids,
+        categoricals=tuple(categoricals),
     )

@@ -484,6 +484,7 @@ class _ChunkBuilder:
         self.profile = profile
         self.seed = seed
         self.rng = np.random.default_rng([seed, site_index, chunk_index])
+        self.site_key, self.chunk_key = site_index, chunk_index
         self.n = n
         self.first_person_id = first_person_id
         self.ids = ids
@@ -641,6 +642,7 @@ class _ChunkBuilder:
         tables["specimen"] = specimens
         image_rows, image_jobs = self._images(image_procedure_ids, image_day)
         tables["image_occurrence"] = image_rows
+        self._add_domain_rows(tables, site_index_seed=(self.seed, self.site_key, self.chunk_key))
 
         truth = {
             "persons": n,
@@ -926,6 +928,52 @@ class _ChunkBuilder:
         self._next_ids("observation", len(frame))
         frame["observation_type_concept_id"] = EHR
         return frame
+
+    def _add_domain_rows(self, tables: dict[str, pd.DataFrame], site_index_seed: tuple[int, int, int]) -> None:
+        """Append smoking status (a value concept), a questionnaire score and a unitless lab (issue 13).
+
+        The rows come from their own random stream and are appended after every other row of the chunk
+        (ids continue the table's), so the rows generated before this addition are unchanged.  Per person,
+        with a share of persons each: smoking status answers (current smokers answer "current", the others
+        "former" or "never") on 1-2 days in the observation period; a PHQ-9 score (0-27, no unit); an INR
+        (UCUM ``{ratio}``, dimensionless).
+        """
+        rng = np.random.default_rng([*site_index_seed, 13])
+        pp, n = self.people, self.n
+        obs_start, obs_end = pp.obs_start, pp.obs_end
+
+        def uniform(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+            return low + np.floor(rng.random(len(low)) * (high - low + 1)).astype(np.int64)
+
+        answered = np.flatnonzero(rng.random(n) < 0.8)
+        sp = np.repeat(answered, rng.integers(1, 3, len(answered)))
+        other = np.where(rng.random(len(sp)) < 0.45, vocab.SMOKING_FORMER, vocab.SMOKING_NEVER)
+        answer = np.where(pp.smoker[sp], vocab.SMOKING_CURRENT, other)
+        rows = _Rows()
+        rows.add(sp, observation_concept_id=vocab.SMOKING_STATUS, observation_date=uniform(obs_start[sp], obs_end[sp]),
+                 value_as_concept_id=answer, observation_source_value="72166-2")
+        scored = np.flatnonzero(rng.random(n) < 0.5)
+        qp = np.repeat(scored, rng.integers(1, 4, len(scored)))
+        rows.add(qp, observation_concept_id=vocab.PHQ9_SCORE, observation_date=uniform(obs_start[qp], obs_end[qp]),
+                 value_as_number=rng.integers(0, 28, len(qp)).astype(np.float64), observation_source_value="44261-6")
+        frame, _ = rows.build("observation_id", self.ids["observation"], self.first_person_id, "observation_date",
+                              ("observation_date",))
+        self._next_ids("observation", len(frame))
+        frame["observation_type_concept_id"] = EHR
+        tables["observation"] = pd.concat([tables["observation"], frame], ignore_index=True)
+
+        tested = np.flatnonzero(rng.random(n) < 0.4)
+        ip = np.repeat(tested, rng.integers(1, 3, len(tested)))
+        unit = np.full(len(ip), vocab.RATIO_UNIT)  # a dimensionless UCUM unit (NULL units are a CDM warning)
+        labs = _Rows()
+        labs.add(ip, measurement_concept_id=vocab.INR, measurement_date=uniform(obs_start[ip], obs_end[ip]),
+                 value_as_number=np.round(np.clip(rng.normal(1.1, 0.25, len(ip)), 0.7, 4.0), 2), unit_concept_id=unit,
+                 measurement_source_value="6301-6")
+        frame, _ = labs.build("measurement_id", self.ids["measurement"], self.first_person_id, "measurement_date",
+                              ("measurement_date",))
+        self._next_ids("measurement", len(frame))
+        frame["measurement_type_concept_id"] = LAB_TYPE
+        tables["measurement"] = pd.concat([tables["measurement"], frame], ignore_index=True)
 
     def _deaths(self) -> pd.DataFrame:
         rng, n, pp = self.rng, self.n, self.people

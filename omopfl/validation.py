@@ -90,7 +90,7 @@ from omopfl.cdm import CLINICAL_TABLES, VOCABULARY_TABLES, table_columns
 from omopfl.config import SiteConfig
 from omopfl.db import describe_driver_error, detect_cdm_version, existing_tables, qualified, quote_identifier
 from omopfl.errors import CdmError, DatabaseError, DataError
-from omopfl.study import DOMAIN_TABLES, StudyConfig
+from omopfl.study import StudyConfig
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -400,7 +400,9 @@ def _frame_features(study: StudyConfig) -> dict[str, tuple[str, ...]]:
     for f in study.concept_sets:
         kinds[f.name] = ("binary",) if f.aggregate == "presence" else ("count",)
     for m in study.measurements:
-        kinds[m.name] = ("measurement",)
+        kinds[m.name] = ("measurement",) if m.can_be_missing else ("count",)
+    for c in study.categoricals:
+        kinds.update({column: ("binary",) for column in c.columns()})
     return kinds
 
 
@@ -474,7 +476,7 @@ def expectation_suite_for(
                 column=column, min_value=low, max_value=high)
 
     for m in study.measurements:
-        if m.name not in present:
+        if m.name not in present or not m.can_be_missing:
             continue
         if m.plausible_range is not None:
             low, high = m.plausible_range
@@ -655,6 +657,7 @@ def _study_concepts(sql: _Sql, site: SiteConfig, study: StudyConfig) -> list[Che
     is not fatal, but it must not pass silently.
     """
     features = [(f.name, f.concepts) for f in study.concept_sets] + [(m.name, m.concepts) for m in study.measurements]
+    features += [(c.name, c.concepts) for c in study.categoricals]
     ids = sorted({int(c) for _, concepts in features for c in concepts})  # ints checked by the study parser
     if not ids:
         return []
@@ -694,11 +697,7 @@ def _columns_in_schema(conn: sa.Connection, schema: str) -> dict[str, set[str]]:
 def _needed_tables(study: StudyConfig | None) -> set[str]:
     needed = set(CORE_TABLES)
     if study is not None:
-        needed |= {DOMAIN_TABLES[f.domain][0] for f in study.concept_sets}
-        if study.measurements:
-            needed.add("measurement")
-        if study.imaging.enabled:
-            needed.add("image_occurrence")
+        needed |= {table for table in study.tables_read() if table != "specimen"}
     return needed
 
 
@@ -756,6 +755,8 @@ def _cdm_conformance(
     columns = _columns_in_schema(conn, cdm)
     for table in (*CLINICAL_TABLES, *VOCABULARY_TABLES):
         there = table in (vocab_tables if table in VOCABULARY_TABLES else tables)
+        if not there and study is not None and table not in needed:
+            continue  # a table the study never reads: its absence is no concern of the study's
         add("cdmTable", table, None, FATAL if table in needed else WARNING, None, None,
             "table absent from the CDM" if not there else "table present", passed=there)
 

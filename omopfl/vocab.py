@@ -187,6 +187,21 @@ CONCEPTS: tuple[Concept, ...] = (
     _c(4163872, "Plain chest X-ray", "Procedure", "SNOMED", "Procedure", "399208008", "EUNOMIA"),
     _c(903654, "Tobacco or its derivatives user", "Observation", "OMOP Extension", "Clinical Finding",
        "OMOP5181835", "PL"),
+    # --- Smoking status, a questionnaire score and a unitless lab (issue 13) --------------------
+    # None of these ids could be confirmed offline (not in PL, DQD or Eunomia): UNVERIFIED, from memory of
+    # the LOINC question 72166-2 "Tobacco smoking status", its LOINC answers (LA18976-3 current every day,
+    # LA15920-4 former, LA18978-9 never), PHQ-9 total score 44261-6, INR 6301-6 and UCUM {ratio}.  4298794
+    # "Smoker" (SNOMED 77176002) is the usual SNOMED finding for a current smoker, also unverified.
+    _c(4298794, "Smoker", "Observation", "SNOMED", "Clinical Finding", "77176002", "UNVERIFIED"),
+    _c(43054909, "Tobacco smoking status", "Observation", "LOINC", "Clinical Observation", "72166-2", "UNVERIFIED"),
+    _c(45884037, "Current every day smoker", "Meas Value", "LOINC", "Answer", "LA18976-3", "UNVERIFIED"),
+    _c(45883458, "Former smoker", "Meas Value", "LOINC", "Answer", "LA15920-4", "UNVERIFIED"),
+    _c(45879404, "Never smoker", "Meas Value", "LOINC", "Answer", "LA18978-9", "UNVERIFIED"),
+    _c(40758882, "Patient Health Questionnaire 9 item (PHQ-9) total score [Reported]", "Observation", "LOINC",
+       "Survey", "44261-6", "UNVERIFIED"),
+    _c(3022217, "INR in Platelet poor plasma by Coagulation assay", "Measurement", "LOINC", "Lab Test", "6301-6",
+       "UNVERIFIED"),
+    _c(8523, "ratio", "Unit", "UCUM", "Unit", "{ratio}", "UNVERIFIED"),
 )
 # fmt: on
 
@@ -243,6 +258,7 @@ _DOMAINS: tuple[tuple[str, str, int], ...] = (
     ("Drug", "Drug", 13),
     ("Measurement", "Measurement", 21),
     ("Observation", "Observation", 27),
+    ("Meas Value", "Measurement Value", 0),  # domain_concept_id unconfirmed offline: 0
     ("Procedure", "Procedure", 10),
     ("Visit", "Visit", 8),
     ("Gender", "Gender", 2),
@@ -257,12 +273,14 @@ _DOMAINS: tuple[tuple[str, str, int], ...] = (
 # concept_class_concept_id is not in any offline source (Eunomia's concept_class table is empty): 0.
 _CONCEPT_CLASSES: tuple[str, ...] = (
     "Clinical Finding", "Ingredient", "Clinical Drug", "Lab Test", "Clinical Observation", "Unit", "Gender",
-    "Race", "Ethnicity", "Visit", "Type Concept", "Specimen", "Procedure", "Undefined",
+    "Race", "Ethnicity", "Visit", "Type Concept", "Specimen", "Procedure", "Undefined", "Answer", "Survey",
 )
 
 # Concept sets the generator and the tests use.
 T2DM = 201826
 HEART_FAILURE = 316139
+SMOKING_STATUS, SMOKING_CURRENT, SMOKING_FORMER, SMOKING_NEVER = 43054909, 45884037, 45883458, 45879404
+PHQ9_SCORE, INR, RATIO_UNIT = 40758882, 3022217, 8523
 
 
 @dataclass(frozen=True)

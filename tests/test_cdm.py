@@ -19,13 +19,13 @@ def test_all_required_tables_exist_on_both_backends(backend) -> None:
     for table in [
         "person", "observation_period", "visit_occurrence", "condition_occurrence", "drug_exposure",
         "procedure_occurrence", "measurement", "observation", "death", "specimen", "location", "care_site",
-        "provider", "cdm_source", "image_occurrence",
+        "provider", "cdm_source", "image_occurrence", "condition_era", "drug_era",
     ]:
         assert table in clinical
     for table in ["concept", "concept_ancestor", "concept_relationship", "vocabulary", "domain", "concept_class"]:
         assert table in vocab
     assert set(RESULTS_TABLES) <= results
-    assert len(CDM_TABLES) == 21
+    assert len(CDM_TABLES) == 23  # with condition_era and drug_era (issue 13)
     with backend.engine.connect() as conn:
         cohort_columns = table_columns_in_db(conn, "results", "cohort")
     assert cohort_columns == {"cohort_definition_id", "subject_id", "cohort_start_date", "cohort_end_date"}
