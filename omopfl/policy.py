@@ -175,7 +175,7 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
         "model": {"kind": study.model.kind, "parameters": _model_parameters(study)},
         "training": {"rounds": t.rounds, "local_epochs": t.local_epochs, "batch_size": t.batch_size,
                      "learning_rate": t.learning_rate, "strategy": t.strategy, "proximal_mu": t.proximal_mu,
-                     "test_fraction": t.test_fraction, "seed": t.seed},
+                     "test_fraction": t.test_fraction, "seed": t.seed, "min_sites": t.min_sites},
         "settings": training_settings(study),
         "leaves": {
             "statistics": "per feature: count, mean and sum of squared deviations over at least "
@@ -190,7 +190,8 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
         "privacy": {"statistics_epsilon": study.privacy.statistics_epsilon, "delta": study.privacy.delta,
                     "bounds": {name: [low, high] for name, low, high in study.privacy.bounds},
                     "dp_sgd": study.privacy.dp_sgd, "target_epsilon": study.privacy.target_epsilon,
-                    "max_grad_norm": study.privacy.max_grad_norm, "budget_epsilon": study.privacy.budget_epsilon},
+                    "max_grad_norm": study.privacy.max_grad_norm, "budget_epsilon": study.privacy.budget_epsilon,
+                    "secure_aggregation": study.privacy.secure_aggregation},
         "min_cell_count": site.min_cell_count,
     }
 

@@ -141,6 +141,7 @@ class PrivacySpec:
     target_epsilon: float | None = None
     max_grad_norm: float = 1.0
     budget_epsilon: float | None = None
+    secure_aggregation: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -336,7 +337,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
     import math
 
     r.keys(t, "privacy", {"statistics_epsilon", "delta", "bounds", "dp_sgd", "target_epsilon", "max_grad_norm",
-                          "budget_epsilon"})
+                          "budget_epsilon", "secure_aggregation"})
 
     def positive(key: str, default: float | None) -> float | None:
         value = r.get(t, "privacy", key, (int, float), default)
@@ -365,7 +366,8 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
         raise r.fail("[privacy] target_epsilon", "is required with dp_sgd = true (the whole study's epsilon per site)")
     return PrivacySpec(statistics_epsilon=statistics_epsilon, delta=delta, bounds=tuple(bounds), dp_sgd=dp_sgd,
                        target_epsilon=target, max_grad_norm=positive("max_grad_norm", 1.0) or 1.0,
-                       budget_epsilon=positive("budget_epsilon", None))
+                       budget_epsilon=positive("budget_epsilon", None),
+                       secure_aggregation=r.get(t, "privacy", "secure_aggregation", bool, False))
 
 
 def load_study(path: str | Path) -> StudyConfig:
