@@ -162,3 +162,30 @@ def test_dropout_after_keys_loses_the_round(secure, tmp_path: Path) -> None:
                 "data": r[1]["data"]} for r in replies]
     with pytest.raises(secagg.SecAggError, match="2 masked vectors for 3 sites"):
         secagg.unmask_sum(vectors)
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_study_without_it(secure) -> None:
+    from omopfl.errors import ConfigError
+
+    adapter = secure["tmp"] / "site_a_secagg_required.toml"
+    adapter.write_text(secure["adapters"][0].read_text() + "\n[policy]\nsecure_aggregation_required = true\n")
+    site = load_site(adapter)
+    with pytest.raises(ConfigError, match="secure_aggregation_required"):
+        policy.approve(site, load_study(secure["study"]))
+    policy.approve(site, load_study(secure["secure_study"]))  # the secure study is fine
+
+
+def test_training_runs_after_a_secure_statistics_phase(secure) -> None:
+    from omopfl.federation.train import run_training
+
+    run_dir = secure["tmp"] / "run_secure"
+    manifest = run_training(secure["secure_study"], secure["adapters"], secure["secure_prepared"],
+                            mode="inprocess", out_dir=run_dir, rounds=2)
+    assert manifest["sites"] == list(SITES) and len(json_rounds(run_dir)) == 2
+    assert manifest["stats_sites"]["persons"] == {}
+
+
+def json_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    return json.loads((run_dir / "metrics.json").read_text())["rounds"]

@@ -244,6 +244,8 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
     if message_type == "query.stats":
         if _privacy(approved).get("secure_aggregation"):  # the study's statistics leave only as masked sums
             raise Refusal("settings_mismatch")
+        if site.policy.secure_aggregation_required:
+            raise Refusal("policy")
         dp = _admit_stats(content, site, approved)
         reply = stats_reply(content, context, site, approved.summary, dp=dp)
         if dp is not None and codec.decode_site_reply(reply).status == "ok":
