@@ -194,7 +194,8 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
                     "bounds": {name: [low, high] for name, low, high in study.privacy.bounds},
                     "dp_sgd": study.privacy.dp_sgd, "target_epsilon": study.privacy.target_epsilon,
                     "max_grad_norm": study.privacy.max_grad_norm, "budget_epsilon": study.privacy.budget_epsilon,
-                    "secure_aggregation": study.privacy.secure_aggregation},
+                    "secure_aggregation": study.privacy.secure_aggregation,
+                    "participants": dict(study.privacy.participants)},
         "min_cell_count": site.min_cell_count,
     }
 

@@ -195,3 +195,59 @@ def json_rounds(run_dir: Path) -> list[dict[str, Any]]:
     import json
 
     return json.loads((run_dir / "metrics.json").read_text())["rounds"]
+
+
+@pytest.fixture(scope="module")
+def pinned(secure) -> dict[str, Any]:
+    """A study that pins the three sites' identity keys ([privacy.participants]), prepared and approved."""
+    from omopfl.db import make_engine
+    from omopfl.prepare import prepare_site
+
+    keys = {name: site_app.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
+                                                                                  strict=True)}
+    study = secure["tmp"] / "study_pinned.toml"
+    study.write_text(secure["study"].read_text() + "\n[privacy]\nsecure_aggregation = true\n\n"
+                     "[privacy.participants]\n" + "".join(f'{n} = "{k}"\n' for n, k in keys.items()))
+    spec = load_study(study)
+    assert dict(spec.privacy.participants) == keys
+    prepared = secure["tmp"] / "prepared_pinned"
+    for adapter in secure["adapters"]:
+        site = load_site(adapter)
+        engine = make_engine(site.database_url())
+        try:
+            prepare_site(engine, site, spec, prepared)
+        finally:
+            engine.dispose()
+        policy.approve(site, spec)
+    return {"study": study, "prepared": prepared, "hash": spec.hash}
+
+
+def test_pinned_participants_work_and_a_sybil_coordinator_is_refused(secure, pinned) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from omopfl.federation.runner import run_stats
+
+    result = run_stats(pinned["study"], secure["adapters"], pinned["prepared"], mode="inprocess",
+                       out=secure["tmp"] / "pinned.json")
+    assert result["secure_aggregation"]["contributed"] == 3 and result["scaler"] is not None
+
+    # a coordinator that invents two participants (its own keys, signed by its own identity key) to isolate site_a
+    run_id, h = 9191, pinned["hash"]
+    keys = secure_stats.decode_reply(_serve(secure, 0, secure_stats.encode_keys_request(h), run_id,
+                                            prepared=pinned["prepared"]))
+    run = f"{h}:{run_id}"
+    fake_identity = Ed25519PrivateKey.generate()
+    names, public, signatures = [keys[0]], [keys[1]["public-key"]], [keys[1]["signature"]]
+    for fake in ("site_b", "site_x"):  # a pinned name with a forged key, and an unknown name
+        raw = X25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.Raw,
+                                                                    serialization.PublicFormat.Raw)
+        names.append(fake)
+        public.append(raw.hex())
+        signatures.append(fake_identity.sign(secagg.PublicKeyBundle(fake, run, raw).signed_bytes()).hex())
+    request = secure_stats.encode_mask_request(h, 1, names, public, signatures=signatures)
+    assert _code(_serve(secure, 0, request, run_id, prepared=pinned["prepared"])) == "secagg_refused"
+    # only pinned names, but one key forged: the signature check refuses it
+    request = secure_stats.encode_mask_request(h, 1, [*names[:2], "site_c"], public, signatures=signatures)
+    assert _code(_serve(secure, 0, request, run_id, prepared=pinned["prepared"])) == "secagg_refused"

@@ -78,6 +78,7 @@ class SecAggRequest:
     sites: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
     centre: tuple[float, ...] = ()
+    signatures: tuple[str, ...] = ()
 
 
 def encode_keys_request(study_hash: str) -> RecordDict:
@@ -86,10 +87,11 @@ def encode_keys_request(study_hash: str) -> RecordDict:
 
 
 def encode_mask_request(study_hash: str, server_round: int, sites: Sequence[str], keys: Sequence[str],
-                        centre: Sequence[float] = ()) -> RecordDict:
+                        centre: Sequence[float] = (), signatures: Sequence[str] | None = None) -> RecordDict:
     return RecordDict({_RECORD: ConfigRecord({
         "protocol": codec.PROTOCOL, "study-hash": study_hash, "phase": "mask", "round": int(server_round),
-        "sites": list(sites), "keys": list(keys), "centre": [float(v) for v in centre]})})
+        "sites": list(sites), "keys": list(keys), "centre": [float(v) for v in centre],
+        "signatures": list(signatures) if signatures is not None else [""] * len(sites)})})
 
 
 def decode_request(content: RecordDict) -> SecAggRequest:
@@ -107,10 +109,12 @@ def decode_request(content: RecordDict) -> SecAggRequest:
             raise codec.CodecError(f"record {_RECORD!r}: unknown keys in a keys request")
         return SecAggRequest(study_hash, phase)
     if phase != "mask" or set(record.keys()) != {"protocol", "study-hash", "phase", "round", "sites", "keys",
-                                                   "centre"}:
+                                                   "centre", "signatures"}:
         raise codec.CodecError(f"record {_RECORD!r}: phase must be keys or mask, with its keys")
     server_round, sites, keys = record["round"], record["sites"], record["keys"]
-    centre = record["centre"]
+    centre, signatures = record["centre"], record["signatures"]
+    if not isinstance(signatures, list) or not isinstance(sites, list) or len(signatures) != len(sites):
+        raise codec.CodecError(f"record {_RECORD!r}: one signature (or empty string) per site")
     if isinstance(server_round, bool) or server_round not in (1, 2):
         raise codec.CodecError(f"record {_RECORD!r} key 'round' must be 1 or 2")
     if (not isinstance(sites, list) or not isinstance(keys, list) or len(sites) != len(keys)
@@ -118,12 +122,16 @@ def decode_request(content: RecordDict) -> SecAggRequest:
         raise codec.CodecError(f"record {_RECORD!r}: sites and keys must be string lists of one length")
     if not isinstance(centre, list) or not all(isinstance(v, float) for v in centre):
         raise codec.CodecError(f"record {_RECORD!r} key 'centre' must be a list of floats")
-    return SecAggRequest(study_hash, phase, int(server_round), tuple(sites), tuple(keys), tuple(centre))
+    if not all(isinstance(v, str) for v in signatures):
+        raise codec.CodecError(f"record {_RECORD!r}: signatures must be strings")
+    return SecAggRequest(study_hash, phase, int(server_round), tuple(sites), tuple(keys), tuple(centre),
+                         tuple(signatures))
 
 
-def encode_keys_reply(site: str, public_key: bytes, feature_names: Sequence[str]) -> RecordDict:
+def encode_keys_reply(site: str, public_key: bytes, feature_names: Sequence[str],
+                      signature: bytes = b"") -> RecordDict:
     return RecordDict({_RECORD: ConfigRecord({"protocol": codec.PROTOCOL, "site": site, "status": "ok",
-                                              "public-key": public_key.hex(),
+                                              "public-key": public_key.hex(), "signature": signature.hex(),
                                               "feature-names": list(feature_names)})})
 
 
@@ -244,6 +252,7 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
     keys = _exchange(grid, nodes, lambda _n: encode_keys_request(settings.study_hash), settings.timeout, audit)
     result["sites"]["no_reply"] = [n for n in nodes if n not in keys]
     published: dict[int, tuple[str, str, tuple[str, ...]]] = {}
+    signed: dict[int, str] = {}
     for node in nodes:
         reply = keys.get(node)
         if reply is None:
@@ -262,6 +271,8 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
             if not isinstance(key, str) or not isinstance(names, list):
                 raise codec.CodecError("a keys reply needs public-key and feature-names")
             published[node] = (site, key, tuple(str(v) for v in names))
+            signature = record.get("signature", "")
+            signed[node] = signature if isinstance(signature, str) else ""
         except codec.CodecError:
             failed.append({"site": None, "node": node, "code": "malformed"})
     by_name: dict[str, int] = {}
@@ -286,10 +297,12 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
         return finish()
     names = list(participants.values())
     public = [published[n][1] for n in participants]
+    signatures = [signed.get(n, "") for n in participants]
     reference = next(iter(feature_sets))
     k = len(reference)
 
-    first = _exchange(grid, list(participants), lambda _n: encode_mask_request(settings.study_hash, 1, names, public),
+    first = _exchange(grid, list(participants), lambda _n: encode_mask_request(settings.study_hash, 1, names, public,
+                                                                    signatures=signatures),
                       settings.timeout, audit)
     vectors = _masked(first, participants, failed, "round 1")
     if vectors is None:
@@ -304,7 +317,8 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
     s1 = total1[2 + k:]
     centre = np.divide(s1, n, out=np.zeros(k), where=n > 0)
     second = _exchange(grid, list(participants),
-                       lambda _n: encode_mask_request(settings.study_hash, 2, names, public, centre.tolist()),
+                       lambda _n: encode_mask_request(settings.study_hash, 2, names, public, centre.tolist(),
+                                                      signatures),
                        settings.timeout, audit)
     vectors = _masked(second, participants, failed, "round 2")
     if vectors is None:

@@ -44,7 +44,8 @@ from omopfl.config import SiteConfig, load_site
 from omopfl.federation import codec
 from omopfl.federation.client_app import SiteFailure, error_code, scaler_reply, stats_reply
 
-__all__ = ["app", "serve", "refuse", "check_bundle", "audit_path", "COMPONENT", "MESSAGE_TYPES", "Refusal"]
+__all__ = ["app", "serve", "refuse", "check_bundle", "audit_path", "COMPONENT", "MESSAGE_TYPES", "Refusal",
+           "identity_public_key"]
 
 _log = logging.getLogger("omopfl.site")
 
@@ -275,6 +276,28 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _identity_key(site: SiteConfig) -> Any:
+    """The site's long-lived Ed25519 identity key for secure aggregation (made on first use, state folder)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = policy.state_dir(site) / "secagg" / "identity.json"
+    if path.is_file():
+        return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(json.loads(path.read_text())["key"]))
+    key = Ed25519PrivateKey.generate()
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    _write_private(path, {"key": raw.hex()})
+    return key
+
+
+def identity_public_key(site: SiteConfig) -> str:
+    """The site's Ed25519 identity public key (hex), to pin in a study's ``[privacy.participants]``."""
+    from cryptography.hazmat.primitives import serialization
+
+    return _identity_key(site).public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw).hex()
+
+
 def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: policy.ApprovedStudy, run_id: int,
             spent: dict[str, float]) -> RecordDict:
     """The site's side of :mod:`omopfl.federation.secure_stats`: publish a run key, then mask its release.
@@ -323,7 +346,8 @@ def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: p
         _write_private(path, {"key": raw.hex(), "rounds": [], "names": list(decoded.feature_names),
                               "release": record})
         public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return secure_stats.encode_keys_reply(site.name, public, list(decoded.feature_names))
+        signature = _identity_key(site).sign(secagg.PublicKeyBundle(site.name, run, public).signed_bytes())
+        return secure_stats.encode_keys_reply(site.name, public, list(decoded.feature_names), signature)
     if not path.is_file():
         raise SiteFailure("secagg_refused")
     state = json.loads(path.read_text())
@@ -335,13 +359,24 @@ def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: p
                      "%s", site.name, len(set(request.sites)), need,
                      "listed" if site.name in request.sites else "not listed")
         raise SiteFailure("secagg_refused")
+    pinned = dict(_privacy(approved).get("participants") or {})
+    trusted = None
+    if pinned:  # only the sites the approved study names, each bundle signed by its pinned identity key
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        if any(name not in pinned for name in request.sites):
+            _log.warning("omopfl site %s: secure aggregation refused: a participant is not pinned in the study",
+                         site.name)
+            raise SiteFailure("secagg_refused")
+        trusted = {name: Ed25519PublicKey.from_public_bytes(bytes.fromhex(key)) for name, key in pinned.items()}
     private = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["key"]))
     k = len(state["names"])
     try:
         session = secagg.SecAggSession(site.name, request.sites, run, private_key=private,
                                        frac_bits=secure_stats.FRAC_BITS)
-        session.set_peer_keys([{"site": name, "run_id": run, "public_key": key}
-                               for name, key in zip(request.sites, request.keys, strict=True)])
+        session.set_peer_keys([{"site": name, "run_id": run, "public_key": key, "signature": signature}
+                               for name, key, signature in zip(request.sites, request.keys, request.signatures,
+                                                               strict=True)], trusted=trusted)
         released = None if state["release"] is None else Released.from_record(state["release"])
         if request.round == 1:
             vector = np.zeros(2 + 2 * k) if released is None else secure_stats.round1_vector(released, True)
