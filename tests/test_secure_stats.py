@@ -251,3 +251,11 @@ def test_pinned_participants_work_and_a_sybil_coordinator_is_refused(secure, pin
     # only pinned names, but one key forged: the signature check refuses it
     request = secure_stats.encode_mask_request(h, 1, [*names[:2], "site_c"], public, signatures=signatures)
     assert _code(_serve(secure, 0, request, run_id, prepared=pinned["prepared"])) == "secagg_refused"
+
+
+def test_cli_prints_the_sites_identity_key_as_a_study_line(secure, capsys) -> None:
+    from conftest import run_omopfl
+
+    code = run_omopfl(["sites", "identity", str(secure["adapters"][1])])
+    out = capsys.readouterr().out.strip()
+    assert code == 0 and out == f'site_b = "{site_app.identity_public_key(load_site(secure["adapters"][1]))}"'
