@@ -33,10 +33,11 @@ a feature released by one site only has that site's values as its sum; with the 
 sums (e.g. a coordinator that also runs sites) one site's values follow; and a coordinator that
 simulates fake participants (Sybil: it makes key pairs for invented sites and masks zeros for them)
 isolates a real site's vector.  The participant check (at least three listed sites, the site itself
-among them) does not stop that; pinning the participants' identity keys in the approved study (the
-``trusted`` argument of :meth:`omopfl.secagg.SecAggSession.set_peer_keys`) would, and is not wired
-yet (see ``notes/secagg.md``).  Across runs, sums over different participant sets still differ by one
-site; DP on the statistics (``statistics_epsilon``) bounds what that reveals.
+among them) does not stop that; pinning the participants' identity keys in the approved study does
+(``[privacy.participants]``: each site signs its run key with its Ed25519 identity key and checks the
+others' signatures against the pinned keys, :meth:`omopfl.secagg.SecAggSession.set_peer_keys`
+``trusted``; ``omopfl sites identity`` prints a site's key).  Across runs, sums over different
+participant sets still differ by one site; DP on the statistics (``statistics_epsilon``) bounds what that reveals.
 
 This module is the coordinator's side and the wire format; the site's side is in
 :mod:`omopfl.federation.site_app` (it imports this module for the codec only).  Imports: Flower's
