@@ -56,11 +56,17 @@ Everything created (sites, adapters, prepared data, run folders, the cohort SQL 
 which are pointed into the temporary folder) is removed.  Progress goes to stderr (Flower's INFO
 logs only with ``--verbose``); one JSON object goes to stdout.
 
+Repeated runs (``--repeats N``, seeds ``seed .. seed + N - 1``: new synthetic sites and splits each time)
+    add ``repeated.by_sites``: per site count the N federated and pooled AUCs, the Wilcoxon rank-sum
+    p-value, the paired mean difference with its 95% CI (:func:`omopfl.run_comparison.compare_runs`),
+    and with ``--plot`` a box plot PNG.
+
 Usage::
 
     .venv/bin/python bench/fed_vs_pooled.py
     .venv/bin/python bench/fed_vs_pooled.py --sites 3 5 10 --seed 42 --persons 6000 \
         --study bench/fed_vs_pooled_study.toml
+    .venv/bin/python bench/fed_vs_pooled.py --repeats 10 --plot fed_vs_pooled.png
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ def _round(value: Any, digits: int = 4) -> float | None:
 
 def _prepare_sites(adapters: list[Path], study_path: Path, prepared_dir: Path) -> list[dict[str, Any]]:
     """Build the study's cohorts in every site's database and prepare each site (as ``omopfl demo`` does)."""
+    from omopfl import policy
     from omopfl.cohort import build_cohorts, load_definition
     from omopfl.config import load_site
     from omopfl.db import site_engine
@@ -110,6 +117,7 @@ def _prepare_sites(adapters: list[Path], study_path: Path, prepared_dir: Path) -
             _folder, manifest = prepare_site(engine, site, spec, prepared_dir)
         finally:
             engine.dispose()
+        policy.approve(site, spec)  # the site's data engineer approves the study (omopfl sites approve)
         validation = manifest["validation"]
         sites.append({"site": site.name, "cohort_persons": int(manifest["persons"]),
                       "outcomes": int(manifest["outcomes"]), "fatal": int(validation["fatal_count"]),
@@ -193,9 +201,15 @@ def main() -> int:
     parser.add_argument("--persons", type=int, default=6000,
                         help="mean persons per site (total sites * persons, split in the synthetic default spread)")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's INFO logs on stderr")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="repeats per site count (seeds seed, seed+1, ...): with 2 or more, the Wilcoxon "
+                             "rank-sum test of federated against pooled AUC and the paired difference's 95%% CI")
+    parser.add_argument("--plot", type=Path, default=None, help="box plot PNG of the repeats (with --repeats >= 2)")
     args = parser.parse_args()
-    if any(k < 2 or k > 26 for k in args.sites):
-        parser.error("--sites: every site count must be between 2 and 26")
+    if any(k < 2 or k > 100 for k in args.sites):
+        parser.error("--sites: every site count must be between 2 and 100")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.persons < 1 or args.seed < 0:
         parser.error("--persons must be positive and --seed non-negative")
     study_path = args.study.resolve()
@@ -218,9 +232,13 @@ def main() -> int:
     spec = load_study(study_path)
     saved = {key: os.environ.get(key) for key in CACHE_ENV}
     results = []
+    repeats: dict[int, list[dict[str, Any]]] = {}
     try:
         for n_sites in args.sites:
-            results.append(run_one(n_sites, args.persons, args.seed, study_path))
+            for r in range(args.repeats):
+                one = run_one(n_sites, args.persons, args.seed + r, study_path)
+                repeats.setdefault(n_sites, []).append(one)
+            results.append(repeats[n_sites][0])
     finally:
         for key, value in saved.items():
             if value is None:
@@ -244,6 +262,19 @@ def main() -> int:
         "all_within_0_02": all(r["within_0_02"] for r in results),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
     }
+    if args.repeats > 1:
+        from omopfl.run_comparison import box_plot, compare_runs
+
+        pairs = {n: ([r["federated_auc"] for r in runs], [r["pooled_site_weighted_auc"] for r in runs])
+                 for n, runs in repeats.items()}
+        out["repeated"] = {
+            "repeats": args.repeats, "seeds": [args.seed + r for r in range(args.repeats)],
+            "metric": "AUC (federated: n-weighted site test AUCs; pooled: site-weighted, same test rows)",
+            "by_sites": {str(n): {"federated_auc": fed, "pooled_site_weighted_auc": cen, **compare_runs(fed, cen)}
+                         for n, (fed, cen) in pairs.items()},
+        }
+        if args.plot is not None:
+            out["repeated"]["plot"] = str(box_plot({f"{n} sites": v for n, v in pairs.items()}, args.plot))
     print(json.dumps(out, indent=2))
     return 0
 

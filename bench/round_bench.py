@@ -56,6 +56,7 @@ def _log(text: str) -> None:
 
 
 def _setup(base: Path, persons: int, model: str) -> tuple[Path, list[Path], Path]:
+    from omopfl import policy
     from omopfl.config import load_site
     from omopfl.db import make_engine
     from omopfl.prepare import prepare_site
@@ -76,6 +77,7 @@ def _setup(base: Path, persons: int, model: str) -> tuple[Path, list[Path], Path
             prepare_site(engine, site, study, base / "prepared")
         finally:
             engine.dispose()
+        policy.approve(site, study)  # each site approves the study (omopfl sites approve)
     return base / "study.toml", adapters, base / "prepared"
 
 

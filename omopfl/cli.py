@@ -33,7 +33,7 @@ from rich.table import Table  # noqa: E402
 
 from omopfl import __version__  # noqa: E402
 from omopfl.config import SiteConfig, load_site  # noqa: E402
-from omopfl.errors import ConfigError, OmopflError  # noqa: E402
+from omopfl.errors import ConfigError, FederationError, OmopflError  # noqa: E402
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -88,7 +88,7 @@ def version() -> None:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="Folder for site data, files and adapters.")] = Path("data/synth"),
-    sites: Annotated[int, typer.Option(help="Number of sites.", min=1, max=26)] = 3,
+    sites: Annotated[int, typer.Option(help="Number of sites (site_a .. site_z, site_aa ...).", min=1, max=100)] = 3,
     persons: Annotated[
         int | None, typer.Option(help="Persons per site (default: a different size per site).", min=10)
     ] = None,
@@ -100,6 +100,9 @@ def synth(
     image_share: Annotated[float, typer.Option(help="Share of cohort persons with a DICOM image.", min=0, max=1)] = 0.2,
     omics_share: Annotated[float, typer.Option(help="Share of cohort persons with an omics file.", min=0, max=1)] = 0.2,
     adapters: Annotated[Path | None, typer.Option(help="Folder for adapter TOMLs (default OUT/adapters).")] = None,
+    label_skew: Annotated[
+        float | None, typer.Option(help="Non-IID labels, e.g. 0.95: sites a, c... 5% outcomes, b, d... 95%.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summaries as JSON.")] = False,
 ) -> None:
     """Generate deterministic synthetic OMOP sites (DuckDB files, or PostgreSQL schemas)."""
@@ -121,6 +124,7 @@ def synth(
         omics_share=omics_share,
         adapters_dir=adapters,
         progress=not as_json,
+        label_skew=label_skew,
     )
     if as_json:
         _emit_json([s.to_dict() for s in summaries])
@@ -463,9 +467,54 @@ def stats(
                        send_scaler=send_scaler)
     if as_json:
         _emit_json(result)
+    else:
+        _print_stats(result)
+        console.print(f"result written to {out}")
+    if result.get("global") is None:
+        raise FederationError(f"no site contributed statistics (see {out} for each site's reason): "
+                              "prepare the sites, approve the study there, or use a larger cohort")
+
+
+# ---------------------------------------------------------------- covariates (issue 13b)
+@app.command()
+def covariates(
+    study: StudyOption,
+    sites: Annotated[
+        list[Path] | None, typer.Option("--site", help="Site adapters (default: every adapters/*.toml).")
+    ] = None,
+    prepared: Annotated[Path, typer.Option(help="Folder of the sites' prepared datasets.")] = Path("data/prepared"),
+    out: Annotated[Path, typer.Option(help="Covariate list written (CSV) for [covariates] list.")] = Path(
+        "covariates.csv"),
+    min_sites: Annotated[int, typer.Option(help="Keep covariates released by at least this many sites.")] = 2,
+    min_persons: Annotated[
+        int, typer.Option(help="Ask for covariates of at least this many persons (a site never goes below its "
+                               "own min_cell_count).")
+    ] = 0,
+    mode: Annotated[str, typer.Option(help="inprocess, or deployment (SuperLink + SuperNodes on loopback).")] = (
+        "deployment"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Federated covariate discovery: the covariate ids each site releases (held by >= its min_cell_count
+    persons), kept when at least --min-sites sites release them, written as the study's covariate list."""
+    from omopfl.federation.discovery import run_discovery
+
+    adapters = list(sites) if sites else sorted(Path("adapters").glob("*.toml"))
+    if not adapters:
+        raise ConfigError("no site adapters: pass --site adapters/<site>.toml (repeatable)")
+    for adapter in adapters:
+        load_site(adapter)
+    _require_prepared(adapters, prepared)
+    result = run_discovery(study, adapters, prepared, out=out, min_sites=min_sites, min_persons=min_persons,
+                           mode=mode)
+    if as_json:
+        _emit_json(result)
         return
-    _print_stats(result)
-    console.print(f"result written to {out}")
+    answered = result["sites"]["answered"]
+    failed = ", ".join(f"{f['site'] or f['node']} {f['code']}" for f in result["sites"]["failed"])
+    console.print("sites: " + ", ".join(f"{site} released {n}" for site, n in sorted(answered.items()))
+                  + (f"; failed: {failed}" if failed else ""))
+    console.print(f"{len(result['covariates'])} covariates released by >= {result['min_sites']} sites written to "
+                  f"{out}; name it in the study: [covariates] list = \"{out.name}\"")
 
 
 def _require_prepared(adapters: list[Path], prepared: Path) -> None:
@@ -476,17 +525,30 @@ def _require_prepared(adapters: list[Path], prepared: Path) -> None:
                           f"{prepared} first (or pass --prepared)")
 
 
+def _failure_text(failure: dict) -> str:
+    """``site: reason (code)`` for one entry of a statistics result's ``failed`` list."""
+    from omopfl.federation import codec
+
+    code = str(failure.get("code", ""))
+    who = failure.get("site") or f"node {failure.get('node')}"
+    return f"{who}: {codec.ERROR_TEXT.get(code, code)} ({code})"
+
+
 def _print_stats(result: dict) -> None:
     sites = result.get("sites", {})
     console.print(
         f"sites contributing: {', '.join(sites.get('contributing', [])) or 'none'}; "
         f"withheld (fewer than their min_cell_count): {', '.join(sites.get('withheld', [])) or 'none'}; "
-        f"failed: {', '.join(str(s) for s in sites.get('failed', [])) or 'none'}"
+        f"failed: {', '.join(_failure_text(f) for f in sites.get('failed', [])) or 'none'}"
     )
+    for site, names in sorted((sites.get("suppressed") or {}).items()):
+        console.print(f"{site} withheld (its release rule): {', '.join(names)}")
     table = Table(title="global statistics (merged from per-site moments)")
     for column in ("feature", "n", "mean", "std"):
         table.add_column(column, justify="right" if column != "feature" else "left")
-    merged = result.get("global", {})
+    merged = result.get("global") or {}
+    if not merged:
+        return
     for name, n, mean, std in zip(merged.get("feature_names", []), merged.get("n", []), merged.get("mean", []),
                                   merged.get("std", []), strict=False):
         table.add_row(name, str(n), _fmt(mean), _fmt(std))
@@ -875,6 +937,10 @@ def examples(
 from omopfl.cli_site import register as _register_site_commands  # noqa: E402
 
 _register_site_commands(sites_app)
+
+from omopfl.cli_evaluate import register as _register_evaluate  # noqa: E402
+
+_register_evaluate(app)
 
 
 # ---------------------------------------------------------------- entry point

@@ -31,7 +31,8 @@ def _print_summary(summary: dict[str, Any], problems: list[str]) -> None:
     console.rule(f"study {summary['study']} at site {summary['site']}")
     console.print(f"hash            {summary['hash']}")
     for role, cohort in summary["cohorts"].items():
-        console.print(f"{role + ' cohort':<16}{cohort['file']}  sha256 {cohort['sha256']}")
+        digest = f"  sha256 {cohort['sha256']}" if cohort.get("sha256") else ""
+        console.print(f"{role + ' cohort':<16}{cohort['file']}{digest}")
     console.print(f"time at risk    days {summary['time_at_risk'][0]} to {summary['time_at_risk'][1]} after index")
     console.print(f"features        {len(summary['features'])}: {', '.join(summary['features'])}")
     linked = summary["linked"]

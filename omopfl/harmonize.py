@@ -52,6 +52,7 @@ import pandas as pd
 
 from omopfl.stats import Scaler
 from omopfl.study import StudyConfig
+from omopfl.units import MOLAR_MASSES, UNITS, analyte_table, factor_table
 
 __all__ = [
     "Scaler",
@@ -97,26 +98,16 @@ class UnitFamily:
             raise ValueError(f"family of {self.canonical}: the canonical unit must map with (1.0, 0.0)")
 
 
-def _concentration(mg_dl_per_mmol_l: float) -> dict[str, tuple[float, float]]:
-    """Mass and molar concentrations into mg/dL for an analyte with ``mg/dL = k * mmol/L``."""
-    return {
-        "mg/dL": (1.0, 0.0),
-        "mg/L": (0.1, 0.0),
-        "g/L": (100.0, 0.0),
-        "g/dL": (1000.0, 0.0),
-        "mmol/L": (mg_dl_per_mmol_l, 0.0),
-        "umol/L": (mg_dl_per_mmol_l / 1000.0, 0.0),
-    }
+def _family(table: Mapping[str, tuple[float, float]]) -> UnitFamily:
+    canonical = next(code for code, pair in table.items() if pair == (1.0, 0.0))
+    return UnitFamily(canonical, dict(table))
 
 
-# Molar factors: glucose mg/dL = mmol/L * 18.016; creatinine umol/L = mg/dL * 88.42;
-# cholesterol (total, LDL, HDL) mg/dL = mmol/L * 38.67; triglycerides mg/dL = mmol/L * 88.57.
+# Factors come from the UCUM library (omopfl.units: ucumvert + pint); the molar masses there are
+# the analyte data. HbA1c's NGSP % and IFCC mmol/mol are two definitions, not two units: their
+# master equation (IFCC mmol/mol = 10.929 * (NGSP % - 2.15)) stays here as data.
 ANALYTES: dict[str, UnitFamily] = {
-    "glucose": UnitFamily("mg/dL", _concentration(18.016)),
-    "creatinine": UnitFamily("mg/dL", {**_concentration(1000.0 / 88.42), "umol/L": (1.0 / 88.42, 0.0)}),
-    "cholesterol": UnitFamily("mg/dL", _concentration(38.67)),
-    "triglycerides": UnitFamily("mg/dL", _concentration(88.57)),
-    # IFCC mmol/mol = 10.929 * (NGSP % - 2.15)  <=>  % = mmol/mol / 10.929 + 2.15
+    **{name: _family(analyte_table(name)) for name in MOLAR_MASSES},
     "hba1c": UnitFamily("%", {"%": (1.0, 0.0), "mmol/mol": (1.0 / 10.929, 2.15)}),
 }
 ANALYTE_ALIASES: dict[str, str] = {
@@ -128,19 +119,7 @@ ANALYTE_ALIASES: dict[str, str] = {
     "triglyceride": "triglycerides",
     "a1c": "hba1c",
 }
-DIMENSIONS: dict[str, UnitFamily] = {
-    "mass": UnitFamily("kg", {"kg": (1.0, 0.0), "g": (0.001, 0.0), "[lb_av]": (0.45359237, 0.0),
-                              "[oz_av]": (0.028349523125, 0.0)}),
-    "length": UnitFamily("cm", {"cm": (1.0, 0.0), "m": (100.0, 0.0), "mm": (0.1, 0.0), "[in_i]": (2.54, 0.0),
-                                "[ft_i]": (30.48, 0.0)}),
-    "pressure": UnitFamily("mm[Hg]", {"mm[Hg]": (1.0, 0.0), "kPa": (1000.0 / 133.322387415, 0.0)}),
-    "temperature": UnitFamily("Cel", {"Cel": (1.0, 0.0), "[degF]": (5.0 / 9.0, -32.0 * 5.0 / 9.0)}),
-    "mass_concentration": UnitFamily("mg/dL", {"mg/dL": (1.0, 0.0), "mg/L": (0.1, 0.0), "g/L": (100.0, 0.0),
-                                               "g/dL": (1000.0, 0.0)}),
-    "molar_concentration": UnitFamily("mmol/L", {"mmol/L": (1.0, 0.0), "umol/L": (0.001, 0.0),
-                                                 "mol/L": (1000.0, 0.0)}),
-    "body_mass_index": UnitFamily("kg/m2", {"kg/m2": (1.0, 0.0)}),
-}
+DIMENSIONS: dict[str, UnitFamily] = {dimension: _family(factor_table(dimension)) for dimension in UNITS}
 
 
 def canonical_analyte(analyte: str | None) -> str | None:

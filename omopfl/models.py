@@ -165,11 +165,13 @@ def _classes() -> dict[str, type]:
 
         kind = "logistic"
 
-        def __init__(self, n_features: int) -> None:
+        def __init__(self, n_features: int, n_covariates: int = 0) -> None:
             super().__init__()
-            self.linear = nn.Linear(n_features, 1)
+            self.linear = nn.Linear(n_features + n_covariates, 1)
 
-        def forward(self, x=None, images=None, image_mask=None, omics=None, omics_mask=None):
+        def forward(self, x=None, images=None, image_mask=None, omics=None, omics_mask=None, covariates=None):
+            if covariates is not None:  # sparse covariates (issue 13b), densified per batch
+                x = torch.cat([x, covariates], dim=1)
             return self.linear(x).squeeze(-1)
 
     class MLPModel(nn.Module):
@@ -249,7 +251,7 @@ def __getattr__(name: str) -> Any:
 
 
 def build_model(spec: ModelSpec, n_features: int, n_genes: int = 0, image_size: int = 0, *,
-                seed: int = 0) -> torch.nn.Module:
+                seed: int = 0, n_covariates: int = 0) -> torch.nn.Module:
     """A freshly initialized model of ``spec.kind`` (same ``seed``, same weights).
 
     Parameters
@@ -262,6 +264,8 @@ def build_model(spec: ModelSpec, n_features: int, n_genes: int = 0, image_size: 
         Omics inputs for ``fusion`` (0: no omics branch).
     image_size:
         Side of the square image input for ``cnn`` and ``fusion`` (at least 4).
+    n_covariates:
+        Sparse covariates (a study's ``[covariates]`` list) after the tabular inputs; ``logistic`` only.
 
     Raises
     ------
@@ -279,6 +283,8 @@ def build_model(spec: ModelSpec, n_features: int, n_genes: int = 0, image_size: 
         raise ValueError(f"the {kind} model needs image_size >= {_MIN_IMAGE_SIZE}")
     if n_genes < 0:
         raise ValueError("n_genes must be >= 0")
+    if n_covariates < 0 or (n_covariates and kind != "logistic"):
+        raise ValueError("covariates need the logistic model (and n_covariates >= 0)")
     hidden = tuple(int(h) for h in spec.hidden)
     if any(h < 1 for h in hidden):
         raise ValueError("model hidden widths must be positive")
@@ -287,7 +293,7 @@ def build_model(spec: ModelSpec, n_features: int, n_genes: int = 0, image_size: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "logistic":
-            model = classes["LogisticModel"](n_features)
+            model = classes["LogisticModel"](n_features, int(n_covariates))
         elif kind == "mlp":
             model = classes["MLPModel"](n_features, hidden, dropout)
         elif kind == "cnn":
@@ -327,6 +333,11 @@ class SiteTensors:
     image_mask: torch.Tensor | None = None
     omics: torch.Tensor | None = None
     omics_mask: torch.Tensor | None = None
+    covariates: Any = None  # scipy.sparse CSR (n, covariates), densified one batch at a time (issue 13b)
+
+    @property
+    def n_covariates(self) -> int:
+        return 0 if self.covariates is None else int(self.covariates.shape[1])
 
     @property
     def n(self) -> int:
@@ -353,8 +364,12 @@ class SiteTensors:
         def take(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.index_select(0, rows)
 
-        return {"x": take(self.x), "images": take(self.images), "image_mask": take(self.image_mask),
-                "omics": take(self.omics), "omics_mask": take(self.omics_mask)}
+        out = {"x": take(self.x), "images": take(self.images), "image_mask": take(self.image_mask),
+               "omics": take(self.omics), "omics_mask": take(self.omics_mask)}
+        if self.covariates is not None:  # only this batch's rows become dense: memory ~ batch x covariates
+            out["covariates"] = torch.from_numpy(
+                self.covariates[rows.numpy()].toarray().astype(np.float32, copy=False))
+        return out
 
     @classmethod
     def from_prepared(
@@ -579,6 +594,7 @@ def train_local(
     global_params: Sequence[Any] | None = None,
     seed: int = 0,
     optimizer: str = "adam",
+    l2: float = 0.0,
 ) -> dict[str, float | int]:
     """Train in place on the rows ``idx`` (rules in the module docstring).
 
@@ -600,6 +616,8 @@ def train_local(
         raise ValueError("proximal_mu must be >= 0")
     if optimizer not in ("adam", "sgd"):
         raise ValueError("optimizer must be 'adam' or 'sgd'")
+    if not (math.isfinite(l2) and l2 >= 0):
+        raise ValueError("l2 must be >= 0")
     rows = _rows(idx, tensors.n)
     if rows.size == 0 or epochs == 0:
         model.eval()
@@ -623,6 +641,9 @@ def train_local(
                 logits = model(**tensors.batch(b))
                 bce = loss_fn(logits, tensors.y.index_select(0, b))
                 loss = (bce + _proximal(pairs, proximal_mu)) if pairs else bce
+                if l2 > 0:  # L2-regularized ([model] l2): l2 / 2 * ||w||^2 over weights, not biases
+                    loss = loss + 0.5 * l2 * sum((p * p).sum() for name, p in model.named_parameters()
+                                                 if name.endswith("weight"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -143,10 +143,22 @@ def _model_parameters(study: StudyConfig) -> int | None:
         n_features = len(study.feature_names()) + len(study.measurements)  # + missingness indicators (at most)
         genes = len(study.omics.genes) if study.omics.enabled and study.model.kind == "fusion" else 0
         size = int(study.imaging.size) if study.imaging.enabled and study.model.kind in ("cnn", "fusion") else 0
-        model = build_model(study.model, n_features, genes, size)
+        covariates = study.covariates
+        n_cov = len(covariates.covariate_ids) if covariates is not None and covariates.covariate_ids else 0
+        model = build_model(study.model, n_features, genes, size, n_covariates=n_cov)
         return int(sum(p.numel() for p in model.parameters()))
     except Exception:  # a summary, not a check: the study is still shown
         return None
+
+
+def _cohort_summary(study: StudyConfig, role: str) -> dict[str, Any]:
+    """What the data engineer approves of one cohort: its definition file and hash, or the site's id."""
+    file = study.cohort_file(role)
+    entry: dict[str, Any] = ({"file": f"cohort id {study.cohort_ids[role]} (built at this site)", "sha256": None}
+                             if file is None else {"file": Path(file).name, "sha256": _file_hash(file)})
+    if role in study.cohort_ids:
+        entry["id"] = study.cohort_ids[role]
+    return entry
 
 
 def _file_hash(path: Path) -> str | None:
@@ -167,8 +179,7 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
     metrics = list(EVALUATE_METRICS) if policy.release_metrics else []
     return {
         "study": study.name, "hash": study.hash, "site": site.name,
-        "cohorts": {"target": {"file": Path(study.target_cohort).name, "sha256": _file_hash(study.target_cohort)},
-                    "outcome": {"file": Path(study.outcome_cohort).name, "sha256": _file_hash(study.outcome_cohort)}},
+        "cohorts": {role: _cohort_summary(study, role) for role in ("target", "outcome")},
         "time_at_risk": list(study.time_at_risk),
         "features": study.feature_names(),
         "categories": {name: [f"{name}_{level}" for level in levels] for name, levels in study.categories.items()},
@@ -197,7 +208,22 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
                     "secure_aggregation": study.privacy.secure_aggregation,
                     "participants": dict(study.privacy.participants)},
         "min_cell_count": site.min_cell_count,
+        **_covariates_summary(study, site),
     }
+
+
+def _covariates_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
+    """A covariate study's analyses, windows and fixed list, and what discovery releases (issue 13b)."""
+    c = study.covariates
+    if c is None:
+        return {}
+    return {"covariates": {
+        "analyses": list(c.analyses), "long_term_days": c.long_term_days, "short_term_days": c.short_term_days,
+        "end_days": c.end_days, "list": Path(c.list_file).name if c.list_file else None,
+        "list_sha256": c.list_sha256 or None,
+        "covariates": len(c.covariate_ids) if c.covariate_ids is not None else None,
+        "discovery_releases": f"covariate ids held by at least {site.min_cell_count} persons (no counts)",
+    }}
 
 
 def policy_problems(study: StudyConfig, site: SiteConfig) -> list[str]:

@@ -93,24 +93,51 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
     from omopfl.cohort import build_cohorts, load_definition
     from omopfl.db import existing_tables, qualified
 
-    definitions = {"target": load_definition(study.target_cohort), "outcome": load_definition(study.outcome_cohort)}
-    for role, definition in definitions.items():
-        if definition.default_id is None:
-            raise DataError(f"{definition.source}: the study's {role} cohort needs an id (add 'id:' to the file)")
-    if definitions["target"].default_id == definitions["outcome"].default_id:
-        raise DataError(f"{study.source}: target and outcome cohorts have the same id")
-    built: dict[int, str] = {}
+    definitions: dict[str, Any] = {}
+    ids: dict[str, int] = {}
+    for role in ("target", "outcome"):
+        file = study.cohort_file(role)
+        if file is None:  # a cohort built at the site beforehand, by id
+            ids[role] = study.cohort_ids[role]
+            continue
+        definition = load_definition(file)
+        cohort_id = study.cohort_ids.get(role, definition.default_id)
+        if cohort_id is None:
+            raise DataError(f"{study.source}: [cohorts] {role}: {file.name} carries no cohort id; "
+                            f"write {role} = {{file = \"{file.name}\", id = <id>}} in the study")
+        definitions[role], ids[role] = definition, int(cohort_id)
+    if ids["target"] == ids["outcome"]:
+        raise DataError(f"{study.source}: target and outcome cohorts have the same id {ids['target']}; "
+                        "give each its own id in [cohorts]")
+    built: dict[int, str | None] = {}
     with engine.connect() as conn:
-        if "cohort_definition" in existing_tables(conn, site.results_schema):
+        tables = existing_tables(conn, site.results_schema)
+        if "cohort_definition" in tables:
             table = qualified(site.results_schema, "cohort_definition")
             rows = conn.execute(sa.text(f"SELECT cohort_definition_id, definition_hash FROM {table}")).all()
             built = {int(r[0]): str(r[1]) for r in rows}
-    todo = [(d, d.default_id) for d in definitions.values() if built.get(d.default_id) != d.hash]
+        for role in ("target", "outcome"):  # a cohort built by other tools at the site: rows in cohort only
+            if role not in definitions and ids[role] not in built and "cohort" in tables:
+                found = conn.execute(sa.text(f"SELECT 1 FROM {qualified(site.results_schema, 'cohort')} "
+                                             "WHERE cohort_definition_id = :id LIMIT 1"), {"id": ids[role]}).first()
+                if found is not None:
+                    built[ids[role]] = None
+    for role in ("target", "outcome"):
+        if role not in definitions and ids[role] not in built:
+            raise DataError(f"site {site.name}: [cohorts] {role} names cohort id {ids[role]}, which is not built "
+                            f"in {site.results_schema}; run omopfl cohort build <definition> --site "
+                            f"{site.source.name if site.source else '<adapter>'} --id {ids[role]} first")
+    todo = [(d, ids[role]) for role, d in definitions.items() if built.get(ids[role]) != d.hash]
     if todo:
         build_cohorts(engine, site, todo, replace=True, progress=progress)
     rebuilt = {cohort_id for _, cohort_id in todo}
-    return {role: {"id": d.default_id, "hash": d.hash, "name": d.name, "rebuilt": d.default_id in rebuilt}
-            for role, d in definitions.items()}
+    out: dict[str, Any] = {}
+    for role in ("target", "outcome"):
+        d = definitions.get(role)
+        out[role] = ({"id": ids[role], "hash": d.hash, "name": d.name, "rebuilt": ids[role] in rebuilt} if d else
+                     {"id": ids[role], "hash": built[ids[role]], "name": f"cohort {ids[role]} (built at the site)",
+                      "rebuilt": False})
+    return out
 
 
 def check_can_serve(conn: sa.Connection, site: SiteConfig, study: StudyConfig) -> None:
@@ -287,8 +314,13 @@ def write_prepared(
     manifest: dict[str, Any],
     images: tuple[np.ndarray, np.ndarray] | None = None,
     omics: np.ndarray | None = None,
+    covariates: Any = None,
 ) -> Path:
-    """Write a prepared dataset atomically (a temp folder renamed into place)."""
+    """Write a prepared dataset atomically (a temp folder renamed into place).
+
+    ``covariates``: an :class:`omopfl.covariates.CovariateMatrix` (rows in the frame's order), written as
+    ``covariates.npz`` (CSR arrays and the covariate ids).
+    """
     tmp = _atomic_dir(final)
     try:
         x = frame[feature_names].to_numpy(dtype=np.float32, na_value=np.nan)
@@ -303,6 +335,11 @@ def write_prepared(
         if omics is not None:
             np.save(tmp / "omics.npy", omics.astype(np.float32, copy=False))
             files.append("omics.npy")
+        if covariates is not None:  # [covariates] (issue 13b)
+            from omopfl.covariates import COVARIATES_FILE, save_matrix
+
+            save_matrix(tmp / COVARIATES_FILE, covariates)
+            files.append(COVARIATES_FILE)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "site": site.name,
                     "files": {name: _hash_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(_json_safe(manifest), indent=2, sort_keys=True))
@@ -350,6 +387,7 @@ def prepare_site(
         frame, feature_names, harmonization = _features(conn, site, study, cohorts)
         images, image_report = _images(conn, site, study, frame, Path(out_dir))
         omics, omics_report = _omics(conn, site, study, frame)
+        covariates, covariate_report = _covariates(conn, site, study, cohorts, frame)
         report = _validate(conn, site, study, frame, cdm_version)
     manifest: dict[str, Any] = {
         "study": study.name,
@@ -363,6 +401,7 @@ def prepare_site(
         "genes": list(study.omics.genes) if omics is not None else [],
         "harmonization": harmonization,
         "linking": {"images": image_report, "omics": omics_report},
+        **({"covariates": covariate_report} if covariate_report else {}),
         "validation": report.to_dict(),
         "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 3),
@@ -370,7 +409,8 @@ def prepare_site(
     report.raise_if_fatal(allow_fatal=allow_fatal or study.validation.allow_fatal)
     if not write:
         return None, _json_safe(manifest)
-    folder = write_prepared(dataset_folder(out_dir, site), site, frame, feature_names, manifest, images, omics)
+    folder = write_prepared(dataset_folder(out_dir, site), site, frame, feature_names, manifest, images, omics,
+                            covariates=covariates)
     return folder, json.loads((folder / MANIFEST).read_text())
 
 
@@ -406,6 +446,21 @@ def _omics(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd.
     links = link_omics(conn, site, study, frame[["person_id", "index_date"]])
     matrix = links.matrix.reindex(frame["person_id"].to_numpy())[list(study.omics.genes)]
     return matrix.to_numpy(dtype=np.float32, na_value=np.nan), _json_safe(links.report)
+
+
+def _covariates(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohorts: dict[str, Any],
+                frame: pd.DataFrame):
+    """The study's covariate set as a sparse matrix in the frame's row order (issue 13b), and its report."""
+    if study.covariates is None:
+        return None, {}
+    from omopfl.covariates import covariate_matrix
+
+    matrix = covariate_matrix(conn, site, cohorts["target"]["id"], study.covariates,
+                              frame["person_id"].to_numpy(dtype=np.int64))
+    settings = study.covariates
+    return matrix, {"analyses": list(settings.analyses), "covariates": int(matrix.matrix.shape[1]),
+                    "nonzeros": int(matrix.matrix.nnz), "fixed_list": settings.covariate_ids is not None,
+                    "list_sha256": settings.list_sha256}
 
 
 def _validate(conn: sa.Connection, site: SiteConfig, study: StudyConfig, frame: pd.DataFrame, version: str):

@@ -184,6 +184,9 @@ def check_reply(message_type: str, records: Mapping[str, Mapping[str, Any]], k: 
                 raise ReleaseViolation(f"{name}: num-examples is a small cell")
             if not weight and len(record) > 1 and evaluated:
                 raise ReleaseViolation(f"{name}: metrics beside num-examples 0")
+    covariates_record = records.get("omopfl.covariates")  # discovery (issue 13b): ids only, never a count
+    if covariates_record is not None and set(covariates_record) - {"protocol", "site", "status", "covariate-ids"}:
+        raise ReleaseViolation("a covariates reply carries something beside the released ids")
     moments_record = records.get("omopfl.moments")
     noisy = "dp-epsilon" in records.get("omopfl.site", {})  # DP: withholding was decided on the true counts
     if moments_record is not None and not noisy:
@@ -194,3 +197,20 @@ def check_reply(message_type: str, records: Mapping[str, Mapping[str, Any]], k: 
         for n in ns if isinstance(ns, list) else []:
             if n < k or small(persons - n, k):
                 raise ReleaseViolation("a released feature's count or missing count is a small cell")
+
+
+# --------------------------------------------------------------------------------------------
+# covariate discovery (issue 13b)
+# --------------------------------------------------------------------------------------------
+
+
+def covariate_ids(persons_per_covariate: Mapping[int, int], k: int, requested: int = 0) -> list[int]:
+    """The covariate ids a site may release in a discovery query: those held by at least
+    ``max(k, requested)`` of its persons.
+
+    ``k`` is the site's own ``min_cell_count``; ``requested`` is what the coordinator asked for, which can
+    only raise the bar (a coordinator asking for fewer persons than the site's k gets the site's k).
+    Only the ids leave, never the counts.
+    """
+    least = max(int(k), int(requested), 1)
+    return sorted(int(c) for c, n in persons_per_covariate.items() if int(n) >= least)

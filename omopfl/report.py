@@ -84,9 +84,19 @@ def write_report(run_dir: str | Path) -> Path:
         f"- model: {json.dumps(manifest.get('model', {}))}",
         f"- training: {json.dumps(manifest.get('training', {}))}",
         f"- sites contributing to the statistics: {', '.join(sites.get('contributing', [])) or 'n/a'}",
-        f"- sites that withheld (below their min_cell_count): {', '.join(sites.get('withheld', [])) or 'none'}",
+        f"- sites that withheld all their statistics (fewer persons than their min_cell_count): "
+        f"{', '.join(sites.get('withheld', [])) or 'none'}",
         f"- rounds: {len(rounds)}",
         "",
+    ]
+    suppressed = sites.get("suppressed") or {}
+    if suppressed:
+        lines += ["## Features withheld by a site's release rule (statistics phase)", "",
+                  "The merged statistics of these features come from the other sites only.", "",
+                  "| site | withheld features |", "|---|---|"]
+        lines += [f"| {site} | {', '.join(names)} |" for site, names in sorted(suppressed.items())]
+        lines.append("")
+    lines += [
         "## Final federated evaluation (n-weighted over sites)",
         "",
         "| metric | value |",
@@ -117,7 +127,10 @@ def write_report(run_dir: str | Path) -> Path:
     dropped = manifest.get("dropped") or []
     if dropped or manifest.get("resumed_from_round"):
         lines += ["", "## Faults", ""]
-        lines += [f"- site {d['site']} dropped in round {d['round']}: {d['reason']}" for d in dropped]
+        for d in dropped:
+            statistics = d.get("phase") == "statistics"
+            when = "left in the statistics phase" if statistics else f"dropped in round {d['round']}"
+            lines.append(f"- site {d['site']} {when}: {d['reason']}")
         if manifest.get("resumed_from_round"):
             lines.append(f"- resumed from the checkpoint of round {manifest['resumed_from_round']}")
     lines += ["", "## Per round", "", "| round | train loss | eval loss | AUC | accuracy | F1 | kappa |",

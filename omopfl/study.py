@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omopfl.covariate_sets import CovariateSettings, parse_covariates
 from omopfl.errors import ConfigError
 
 __all__ = [
@@ -108,6 +109,7 @@ class ModelSpec:
     kind: str = "logistic"
     hidden: tuple[int, ...] = (256, 512, 128, 64, 32)
     dropout: tuple[float, float] = (0.4, 0.15)
+    l2: float = 0.0  # L2 penalty (weight decay) on the weights; used by covariate studies
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,8 @@ class StudyConfig:
 
     name: str
     description: str
-    target_cohort: Path
-    outcome_cohort: Path
+    target_cohort: Path | None
+    outcome_cohort: Path | None
     time_at_risk: tuple[int, int]
     demographics: tuple[str, ...]
     concept_sets: tuple[ConceptSetFeature, ...]
@@ -170,10 +172,26 @@ class StudyConfig:
     source: Path | None = field(default=None, compare=False)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     text: str = field(default="", compare=False, repr=False)
+    covariates: CovariateSettings | None = None  # [covariates] (issue 13b): FeatureExtraction covariate sets
+    cohort_ids: dict[str, int] = field(default_factory=dict)
+    """Cohort ids the study fixes, by role (``target``/``outcome``): the id a definition file is built
+    under (overriding the file's own), or, where the role's file is None, a cohort already built at
+    the site under that id (``omopfl cohort build --id``)."""
+
+    def cohort_file(self, role: str) -> Path | None:
+        """The definition file of ``role`` (None: a cohort already built at the site)."""
+        return self.target_cohort if role == "target" else self.outcome_cohort
 
     @property
     def hash(self) -> str:
-        """sha256 of the study file's text (the same file at every site gives the same hash)."""
+        """sha256 of the study file's text (the same file at every site gives the same hash).
+
+        With a ``[covariates] list`` file, the hash also covers that file's bytes, so the fixed
+        covariate list is part of what a site approves.
+        """
+        if self.covariates is not None and self.covariates.list_sha256:
+            return hashlib.sha256(self.text.encode() + b"\0covariates:" + self.covariates.list_sha256.encode()
+                                  ).hexdigest()
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def feature_names(self) -> list[str]:
@@ -326,6 +344,37 @@ def _check_generated_names(r: _Reader, names: list[str], demographics: list[str]
         raise r.fail("[features]", f"name {sorted(clash)[0]!r} collides with a generated column")
 
 
+_COHORT_FORMS = ('a definition file ("target.json"), {file = "atlas_export.json", id = 7} '
+                 "(an ATLAS export as it is, the study gives its id) or {cohort_id = 7} "
+                 "(a cohort already built at each site with omopfl cohort build --id 7)")
+
+
+def _cohort_reference(r: _Reader, path: Path, cohorts: dict, key: str) -> tuple[Path | None, int | None]:
+    """(definition file or None, the id the study fixes or None) of ``[cohorts] key``."""
+    where = f"[cohorts] {key}"
+    if key not in cohorts:
+        raise r.fail(where, f"is missing; give {_COHORT_FORMS}")
+    value = cohorts[key]
+    if isinstance(value, str):
+        file = _resolve(path.parent, r.get(cohorts, "cohorts", key, str))
+        given = None
+    elif isinstance(value, dict):
+        r.keys(value, f"cohorts.{key}", {"file", "id", "cohort_id"})
+        if "cohort_id" in value and ("file" in value or "id" in value):
+            raise r.fail(where, "takes either cohort_id (built at the site) or file and id, not both")
+        if "cohort_id" in value:
+            return None, r.integer(value, f"cohorts.{key}", "cohort_id", 0, 1, 2**31 - 1)
+        if "file" not in value:
+            raise r.fail(where, f"needs file = \"...\" or cohort_id; give {_COHORT_FORMS}")
+        file = _resolve(path.parent, r.get(value, f"cohorts.{key}", "file", str))
+        given = r.integer(value, f"cohorts.{key}", "id", 0, 1, 2**31 - 1) if "id" in value else None
+    else:
+        raise r.fail(where, f"must be {_COHORT_FORMS}")
+    if not file.is_file():
+        raise r.fail(where, "names a cohort definition file that does not exist")
+    return file, given
+
+
 def _resolve(base: Path, value: str) -> Path:
     try:
         path = Path(value).expanduser()
@@ -398,7 +447,7 @@ def load_study(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
     r = _Reader(path)
     r.keys(data, "top level", {"study", "cohorts", "outcome", "features", "categories", "linking", "validation",
-                               "model", "training", "privacy"})
+                               "model", "training", "privacy", "covariates"})
     study = r.table(data, "study", required=True)
     r.keys(study, "study", {"name", "description"})
     name = r.name(r.get(study, "study", "name", str), "[study] name")
@@ -406,11 +455,15 @@ def load_study(path: str | Path) -> StudyConfig:
 
     cohorts = r.table(data, "cohorts", required=True)
     r.keys(cohorts, "cohorts", {"target", "outcome"})
-    target = _resolve(path.parent, r.get(cohorts, "cohorts", "target", str))
-    outcome = _resolve(path.parent, r.get(cohorts, "cohorts", "outcome", str))
-    for key, file in (("target", target), ("outcome", outcome)):
-        if not file.is_file():
-            raise r.fail(f"[cohorts] {key}", "names a cohort definition file that does not exist")
+    cohort_files: dict[str, Path | None] = {}
+    cohort_ids: dict[str, int] = {}
+    for key in ("target", "outcome"):
+        cohort_files[key], given = _cohort_reference(r, path, cohorts, key)
+        if given is not None:
+            cohort_ids[key] = given
+    if cohort_ids.get("target") is not None and cohort_ids.get("target") == cohort_ids.get("outcome"):
+        raise r.fail("[cohorts] outcome", "has the target cohort's id; give each cohort its own id")
+    target, outcome = cohort_files["target"], cohort_files["outcome"]
 
     outcome_section = r.table(data, "outcome")
     r.keys(outcome_section, "outcome", {"time_at_risk"})
@@ -516,7 +569,7 @@ def load_study(path: str | Path) -> StudyConfig:
         raise r.fail("[validation] fatal_completeness", "must not be above min_completeness")
 
     m = r.table(data, "model")
-    r.keys(m, "model", {"kind", "hidden", "dropout"})
+    r.keys(m, "model", {"kind", "hidden", "dropout", "l2"})
     kind = r.get(m, "model", "kind", str, "logistic")
     if kind not in MODELS:
         raise r.fail("[model] kind", f"must be one of {', '.join(MODELS)}")
@@ -530,7 +583,8 @@ def load_study(path: str | Path) -> StudyConfig:
     if not 1 <= len(dropout) <= 2 or not all(isinstance(d, int | float) and not isinstance(d, bool)
                                              and 0 <= d < 1 for d in dropout):
         raise r.fail("[model] dropout", "must be one or two rates in [0, 1)")
-    model = ModelSpec(kind, tuple(hidden), tuple(float(d) for d in dropout))
+    model = ModelSpec(kind, tuple(hidden), tuple(float(d) for d in dropout),
+                      r.number(m, "model", "l2", 0.0, 0.0, 1e6))
 
     t = r.table(data, "training")
     r.keys(t, "training", {"rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "proximal_mu",
@@ -551,10 +605,13 @@ def load_study(path: str | Path) -> StudyConfig:
     if not 0.0 < training.threshold < 1.0:
         raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
     privacy = _privacy(r, r.table(data, "privacy"))
+    covariates = parse_covariates(r.table(data, "covariates"), path.parent, path) if "covariates" in data else None
+    if covariates is not None and covariates.covariate_ids is not None and model.kind != "logistic":
+        raise r.fail("[model] kind", "must be logistic in a study with a [covariates] list (sparse inputs)")
     return StudyConfig(
-        privacy=privacy,
+        privacy=privacy, covariates=covariates,
         name=name, description=description, target_cohort=target, outcome_cohort=outcome,
         time_at_risk=(tar[0], tar[1]), demographics=tuple(demographics), concept_sets=tuple(concept_sets),
         measurements=tuple(measurements), categories=categories, imaging=imaging, omics=omics,
-        validation=validation, model=model, training=training, source=path, text=text,
+        validation=validation, model=model, training=training, source=path, text=text, cohort_ids=cohort_ids,
     )

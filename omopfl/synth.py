@@ -32,7 +32,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 CHUNK_SIZE = 25_000
-MAX_SITES = 26
+MAX_SITES = 100
 PERSON_ID_STRIDE = 10_000_000  # site k's person ids are (k + 1) * stride + 1 ...
 DEFAULT_URL_ENV = "OMOPFL_SYNTH_PG_URL"
 # Not "cdm.duckdb": DuckDB names the catalog after the file, and a catalog "cdm" makes the schema
@@ -141,6 +141,7 @@ class SiteProfile:
     drug_ingredient_share: float  # drug rows coded at ingredient instead of clinical-drug level
     visit_rate: float  # mean number of background visits per person
     outcome_shift: float  # site effect on the outcome log-odds
+    outcome_prevalence: float | None = None  # label skew: the outcome share among diabetics, if fixed
 
 
 #: Profiles of sites a, b, c, d, e (further sites reuse them in turn).
@@ -168,11 +169,43 @@ _LAB_NOISE = {"hba1c": 0.15, "glucose": 8.0, "creatinine": 0.05, "ldl": 6.0, "bm
 # ----------------------------------------------------------------------------------------------
 
 
+def _calibrate(log_odds: np.ndarray, prevalence: float) -> float:
+    """The shift ``c`` with ``mean(sigmoid(log_odds + c)) == prevalence`` (bisection; no random draw)."""
+    low, high = -40.0, 40.0
+    for _ in range(80):
+        mid = (low + high) / 2
+        if float(np.mean(_sigmoid(log_odds + mid))) < prevalence:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def label_skew_profiles(n_sites: int, skew: float) -> list[SiteProfile]:
+    """Site profiles with a label skew: even-numbered sites (a, c, ...) have the outcome in ``1 - skew``
+    of their diabetics, odd-numbered ones (b, d, ...) in ``skew`` (0.95: a 95/5 split)."""
+    if isinstance(skew, bool) or not isinstance(skew, int | float) or not 0.5 < float(skew) < 1.0:
+        raise ConfigError("label_skew must be a share strictly between 0.5 and 1 (e.g. 0.95 for 95/5)")
+    return [replace(PROFILES[k % len(PROFILES)],
+                    outcome_prevalence=float(skew) if k % 2 else 1.0 - float(skew))
+            for k in range(n_sites)]
+
+
+def _letters(k: int) -> str:
+    """``a`` .. ``z``, then ``aa``, ``ab`` ... (spreadsheet columns): sorted by length, then name."""
+    out = ""
+    k += 1
+    while k:
+        k, rest = divmod(k - 1, 26)
+        out = chr(ord("a") + rest) + out
+    return out
+
+
 def site_names(n_sites: int) -> list[str]:
-    """``site_a``, ``site_b``, ... for ``n_sites`` sites (1 to 26)."""
+    """``site_a`` .. ``site_z``, ``site_aa``, ``site_ab`` ... for ``n_sites`` sites (1 to 100)."""
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or not 1 <= n_sites <= MAX_SITES:
         raise ConfigError(f"n_sites must be an integer from 1 to {MAX_SITES}")
-    return [f"site_{chr(ord('a') + k)}" for k in range(n_sites)]
+    return [f"site_{_letters(k)}" for k in range(n_sites)]
 
 
 def _default_size(k: int) -> int:
@@ -517,6 +550,8 @@ class _ChunkBuilder:
             + 0.35 * (bmi - 30) / 5 + 0.5 * htn + 0.45 * np.clip((creatinine - 0.95) / 0.3, -3, 4)
             - 0.35 * metformin + 0.9 * u_image + 0.7 * u_omics
         )
+        if p.outcome_prevalence is not None and t2dm.any():
+            log_odds = log_odds + _calibrate(log_odds[t2dm], p.outcome_prevalence)
         probability = _sigmoid(log_odds)
         outcome = t2dm & (rng.random(n) < probability)
         image_draw = rng.random(n)
@@ -1328,6 +1363,7 @@ def run_synth(
     progress: bool = True,
     *,
     chunk_size: int = CHUNK_SIZE,
+    label_skew: float | None = None,
 ) -> list[SiteSummary]:
     """Generate ``n_sites`` synthetic OMOP CDM sites, their linked files, adapters and truth.
 
@@ -1337,7 +1373,7 @@ def run_synth(
         Folder of the sites: ``<out_dir>/<site>/`` holds ``omop.duckdb`` (embedded mode),
         ``images/``, ``omics/`` (with ``manifest.csv``) and ``truth.json``.
     n_sites:
-        Number of sites, 1 to 26, named ``site_a``, ``site_b``, ...
+        Number of sites, 1 to 100, named ``site_a`` .. ``site_z``, ``site_aa``, ...
     persons:
         ``None`` for the default spread (2000, 1200, 800, 600, 500, then 400 per site);
         an ``int`` is the *total* over all sites, split in proportion to that spread;
@@ -1360,6 +1396,11 @@ def run_synth(
         Show rich progress bars.
     chunk_size:
         Persons generated and written at a time (part of what determines the rows).
+    label_skew:
+        A non-IID label split, e.g. 0.95: sites a, c, e... have the outcome in 5% of their diabetics,
+        sites b, d, f... in 95% (the outcome model's intercept is shifted per site; persons,
+        diagnoses and the target cohort are as without it, later draws differ). None: each
+        profile's own outcome rate.
 
     Returns
     -------
@@ -1383,6 +1424,8 @@ def run_synth(
         make_engine(pg_url, what="pg_url").dispose()  # validates the URL without connecting
         if sa.engine.make_url(pg_url).get_backend_name() != "postgresql":
             raise ConfigError("pg_url must be a postgresql:// URL (leave it empty for DuckDB files)")
+    profiles = ([PROFILES[k % len(PROFILES)] for k in range(len(names))] if label_skew is None
+                else label_skew_profiles(len(names), label_skew))
     out_dir = Path(out_dir)
     adapters_dir = Path(adapters_dir) if adapters_dir is not None else out_dir / "adapters"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1399,7 +1442,7 @@ def run_synth(
                 for stale in (database, database.with_name(database.name + ".wal")):
                     stale.unlink(missing_ok=True)
                 target = _Target(f"duckdb:///{database}", "duckdb", "cdm", "results")
-            summary = _generate_site(site=site, site_index=k, profile=PROFILES[k % len(PROFILES)], persons=size,
+            summary = _generate_site(site=site, site_index=k, profile=profiles[k], persons=size,
                                      seed=int(seed), target=target, site_dir=site_dir, image_share=image_share,
                                      omics_share=omics_share, chunk_size=chunk_size, advance=advances[k])
             summary.adapter = _write_adapter(adapters_dir, site, target, site_dir, url_env, int(seed))

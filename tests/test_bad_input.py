@@ -297,3 +297,25 @@ def test_role_without_temp_is_told_to_grant_temp(site: CliSite, tmp_path: Path, 
     code, _, err = run_cli(["cohort", "build", ROOT / "cohorts" / "incident_t2dm.yaml", "--site", adapter,
                             "--id", "101"], capsys)
     _one_line(code, err, 3, "grant TEMP on the database to this role")
+
+
+def test_stats_where_every_site_withholds_is_one_line(prepared_sites_factory, tmp_path: Path, capsys) -> None:
+    """Every site's own rule withholds its statistics (more persons needed than it has): exit 7, one
+    line saying no site contributed, the result still written with each site's status."""
+    import re
+
+    federation = prepared_sites_factory("all_withhold")
+    for adapter in federation["adapters"]:
+        adapter.write_text(re.sub(r"min_cell_count = \d+", "min_cell_count = 100000", adapter.read_text()))
+    out = tmp_path / "stats.json"
+    args = ["stats", "--mode", "inprocess", "--study", federation["study"], "--prepared", federation["prepared_dir"],
+            "--out", out]
+    for adapter in federation["adapters"]:
+        args += ["--site", adapter]
+    done = subprocess.run([sys.executable, "-m", "omopfl.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("omopfl: error")]
+    assert "Traceback" not in done.stderr
+    _one_line(done.returncode, errors, 7, "no site contributed statistics")
+    result = json.loads(out.read_text())
+    assert result["global"] is None and sorted(result["sites"]["withheld"]) == ["site_a", "site_b", "site_c"]

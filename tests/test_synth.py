@@ -331,7 +331,7 @@ def test_split_persons() -> None:
     ("kwargs", "message"),
     [
         ({"n_sites": 0}, "n_sites"),
-        ({"n_sites": 27}, "n_sites"),
+        ({"n_sites": 101}, "n_sites"),
         ({"persons": [10, 20], "n_sites": 3}, "persons"),
         ({"persons": 2, "n_sites": 3}, "persons"),
         ({"persons": [10, 0, 5], "n_sites": 3}, "persons"),
@@ -358,3 +358,25 @@ def test_bayes_auc() -> None:
     assert bayes_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
     assert bayes_auc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
     assert bayes_auc(np.array([0.2, 0.3]), np.array([1, 1])) is None
+
+
+def test_site_names_go_past_z_up_to_100_sites() -> None:
+    from omopfl.synth import site_names
+
+    names = site_names(100)
+    assert names[:2] == ["site_a", "site_b"] and names[25:28] == ["site_z", "site_aa", "site_ab"]
+    assert names[-1] == "site_cv" and len(set(names)) == 100
+    assert all(name.removeprefix("site_").isalpha() for name in names)
+
+
+def test_label_skew_gives_95_5_outcome_rates_and_keeps_the_cohorts(tmp_path: Path) -> None:
+    kwargs = {"n_sites": 2, "persons": [3000, 3000], "seed": 11, "image_share": 0.0, "omics_share": 0.0,
+              "progress": False}
+    skewed = run_synth(tmp_path / "skewed", label_skew=0.95, **kwargs)
+    plain = run_synth(tmp_path / "plain", **kwargs)
+    assert skewed[0].outcome_rate < 0.12 < 0.80 < skewed[1].outcome_rate, [s.outcome_rate for s in skewed]
+    for a, b in zip(skewed, plain, strict=True):
+        assert a.persons == b.persons and a.t2dm_persons == b.t2dm_persons and a.target_persons == b.target_persons
+    with pytest.raises(ConfigError, match="label_skew"):
+        run_synth(tmp_path / "bad", label_skew=0.3, **kwargs)
+    assert not (tmp_path / "bad").exists()

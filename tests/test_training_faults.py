@@ -170,7 +170,7 @@ def test_a_site_below_its_min_cell_count_sends_nothing_learnt_from_its_rows(fede
     adapters = [federation["adapters"][0], federation["adapters"][1], strict]
     run_dir = federation["tmp"] / "strict_c"
     manifest = run_training(federation["study"], adapters, federation["prepared_dir"], out_dir=run_dir, rounds=2,
-                            audit=True)
+                            audit=True, min_sites=2)  # site_c replies but cannot train: it does not count
     assert manifest["stats_sites"]["withheld"] == ["site_c"]
     two = federation["tmp"] / "two_sites"
     run_training(federation["study"], federation["adapters"][:2], federation["prepared_dir"], out_dir=two, rounds=2)
@@ -185,3 +185,69 @@ def test_a_site_below_its_min_cell_count_sends_nothing_learnt_from_its_rows(fede
         for record, values in reply["content"].items():
             if record != "arrays":
                 assert values == {"num-examples": 0}, (record, values)
+
+
+def test_sites_that_did_not_train_do_not_count_toward_min_sites(federation) -> None:
+    """A site below its min_cell_count answers every round with zero weight: it replied but did not
+    train, so with min-sites 3 the run stops and says how many sites trained."""
+    strict = federation["tmp"] / "synth" / "adapters" / "site_c_strict3.toml"
+    text = (federation["tmp"] / "synth" / "adapters" / "site_c.toml").read_text()
+    strict.write_text(text.replace("min_cell_count = ", "min_cell_count = 100000  # was ", 1))
+    adapters = [Path(a).resolve() for a in (*federation["adapters"][:2], strict)]
+    run_dir = federation["tmp"] / "zero_weight_min_sites"
+    with pytest.raises(FederationError, match=r"round 1: 2 site\(s\) trained \(3 replied.*fewer than min-sites 3"):
+        _run_inprocess(adapters, federation["prepared_dir"].resolve(), _config(federation, run_dir, min_sites=3))
+    assert not (run_dir / "manifest.json").exists()
+
+
+def test_a_site_lost_in_the_statistics_phase_is_in_the_manifest_and_report(prepared_sites_factory) -> None:
+    """site_b has not approved the study: it refuses the statistics query, trains in no round, and the
+    manifest's ``dropped`` and the report's faults name it with the phase and the reason."""
+    from omopfl import policy
+    from omopfl.config import load_site
+
+    fed = prepared_sites_factory("stats_fault")
+    policy.revoke(load_site(fed["adapters"][1]), fed["study_hash"])
+    run_dir = fed["tmp"] / "run"
+    _run_inprocess([Path(a).resolve() for a in fed["adapters"]], fed["prepared_dir"].resolve(),
+                   _config(fed, run_dir, rounds=1))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["sites"] == ["site_a", "site_c"]
+    assert manifest["dropped"] == [{"site": "site_b", "round": 0, "phase": "statistics",
+                                    "reason": manifest["dropped"][0]["reason"]}]
+    assert "(study_not_approved)" in manifest["dropped"][0]["reason"]
+    from omopfl.report import write_report
+
+    report = write_report(run_dir).read_text()
+    assert "site site_b left in the statistics phase" in report and "study_not_approved" in report
+
+
+def test_features_a_site_withholds_are_named_in_the_result_manifest_and_report(prepared_sites_factory) -> None:
+    """site_c's own rule (k = 12) withholds some of its features but not its whole aggregate: the
+    statistics result, the manifest and the report name them, and each named feature really has a
+    small cell at site_c (checked on its prepared rows)."""
+    import re
+
+    from omopfl.prepare import load_prepared
+    from omopfl.release import small
+    from omopfl.report import write_report
+
+    fed = prepared_sites_factory("suppressed")
+    k = 12
+    adapter = fed["adapters"][2]
+    adapter.write_text(re.sub(r"min_cell_count = \d+", f"min_cell_count = {k}", adapter.read_text()))
+    run_dir = fed["tmp"] / "run"
+    manifest = run_training(fed["study"], fed["adapters"], fed["prepared_dir"], out_dir=run_dir, rounds=1)
+    suppressed = manifest["stats_sites"]["suppressed"]
+    assert set(suppressed) == {"site_c"} and suppressed["site_c"], suppressed
+    assert json.loads((run_dir / "stats.json").read_text())["sites"]["suppressed"] == suppressed
+    site_c = load_prepared(fed["prepared_dir"] / "site_c")
+    x = np.asarray(site_c.x, dtype=float)
+    for name in suppressed["site_c"]:
+        column = x[:, site_c.feature_names.index(name)]
+        present = column[~np.isnan(column)]
+        cells = [present.size, column.size - present.size, int((present > 0).sum()), int((present == 0).sum())]
+        assert any(small(c, k) for c in cells) or name.startswith("sex_"), (name, cells)
+    report = write_report(run_dir).read_text()
+    assert "Features withheld by a site's release rule" in report
+    assert f"| site_c | {', '.join(suppressed['site_c'])} |" in report

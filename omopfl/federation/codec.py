@@ -72,6 +72,7 @@ __all__ = [
     "STUDY_HASH_KEY",
     "ROUND_KEYS",
     "training_settings",
+    "covariate_settings",
     "audit_entry",
     "reply_refusal",
     "study_dp_config",
@@ -592,7 +593,17 @@ def training_settings(study: Any) -> dict[str, Any]:
         "proximal-mu": float(training.proximal_mu) if training.strategy == "fedprox" else 0.0,
         "test-fraction": float(training.test_fraction), "seed": int(training.seed),
         "threshold": float(getattr(training, "threshold", 0.5)),
+        **covariate_settings(study),
     }
+
+
+def covariate_settings(study: Any) -> dict[str, Any]:
+    """Settings of a covariate study (issue 13b): the number of covariates in its fixed list and the L2
+    penalty; empty for a study without ``[covariates] list`` (so other studies' messages are unchanged)."""
+    covariates = getattr(study, "covariates", None)
+    if covariates is None or covariates.covariate_ids is None:
+        return {}
+    return {"model-covariates": len(covariates.covariate_ids), "model-l2": float(study.model.l2)}
 
 
 def audit_entry(reply: Any, message_type: str) -> dict[str, Any]:
@@ -637,3 +648,67 @@ def study_dp_config(study: Any) -> dict[str, Any]:
     return {**({"secure-aggregation": True} if privacy.secure_aggregation else {}),
             "dp-epsilon": float(privacy.statistics_epsilon), "dp-delta": float(privacy.delta),
             "dp-bounds": json.dumps({name: [float(low), float(high)] for name, low, high in privacy.bounds})}
+
+
+# --------------------------------------------------------------------------------------------
+# query.covariates (issue 13b): federated covariate discovery
+# --------------------------------------------------------------------------------------------
+
+COVARIATES_QUERY = "query.covariates"
+_COVARIATES_REQUEST = "omopfl.covariates-request"
+_COVARIATES = "omopfl.covariates"
+MAX_COVARIATE_IDS = 1_000_000
+
+
+@dataclass(frozen=True)
+class CovariatesRequest:
+    """``query.covariates``: the study, and the fewest persons the coordinator asks per covariate (a site
+    uses the larger of that and its own ``min_cell_count``)."""
+
+    study_hash: str
+    min_persons: int = 0
+
+
+def encode_covariates_request(study_hash: str, min_persons: int = 0) -> RecordDict:
+    """Content of a ``query.covariates`` message."""
+    if not _HASH_RE.match(study_hash):
+        raise CodecError("study hash must be lower-case hex")
+    return RecordDict({_COVARIATES_REQUEST: ConfigRecord({"protocol": PROTOCOL, STUDY_HASH_KEY: study_hash,
+                                                          "min-persons": int(min_persons)})})
+
+
+def decode_covariates_request(content: RecordDict) -> CovariatesRequest:
+    """Inverse of :func:`encode_covariates_request`; :class:`CodecError` on anything else."""
+    _only_records(content, {_COVARIATES_REQUEST})
+    record = _record(content, _COVARIATES_REQUEST, ConfigRecord)
+    _only_keys(record, _COVARIATES_REQUEST, {"protocol", STUDY_HASH_KEY, "min-persons"})
+    _protocol(record, _COVARIATES_REQUEST)
+    study_hash = _get(record, _COVARIATES_REQUEST, STUDY_HASH_KEY, str)
+    if not _HASH_RE.match(study_hash):
+        raise CodecError("study hash must be lower-case hex")
+    min_persons = _get(record, _COVARIATES_REQUEST, "min-persons", int)
+    if min_persons < 0:
+        raise CodecError("min-persons must not be negative")
+    return CovariatesRequest(study_hash, int(min_persons))
+
+
+def encode_covariates_reply(site: str, covariate_ids: Sequence[int]) -> RecordDict:
+    """A site's ``query.covariates`` reply: the covariate ids it releases (no counts)."""
+    ids = sorted({int(c) for c in covariate_ids})
+    return RecordDict({_COVARIATES: ConfigRecord({"protocol": PROTOCOL, "site": _site_name(site), "status": "ok",
+                                                  "covariate-ids": ids})})
+
+
+def decode_covariates_reply(content: RecordDict) -> tuple[str, list[int]]:
+    """``(site, covariate ids)`` of a ``query.covariates`` reply; :class:`CodecError` if it is anything else
+    (an error reply decodes with :func:`decode_site_reply`)."""
+    _only_records(content, {_COVARIATES})
+    record = _record(content, _COVARIATES, ConfigRecord)
+    _only_keys(record, _COVARIATES, {"protocol", "site", "status", "covariate-ids"})
+    _protocol(record, _COVARIATES)
+    if _get(record, _COVARIATES, "status", str) != "ok":
+        raise CodecError("a covariates reply has status ok")
+    ids = _num_list(record, _COVARIATES, "covariate-ids", integer=True)
+    if len(ids) > MAX_COVARIATE_IDS or any(c <= 0 for c in ids) or len(set(ids)) != len(ids):
+        raise CodecError("covariate-ids must be distinct positive ids")
+    return _site_name(_get(record, _COVARIATES, "site", str)), ids

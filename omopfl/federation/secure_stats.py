@@ -237,7 +237,7 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
         "dp": None if settings.dp is None else {"epsilon": settings.dp.epsilon, "delta": settings.dp.delta},
         "global": None, "scaler": None,
         "sites": {"connected": len(nodes), "contributing": [], "withheld": [], "failed": failed, "no_reply": [],
-                  "persons": {}, "scaler_acknowledged": [], "scaler_nodes": {}},
+                  "persons": {}, "suppressed": {}, "scaler_acknowledged": [], "scaler_nodes": {}},
         "secure_aggregation": {"participants": [], "contributed": None, "rounds": 0},
     }
 

@@ -68,8 +68,8 @@ def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_si
     from omopfl.federation import codec
     from omopfl.federation.runner import APP_CONFIG
 
-    def sha(path: Path) -> str:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    def sha(path: Path | None) -> str | None:  # None: a cohort built at each site, fixed by id
+        return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     if strategy is not None and strategy not in ("fedavg", "fedprox", "fedadam"):
         raise ConfigError("strategy must be one of fedavg, fedprox, fedadam")
@@ -92,6 +92,7 @@ def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_si
         "test-fraction": float(t.test_fraction), "seed": int(t.seed),
         "round-timeout": float(round_timeout), "evaluate-on-train": bool(evaluate_on_train), "poll-interval": 0.02,
         **codec.study_dp_config(spec),
+        **codec.covariate_settings(spec),  # only for covariate studies (issue 13b)
     }
 
 

@@ -148,6 +148,20 @@ def _exchange(grid: Grid, nodes: list[int], content_for, message_type: str, time
     return replies
 
 
+def suppressed_features(replies: list[codec.SiteReply]) -> dict[str, list[str]]:
+    """Per contributing site, the features its release rule withheld (small cells: a sex level, a
+    category, a rare concept); sites that released every feature are left out."""
+    out: dict[str, list[str]] = {}
+    for reply in replies:
+        if reply.released is None:
+            continue
+        withheld = [name for name, ok in zip(reply.released.feature_names, reply.released.released, strict=True)
+                    if not ok]
+        if withheld:
+            out[reply.site] = withheld
+    return out
+
+
 def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
     """Run the stats phase on any Grid and return the result (also written to ``settings.result_path``).
 
@@ -158,7 +172,8 @@ def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
         None where undefined), ``scale``), ``scaler`` (:meth:`codec.GlobalScaler.to_dict`, or None
         when fewer than ``min-contributing`` sites contributed), ``sites`` (``contributing``,
         ``withheld``, ``failed`` as ``{"site", "node", "code"}``, ``no_reply`` node ids,
-        ``scaler_acknowledged``, ``persons`` per contributing site), ``seconds``.
+        ``scaler_acknowledged``, ``persons`` per contributing site, ``suppressed``: per site the
+        features its release rule withheld), ``seconds``.
     """
     started = time.monotonic()
     audit: list[dict[str, Any]] | None = [] if settings.audit_path else None
@@ -242,6 +257,7 @@ def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
             "persons": {r.site: int(r.released.persons) for _, r in contributing if r.released is not None},
             "scaler_acknowledged": [],
             "scaler_nodes": {},
+            "suppressed": suppressed_features([r for _, r in contributing]),
         },
     }
     scaler_seconds = 0.0

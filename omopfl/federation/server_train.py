@@ -459,13 +459,18 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
         weighted = [r for r in good if _weight(r) > 0]
         if not weighted:
             raise RoundsFailed(f"round {server_round}: no site had enough rows to train on (min_cell_count)")
+        if len(weighted) < plan.min_sites:
+            # a zero-weight reply (a site below its min_cell_count) answered but did not train
+            raise RoundsFailed(f"round {server_round}: {len(weighted)} site(s) trained ({len(good)} replied; the "
+                               f"others had too few rows for their min_cell_count), fewer than min-sites "
+                               f"{plan.min_sites}")
         aggregated, train_metrics = strategy.aggregate_train(server_round, weighted)
         if aggregated is None:
             raise RoundsFailed(f"round {server_round}: the strategy could not aggregate the replies")
         if evaluate_received and rows and evaluations:
             rows[-1].update(_eval_fields(aggregate_metrics(evaluations)))
         arrays = aggregated
-        row: dict[str, Any] = {"round": server_round, "sites": len(good)}
+        row: dict[str, Any] = {"round": server_round, "sites": len(weighted), "replied": len(good)}
         spent = site_epsilons(good, sites)
         if spent:
             row["epsilon"] = spent
@@ -569,11 +574,34 @@ def initial_model(config: Mapping[str, Any], n_features: int) -> Any:
     from omopfl.models import build_model
 
     return build_model(_spec(config), n_features, int(config["model-genes"]), int(config["model-image-size"]),
-                       seed=int(config["seed"]))
+                       seed=int(config["seed"]), n_covariates=int(config.get("model-covariates", 0)))
 
 
 _IDENTITY_KEYS = ("study-hash", "model-kind", "model-hidden", "model-dropout", "local-epochs", "batch-size",
                   "learning-rate", "strategy", "proximal-mu", "test-fraction", "seed")
+
+
+def statistics_drops(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The sites lost in the statistics phase, as ``dropped`` entries of round 0.
+
+    A site that failed, did not reply, or did not take the global scaler trains in no round; the
+    manifest and the report list it with the phase and the reason (``phase: statistics``).
+    """
+    sites = stats.get("sites", {})
+    drops = []
+    for failure in sites.get("failed", []):
+        code = str(failure.get("code", ""))
+        drops.append({"site": failure.get("site") or f"node {failure.get('node')}", "round": 0,
+                      "phase": "statistics", "reason": f"{codec.ERROR_TEXT.get(code, code)} ({code})"})
+    for node in sites.get("no_reply", []):
+        drops.append({"site": f"node {node}", "round": 0, "phase": "statistics",
+                      "reason": "no statistics reply in time"})
+    taken = set(sites.get("scaler_nodes", {}))
+    for name in sites.get("contributing", []) + sites.get("withheld", []):
+        if sites.get("scaler_nodes") is not None and stats.get("scaler") is not None and name not in taken:
+            drops.append({"site": name, "round": 0, "phase": "statistics",
+                          "reason": "did not take the global scaler"})
+    return drops
 
 
 def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -635,12 +663,14 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     else:
         model = initial_model(config, len(scaler.feature_names))
         initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-        start = Checkpoint(round=0, arrays=initial, strategy_state={}, rows=[], sites=sites, dropped=[],
-                           identity=identity)
+        start = Checkpoint(round=0, arrays=initial, strategy_state={}, rows=[], sites=sites,
+                           dropped=statistics_drops(stats), identity=identity)
         for name in (CHECKPOINT_JSON, CHECKPOINT_NPZ):
             (run_dir / name).unlink(missing_ok=True)
     shared = {key: config[key] for key in ("model-kind", "model-hidden", "model-dropout", "test-fraction", "seed")}
     shared[codec.STUDY_HASH_KEY] = settings.study_hash  # each site serves only the study it approved
+    if int(config.get("model-covariates", 0)):  # a covariate study (issue 13b): its sites compare these too
+        shared.update({"model-covariates": int(config["model-covariates"]), "model-l2": float(config["model-l2"])})
     plan = RoundPlan(
         num_rounds=num_rounds,
         train_config={**shared, "local-epochs": int(config["local-epochs"]), "batch-size": int(config["batch-size"]),

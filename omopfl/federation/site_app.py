@@ -4,7 +4,8 @@
 
     message ─▶ code gate (site_runtime: the app bundle holds only a pyproject naming omopfl's own app)
             ─▶ serve(): which site (its own adapter, from the node config the site set)
-                        which message type (only train, evaluate, query.stats, query.scaler)
+                        which message type (only train, evaluate, query.stats, query.scaler,
+                                           query.covariates)
                         which study (an active approval of exactly this hash in the site's state folder)
                         which settings (every setting the message carries equals the approved study's;
                                         rounds within the study's and the policy's limit; model kind,
@@ -54,7 +55,7 @@ COMPONENT = "omopfl.federation.site_app:app"
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 """What an app bundle may hold: its pyproject and Flower's content manifest, nothing else."""
 MAX_PYPROJECT_BYTES = 1 << 20
-MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", "query.secagg")
+MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", codec.COVARIATES_QUERY, "query.secagg")
 
 app = ClientApp()
 
@@ -113,6 +114,8 @@ def _requested_study(message_type: str, content: RecordDict) -> str:
         return codec.decode_stats_request(content).study_hash
     if message_type == "query.scaler":
         return codec.decode_scaler(content).study_hash
+    if message_type == codec.COVARIATES_QUERY:
+        return codec.decode_covariates_request(content).study_hash
     if message_type == "query.secagg":
         from omopfl.federation import secure_stats
 
@@ -255,6 +258,10 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
         return reply
     if message_type == "query.scaler":
         return scaler_reply(content, context, site)
+    if message_type == codec.COVARIATES_QUERY:  # covariate discovery (issue 13b)
+        from omopfl.federation.site_covariates import covariates_reply
+
+        return covariates_reply(content, context, site)
     from omopfl.federation import site_train
 
     return site_train.handle(message_type, _admit_training(message_type, content, context, site, approved, run_id),
@@ -531,4 +538,9 @@ def _scaler(message: Message, context: Context) -> Message:
 
 @app.query("secagg")
 def _secagg_query(message: Message, context: Context) -> Message:
+    return serve(message, context)
+
+
+@app.query("covariates")
+def _covariates(message: Message, context: Context) -> Message:
     return serve(message, context)

@@ -122,12 +122,30 @@ def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any
     cached = _CACHE.get(key)
     if cached is None:
         tensors = SiteTensors.from_prepared(prepared, scaler)
+        _attach_covariates(tensors, prepared_dir / prepared.site, config)
         train_idx, test_idx = split(tensors.n, test_fraction, seed, prepared.y)
         cached = (tensors, train_idx, test_idx)
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = cached
     return (*cached, int(site.min_cell_count))
+
+
+def _attach_covariates(tensors: Any, folder: Path, config: Mapping[str, Any]) -> None:
+    """A covariate study's sparse matrix (``covariates.npz``) beside the tabular inputs (issue 13b); its width
+    must be the approved study's ``model-covariates``."""
+    wanted = int(_cfg(config, "model-covariates", int, 0))
+    if not wanted:
+        return
+    from omopfl.covariates import COVARIATES_FILE, load_matrix
+
+    path = folder / COVARIATES_FILE
+    if not path.is_file():
+        raise SiteFailure("not_prepared")
+    matrix = load_matrix(path).matrix
+    if matrix.shape != (tensors.n, wanted):
+        raise SiteFailure("study_mismatch")
+    tensors.covariates = matrix
 
 
 def _threshold(config: Mapping[str, Any]) -> float:
@@ -148,7 +166,8 @@ def _model(spec: Any, tensors: Any, content: RecordDict) -> Any:
 
     if ARRAYS not in content.array_records:
         raise codec.CodecError("arrays record missing")
-    model = build_model(spec, tensors.n_features, tensors.n_genes, tensors.image_size)
+    model = build_model(spec, tensors.n_features, tensors.n_genes, tensors.image_size,
+                        n_covariates=tensors.n_covariates)
     model.load_state_dict(content.array_records[ARRAYS].to_torch_state_dict(), strict=True)
     return model
 
@@ -201,7 +220,8 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
                         batch_size=int(_cfg(config, "batch-size", int, 64)),
                         lr=float(_cfg(config, "learning-rate", (int, float), 0.01)), proximal_mu=mu,
                         global_params=get_weights(model) if mu > 0 else None,
-                        seed=int(_cfg(config, "seed", int, 0)) * 1000 + server_round)
+                        seed=int(_cfg(config, "seed", int, 0)) * 1000 + server_round,
+                        l2=float(_cfg(config, "model-l2", (int, float), 0.0)))
     metrics: dict[str, Any] = {WEIGHT_KEY: int(stats["n"])}
     if math.isfinite(float(stats["loss"])):
         metrics["loss"] = float(stats["loss"])
