@@ -1,4 +1,4 @@
-"""``omopfl sites approve | studies | revoke | audit``: the data engineer's commands for a site's own business.
+"""``omopfl sites approve | studies | revoke | audit | identity``: a data engineer's commands for a site.
 
 They sit in the ``sites`` group beside ``sites check`` (:func:`register` adds them); each reads or
 writes only the site's state folder (:mod:`omopfl.policy`, :mod:`omopfl.audit`), never a database.
@@ -178,9 +178,26 @@ def sites_audit(
         raise DataError(f"{path}: the audit log's hash chain is broken (a line was edited or removed)")
 
 
+def sites_identity(
+    adapter: Annotated[Path, typer.Argument(help="The site's adapter TOML.")],
+) -> None:
+    """Print this site's secure-aggregation identity key (Ed25519, public part) to pin in a study.
+
+    A study's ``[privacy.participants]`` lists one such key per site; each site then masks its statistics
+    only against those sites, each key signed by its own site.  The private key stays in the site's state
+    folder (made on first use).
+    """
+    from omopfl.config import load_site
+    from omopfl.federation.site_app import identity_public_key
+
+    site = load_site(adapter)
+    sys.stdout.write(f'{site.name} = "{identity_public_key(site)}"\n')
+
+
 def register(group: typer.Typer) -> None:
     """Add the site's own commands to the ``sites`` group."""
     group.command("approve")(sites_approve)
     group.command("studies")(sites_studies)
     group.command("revoke")(sites_revoke)
     group.command("audit")(sites_audit)
+    group.command("identity")(sites_identity)

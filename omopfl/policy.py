@@ -12,6 +12,7 @@ overridable by a coordinator::
     max_rounds = 50                  # most training rounds per run (default 100)
     release_metrics = true           # whether evaluation metrics may leave (default true)
     dp_required = false              # statistics only with differential privacy (default false)
+    secure_aggregation_required = false  # statistics only as masked sums (default false)
     max_epsilon = 1.0                # largest epsilon per statistics release the site accepts (optional)
     state_dir = "site_a-state"       # approvals and the audit log (default: omopfl-site-<name> beside the adapter)
 
@@ -65,6 +66,7 @@ class SitePolicy:
     max_epsilon: float | None = None
     epsilon_budget: float | None = None
     state_dir: Path | None = None
+    secure_aggregation_required: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -80,7 +82,7 @@ def parse_policy(table: Any, path: Path, site_name: str) -> SitePolicy:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [policy] must be a table")
     known = {"allowed_models", "max_rounds", "release_metrics", "dp_required", "max_epsilon", "epsilon_budget",
-             "state_dir"}
+             "state_dir", "secure_aggregation_required"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{path}: unknown key [policy] {key}; expected one of {sorted(known)}")
@@ -92,7 +94,7 @@ def parse_policy(table: Any, path: Path, site_name: str) -> SitePolicy:
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or not 1 <= max_rounds <= 100_000:
         raise ConfigError(f"{path}: [policy] max_rounds must be an integer from 1 to 100000")
     flags = {}
-    for key, default in (("release_metrics", True), ("dp_required", False)):
+    for key, default in (("release_metrics", True), ("dp_required", False), ("secure_aggregation_required", False)):
         value = table.get(key, default)
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: [policy] {key} must be true or false")
@@ -115,7 +117,8 @@ def parse_policy(table: Any, path: Path, site_name: str) -> SitePolicy:
     folder = folder if folder.is_absolute() else base / folder
     return SitePolicy(allowed_models=tuple(models), max_rounds=max_rounds, release_metrics=flags["release_metrics"],
                       dp_required=flags["dp_required"], max_epsilon=max_epsilon,
-                      epsilon_budget=epsilons["epsilon_budget"], state_dir=folder.resolve())
+                      epsilon_budget=epsilons["epsilon_budget"], state_dir=folder.resolve(),
+                      secure_aggregation_required=flags["secure_aggregation_required"])
 
 
 def state_dir(site: SiteConfig) -> Path:
@@ -187,7 +190,7 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
         "model": {"kind": study.model.kind, "parameters": _model_parameters(study)},
         "training": {"rounds": t.rounds, "local_epochs": t.local_epochs, "batch_size": t.batch_size,
                      "learning_rate": t.learning_rate, "strategy": t.strategy, "proximal_mu": t.proximal_mu,
-                     "test_fraction": t.test_fraction, "seed": t.seed},
+                     "test_fraction": t.test_fraction, "seed": t.seed, "min_sites": t.min_sites},
         "settings": training_settings(study),
         "leaves": {
             "statistics": "per feature: count, mean and sum of squared deviations over at least "
@@ -202,7 +205,9 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
         "privacy": {"statistics_epsilon": study.privacy.statistics_epsilon, "delta": study.privacy.delta,
                     "bounds": {name: [low, high] for name, low, high in study.privacy.bounds},
                     "dp_sgd": study.privacy.dp_sgd, "target_epsilon": study.privacy.target_epsilon,
-                    "max_grad_norm": study.privacy.max_grad_norm, "budget_epsilon": study.privacy.budget_epsilon},
+                    "max_grad_norm": study.privacy.max_grad_norm, "budget_epsilon": study.privacy.budget_epsilon,
+                    "secure_aggregation": study.privacy.secure_aggregation,
+                    "participants": dict(study.privacy.participants)},
         "min_cell_count": site.min_cell_count,
         **_covariates_summary(study, site),
     }
@@ -233,6 +238,9 @@ def policy_problems(study: StudyConfig, site: SiteConfig) -> list[str]:
         problems.append(f"the study asks for {study.training.rounds} rounds, more than [policy] max_rounds "
                         f"{policy.max_rounds}")
     privacy = study.privacy
+    if policy.secure_aggregation_required and not privacy.secure_aggregation:
+        problems.append("[policy] secure_aggregation_required = true: the study must set [privacy] "
+                        "secure_aggregation = true")
     if policy.dp_required:
         if privacy.statistics_epsilon is None:
             problems.append("[policy] dp_required = true: the study must set [privacy] statistics_epsilon and bounds")

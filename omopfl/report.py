@@ -111,6 +111,19 @@ def write_report(run_dir: str | Path) -> Path:
                   "| metric | federated | pooled (site-weighted) |", "|---|---|---|"]
         for key in ("auc", "accuracy", "f1", "kappa", "loss"):
             lines.append(f"| {key} | {_fmt(last.get('eval_' + key))} | {_fmt(weighted.get(key))} |")
+    privacy = manifest.get("privacy") or {}
+    if privacy.get("epsilon_per_site"):
+        per_round = privacy.get("epsilon_per_round", {})
+        names = sorted(privacy["epsilon_per_site"])
+        lines += ["", "## Privacy: epsilon spent per site (DP-SGD)", "",
+                  "Each site's own count of the epsilon it has spent on this study in all (statistics and "
+                  "DP-SGD rounds, basic composition; its budget ledger), as it reported it with its train replies.",
+                  "", "| site | epsilon |", "|---|---|"]
+        lines += [f"| {name} | {privacy['epsilon_per_site'][name]:.4f} |" for name in names]
+        if per_round:
+            lines += ["", "| round | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for key in sorted(per_round, key=int):
+                lines.append(f"| {key} | " + " | ".join(_fmt(per_round[key].get(name)) for name in names) + " |")
     dropped = manifest.get("dropped") or []
     if dropped or manifest.get("resumed_from_round"):
         lines += ["", "## Faults", ""]

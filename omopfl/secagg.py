@@ -211,10 +211,15 @@ class SecAggSession:
         Fixed-point fractional bits (resolution ``2**-frac_bits``); all sites of a run must use the same.
     identity_key:
         Optional long-lived Ed25519 key of this site; signs :meth:`public_bundle` (see the threat model).
+    private_key:
+        This run's X25519 private key when it was made before the participants were known (a site
+        publishes its key first and learns the participant list with the masking request); default a
+        fresh one.
     """
 
     def __init__(self, site: str, sites: Iterable[str], run_id: str, *, frac_bits: int = DEFAULT_FRAC_BITS,
-                 identity_key: Ed25519PrivateKey | None = None) -> None:
+                 identity_key: Ed25519PrivateKey | None = None,
+                 private_key: X25519PrivateKey | None = None) -> None:
         self.sites = _sites(sites)
         if site not in self.sites:
             raise SecAggError(f"site {site!r} is not one of the sites {self.sites}")
@@ -224,7 +229,7 @@ class SecAggSession:
         self.run_id = run_id
         self.frac_bits = _check_frac_bits(frac_bits)
         self._digest = _sites_digest(self.sites)
-        self._private = X25519PrivateKey.generate()
+        self._private = private_key if private_key is not None else X25519PrivateKey.generate()
         self._public = self._private.public_key().public_bytes(serialization.Encoding.Raw,
                                                                 serialization.PublicFormat.Raw)
         self._identity = identity_key

@@ -193,6 +193,8 @@ class PrivacySpec:
     target_epsilon: float | None = None
     max_grad_norm: float = 1.0
     budget_epsilon: float | None = None
+    secure_aggregation: bool = False
+    participants: tuple[tuple[str, str], ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -462,7 +464,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
     import math
 
     r.keys(t, "privacy", {"statistics_epsilon", "delta", "bounds", "dp_sgd", "target_epsilon", "max_grad_norm",
-                          "budget_epsilon"})
+                          "budget_epsilon", "secure_aggregation", "participants"})
 
     def positive(key: str, default: float | None) -> float | None:
         value = r.get(t, "privacy", key, (int, float), default)
@@ -485,13 +487,22 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
             raise r.fail(f"[privacy.bounds] {feature}", "must be [low, high] with finite low < high")
         bounds.append((str(feature), float(pair[0]), float(pair[1])))
     statistics_epsilon = positive("statistics_epsilon", None)
+    participants = []
+    for site_name, key in r.get(t, "privacy", "participants", dict, {}).items():
+        if not isinstance(key, str) or len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise r.fail(f"[privacy.participants] {site_name}",
+                         "must be the site's Ed25519 identity public key, 64 lower-case hex digits "
+                         "(omopfl.federation.site_app.identity_public_key)")
+        participants.append((str(site_name), key))
     dp_sgd = r.get(t, "privacy", "dp_sgd", bool, False)
     target = positive("target_epsilon", None)
     if dp_sgd and target is None:
         raise r.fail("[privacy] target_epsilon", "is required with dp_sgd = true (the whole study's epsilon per site)")
     return PrivacySpec(statistics_epsilon=statistics_epsilon, delta=delta, bounds=tuple(bounds), dp_sgd=dp_sgd,
                        target_epsilon=target, max_grad_norm=positive("max_grad_norm", 1.0) or 1.0,
-                       budget_epsilon=positive("budget_epsilon", None))
+                       budget_epsilon=positive("budget_epsilon", None),
+                       secure_aggregation=r.get(t, "privacy", "secure_aggregation", bool, False),
+                       participants=tuple(sorted(participants)))
 
 
 def load_study(path: str | Path) -> StudyConfig:

@@ -100,6 +100,7 @@ ERROR_CODES = frozenset({
     "not_allowed",         # a message type omopfl's site app does not serve
     "release_rule",        # the reply would break the site's release rule (omopfl.release)
     "budget_spent",        # the study's privacy budget at this site is spent (omopfl.budget)
+    "secagg_refused",      # a secure-aggregation step was refused (participants, keys, order; omopfl.secagg)
 })
 """Fixed error codes a site may send; nothing else about an error leaves a site."""
 
@@ -111,6 +112,7 @@ ERROR_TEXT: Mapping[str, str] = {
     "feature_mismatch": "features differ", "bad_request": "malformed message", "dp_bounds": "DP bounds missing",
     "internal": "internal error", "release_rule": "withheld by the release rule",
     "budget_spent": "privacy budget spent",
+    "secagg_refused": "secure aggregation refused",
 }
 """What the coordinator's log says for each code."""
 
@@ -639,9 +641,12 @@ def study_dp_config(study: Any) -> dict[str, Any]:
     import json
 
     privacy = getattr(study, "privacy", None)
-    if privacy is None or privacy.statistics_epsilon is None:
+    if privacy is None:
         return {}
-    return {"dp-epsilon": float(privacy.statistics_epsilon), "dp-delta": float(privacy.delta),
+    if privacy.statistics_epsilon is None:
+        return {"secure-aggregation": True} if privacy.secure_aggregation else {}
+    return {**({"secure-aggregation": True} if privacy.secure_aggregation else {}),
+            "dp-epsilon": float(privacy.statistics_epsilon), "dp-delta": float(privacy.delta),
             "dp-bounds": json.dumps({name: [float(low), float(high)] for name, low, high in privacy.bounds})}
 
 

@@ -57,7 +57,7 @@ WRITE_INTERVAL = 0.5
 SITE_STATES = ("connected", "training", "replied", "late", "dropped", "withheld", "refused", "failed", "done")
 FAULT_CODES = frozenset({"internal", "malformed", "duplicate_site", "no_reply"})
 """Stats-phase codes that are faults, not a site's decision (``flower_error_*`` too): state ``failed``."""
-_STATS_TYPES = ("query.stats", "query.scaler")
+_STATS_TYPES = ("query.stats", "query.scaler", "query.secagg")
 
 
 def _now() -> str:

@@ -62,6 +62,7 @@ APP_CONFIG: dict[str, Any] = {
     "timeout": 600.0,
     "send-scaler": True,
     "dp-epsilon": 0.0,
+    "secure-aggregation": False,
     "dp-delta": 1e-6,
     "dp-bounds": "",
 }

@@ -65,7 +65,7 @@ from omopfl.federation.codec import TRAIN_METRICS as METRICS
 from omopfl.federation.server_app import Settings, federated_statistics, write_json
 
 __all__ = ["train_app", "federated_training", "run_rounds", "FastGrid", "TRAIN_CONFIG", "write_run_dir",
-           "CHECKPOINT_JSON", "CHECKPOINT_NPZ", "RoundsFailed"]
+           "CHECKPOINT_JSON", "CHECKPOINT_NPZ", "RoundsFailed", "site_epsilons", "privacy_summary"]
 
 _log = logging.getLogger("flwr.omopfl")
 
@@ -406,6 +406,34 @@ def _weight(reply: Message) -> int:
         return 0
 
 
+def site_epsilons(replies: Sequence[Message], sites: Mapping[str, int]) -> dict[str, float]:
+    """Each site's ``epsilon`` of its train reply (spent in all on the study at that site), by site name.
+
+    Sites that train with DP-SGD report it (:func:`omopfl.federation.site_train._train_dp`); a site
+    without DP reports none and is left out.
+    """
+    names = {node: name for name, node in sites.items()}
+    out: dict[str, float] = {}
+    for reply in replies:
+        metrics = reply.content.metric_records.get(METRICS)
+        value = None if metrics is None else metrics.get("epsilon")
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value)):
+            out[names.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")] = float(value)
+    return dict(sorted(out.items()))
+
+
+def privacy_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The epsilon each site reported spending on the study, per round and after the last round it trained."""
+    per_round = {int(r["round"]): dict(r["epsilon"]) for r in rows if r.get("epsilon")}
+    if not per_round:
+        return None
+    final: dict[str, float] = {}
+    for server_round in sorted(per_round):
+        final.update(per_round[server_round])
+    return {"epsilon_per_site": dict(sorted(final.items())),
+            "epsilon_per_round": {str(k): v for k, v in sorted(per_round.items())}}
+
+
 def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint) -> Checkpoint:
     """Rounds ``start.round + 1 .. plan.num_rounds`` and the final evaluation; checkpoint after each."""
     sites, dropped, rows = dict(start.sites), list(start.dropped), [dict(r) for r in start.rows]
@@ -443,6 +471,9 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
             rows[-1].update(_eval_fields(aggregate_metrics(evaluations)))
         arrays = aggregated
         row: dict[str, Any] = {"round": server_round, "sites": len(weighted), "replied": len(good)}
+        spent = site_epsilons(good, sites)
+        if spent:
+            row["epsilon"] = spent
         train = dict(train_metrics or {})
         row.update({"train_loss": _finite(train.get("loss")), "train_n": train.get("n")})
         if not plan.evaluate_on_train:
@@ -674,6 +705,9 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
         "bytes": {"sent": fast.bytes_sent, "received": fast.bytes_received,
                   "model": int(sum(v.nbytes for v in final.arrays.values()))},
     }
+    privacy = privacy_summary(rounds)
+    if privacy is not None:  # DP-SGD: the epsilon each site reported spending on the study
+        manifest["privacy"] = privacy
     if final.dropped:
         _log.warning("omopfl: the run finished without %s", ", ".join(d["site"] for d in final.dropped))
     written = write_run_dir(run_dir, state=final.arrays, scaler=stats["scaler"], stats=stats, rounds=rounds,

@@ -36,6 +36,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -44,7 +45,8 @@ from omopfl.config import SiteConfig, load_site
 from omopfl.federation import codec
 from omopfl.federation.client_app import SiteFailure, error_code, scaler_reply, stats_reply
 
-__all__ = ["app", "serve", "refuse", "check_bundle", "audit_path", "COMPONENT", "MESSAGE_TYPES", "Refusal"]
+__all__ = ["app", "serve", "refuse", "check_bundle", "audit_path", "COMPONENT", "MESSAGE_TYPES", "Refusal",
+           "identity_public_key"]
 
 _log = logging.getLogger("omopfl.site")
 
@@ -53,7 +55,7 @@ COMPONENT = "omopfl.federation.site_app:app"
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 """What an app bundle may hold: its pyproject and Flower's content manifest, nothing else."""
 MAX_PYPROJECT_BYTES = 1 << 20
-MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", codec.COVARIATES_QUERY)
+MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", codec.COVARIATES_QUERY, "query.secagg")
 
 app = ClientApp()
 
@@ -114,6 +116,10 @@ def _requested_study(message_type: str, content: RecordDict) -> str:
         return codec.decode_scaler(content).study_hash
     if message_type == codec.COVARIATES_QUERY:
         return codec.decode_covariates_request(content).study_hash
+    if message_type == "query.secagg":
+        from omopfl.federation import secure_stats
+
+        return secure_stats.decode_request(content).study_hash
     config = content.config_records.get(codec.TRAIN_CONFIG)
     value = None if config is None else config.get(codec.STUDY_HASH_KEY)
     if not isinstance(value, str):
@@ -237,7 +243,13 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
         raise Refusal("study_not_approved")
     if _prepared_study_hash(context, site) != approved.hash:
         raise SiteFailure("study_mismatch")
+    if message_type == "query.secagg":
+        return _secagg(content, context, site, approved, run_id, spent)
     if message_type == "query.stats":
+        if _privacy(approved).get("secure_aggregation"):  # the study's statistics leave only as masked sums
+            raise Refusal("settings_mismatch")
+        if site.policy.secure_aggregation_required:
+            raise Refusal("policy")
         dp = _admit_stats(content, site, approved)
         reply = stats_reply(content, context, site, approved.summary, dp=dp)
         if dp is not None and codec.decode_site_reply(reply).status == "ok":
@@ -254,6 +266,147 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
 
     return site_train.handle(message_type, _admit_training(message_type, content, context, site, approved, run_id),
                              context)
+
+
+def _secagg_state(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -> Path:
+    return policy.state_dir(site) / "secagg" / f"{approved.hash[:32]}-{int(run_id)}.json"
+
+
+def _write_private(path: Path, data: dict[str, Any]) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
+
+
+def _identity_key(site: SiteConfig) -> Any:
+    """The site's long-lived Ed25519 identity key for secure aggregation (made on first use, state folder)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = policy.state_dir(site) / "secagg" / "identity.json"
+    if path.is_file():
+        return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(json.loads(path.read_text())["key"]))
+    key = Ed25519PrivateKey.generate()
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    _write_private(path, {"key": raw.hex()})
+    return key
+
+
+def identity_public_key(site: SiteConfig) -> str:
+    """The site's Ed25519 identity public key (hex), to pin in a study's ``[privacy.participants]``."""
+    from cryptography.hazmat.primitives import serialization
+
+    return _identity_key(site).public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw).hex()
+
+
+def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: policy.ApprovedStudy, run_id: int,
+            spent: dict[str, float]) -> RecordDict:
+    """The site's side of :mod:`omopfl.federation.secure_stats`: publish a run key, then mask its release.
+
+    The run's X25519 private key and the release stay in the site's state folder between the steps; each
+    mask round is answered once per run; the participant list must name this site with its own key and
+    at least ``max(3, the study's min_sites)`` distinct sites.  The release is the one ``query.stats``
+    would send (release rule, the study's DP charged to the ledger once)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from omopfl import secagg
+    from omopfl.federation import secure_stats
+    from omopfl.stats import Released
+
+    if not _privacy(approved).get("secure_aggregation"):
+        raise Refusal("settings_mismatch")
+    request = secure_stats.decode_request(content)
+    path = _secagg_state(site, approved, run_id)
+    run = f"{approved.hash}:{int(run_id)}"
+    if request.phase == "keys":
+        if path.is_file():  # one key per run: a second key set would allow sums over other participant sets
+            raise SiteFailure("secagg_refused")
+        # the release is made once, now, as query.stats would send it (release rule; DP charged once)
+        dp = None
+        privacy = _privacy(approved)
+        if privacy.get("statistics_epsilon") is not None:
+            bounds = {str(k): (float(v[0]), float(v[1])) for k, v in dict(privacy.get("bounds") or {}).items()}
+            dp = codec.DPRequest(float(privacy["statistics_epsilon"]), float(privacy["delta"]), bounds)
+        plain = codec.encode_stats_request(approved.hash, dp)
+        dp = _admit_stats(plain, site, approved)
+        reply = stats_reply(plain, context, site, approved.summary, dp=dp)
+        release.check_reply("query.stats", {name: dict(record) for name, record in reply.items()},
+                            site.min_cell_count)
+        decoded = codec.decode_site_reply(reply)
+        if decoded.status == "error":
+            raise SiteFailure(decoded.code)
+        contributed = decoded.status == "ok" and decoded.released is not None
+        if dp is not None and contributed:
+            ledger, _limit = _ledger(site, approved)
+            spent.update(epsilon=dp.epsilon, epsilon_total=ledger.charge(statistics=dp.epsilon))
+        private = X25519PrivateKey.generate()
+        raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                    serialization.NoEncryption())
+        record = decoded.released.to_record() if contributed and decoded.released is not None else None
+        _write_private(path, {"key": raw.hex(), "rounds": [], "names": list(decoded.feature_names),
+                              "release": record})
+        public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        signature = _identity_key(site).sign(secagg.PublicKeyBundle(site.name, run, public).signed_bytes())
+        return secure_stats.encode_keys_reply(site.name, public, list(decoded.feature_names), signature)
+    if not path.is_file():
+        raise SiteFailure("secagg_refused")
+    state = json.loads(path.read_text())
+    if request.round in state["rounds"] or (request.round == 2 and 1 not in state["rounds"]):
+        raise SiteFailure("secagg_refused")
+    need = max(secagg.MIN_SITES, int(approved.summary.get("training", {}).get("min_sites") or 1))
+    if len(set(request.sites)) != len(request.sites) or len(request.sites) < need or site.name not in request.sites:
+        _log.warning("omopfl site %s: secure aggregation refused: %d participant(s) listed, %d needed, this site "
+                     "%s", site.name, len(set(request.sites)), need,
+                     "listed" if site.name in request.sites else "not listed")
+        raise SiteFailure("secagg_refused")
+    pinned = dict(_privacy(approved).get("participants") or {})
+    trusted = None
+    if pinned:  # only the sites the approved study names, each bundle signed by its pinned identity key
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        if any(name not in pinned for name in request.sites):
+            _log.warning("omopfl site %s: secure aggregation refused: a participant is not pinned in the study",
+                         site.name)
+            raise SiteFailure("secagg_refused")
+        trusted = {name: Ed25519PublicKey.from_public_bytes(bytes.fromhex(key)) for name, key in pinned.items()}
+    private = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["key"]))
+    k = len(state["names"])
+    try:
+        session = secagg.SecAggSession(site.name, request.sites, run, private_key=private,
+                                       frac_bits=secure_stats.FRAC_BITS)
+        session.set_peer_keys([{"site": name, "run_id": run, "public_key": key, "signature": signature}
+                               for name, key, signature in zip(request.sites, request.keys, request.signatures,
+                                                               strict=True)], trusted=trusted)
+        released = None if state["release"] is None else Released.from_record(state["release"])
+        if request.round == 1:
+            vector = np.zeros(2 + 2 * k) if released is None else secure_stats.round1_vector(released, True)
+        else:
+            if len(request.centre) != k:
+                raise secagg.SecAggError(f"centre has {len(request.centre)} values for {k} features")
+            vector = np.zeros(k) if released is None else secure_stats.round2_vector(released, True,
+                                                                                     request.centre)
+        masked = session.mask(vector, f"round-{request.round}", "moments")
+    except secagg.SecAggError as exc:
+        _log.warning("omopfl site %s: secure aggregation refused: %s", site.name, exc)
+        raise SiteFailure("secagg_refused") from None
+    state["rounds"].append(request.round)
+    if request.round == 2:
+        path.unlink()  # the run's key is not needed any more
+    else:
+        _write_private(path, state)
+    return secure_stats.encode_masked_reply(masked)
+
+
+def _feature_names(context: Context, site: SiteConfig) -> list[str]:
+    folder = Path(str(context.node_config.get("prepared-dir", ""))) / site.name
+    return list(json.loads((folder / "manifest.json").read_text()).get("feature_names", []))
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +533,11 @@ def _stats(message: Message, context: Context) -> Message:
 
 @app.query("scaler")
 def _scaler(message: Message, context: Context) -> Message:
+    return serve(message, context)
+
+
+@app.query("secagg")
+def _secagg_query(message: Message, context: Context) -> Message:
     return serve(message, context)
 
 
