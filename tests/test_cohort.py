@@ -282,7 +282,7 @@ def test_existing_id_is_refused_and_kept(synth_site: Site) -> None:
 
 
 def test_database_error_mid_build_leaves_previous_cohort(synth_site: Site, tmp_path: Path) -> None:
-    """A DrugEra criterion needs drug_era, which the synthetic CDM lacks: the build fails part-way."""
+    """A DrugEra criterion needs drug_era, hidden here from the synthetic CDM: the build fails part-way."""
     good = load_definition(COHORTS / "incident_t2dm.yaml")
     build_cohorts(synth_site.engine, synth_site.config, [(good, 170)], replace=True)
     before = _cohort_rows(synth_site, 170)
@@ -293,8 +293,15 @@ def test_database_error_mid_build_leaves_previous_cohort(synth_site: Site, tmp_p
     text = (COHORTS / "eunomia_celecoxib_new_users.yaml").read_text().replace(
         "{drug_exposure: celecoxib, first: true}", "{drug_era: celecoxib}").replace("1118084", "1503297")
     bad = load_definition(_write(tmp_path, "era.yaml", text))
-    with pytest.raises(DatabaseError, match=r"failed at statement \d+/\d+ .*nothing was changed"):
-        build_cohorts(synth_site.engine, synth_site.config, [(good, 171), (bad, 170)], replace=True)
+    cdm = synth_site.config.cdm_schema
+    with synth_site.engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {qualified(cdm, 'drug_era')} RENAME TO drug_era_hidden"))
+    try:
+        with pytest.raises(DatabaseError, match=r"failed at statement \d+/\d+ .*nothing was changed"):
+            build_cohorts(synth_site.engine, synth_site.config, [(good, 171), (bad, 170)], replace=True)
+    finally:
+        with synth_site.engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE {qualified(cdm, 'drug_era_hidden')} RENAME TO drug_era"))
     assert _cohort_rows(synth_site, 170) == before
     assert _cohort_rows(synth_site, 171) == []  # the whole batch rolled back, the good one too
     with synth_site.engine.connect() as conn:
