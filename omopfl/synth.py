@@ -1020,9 +1020,13 @@ class _ChunkBuilder:
         yy, xx = np.mgrid[0:size, 0:size]
         cx = size / 2 + rng.normal(0.0, 4.0, len(s))
         cy = size / 2 + rng.normal(0.0, 4.0, len(s))
+        # The latent signal sets the blob's brightness and its width: the width survives the per-image
+        # intensity normalization of omopfl's linking (which maps every blob's peak to about 1).
         amplitude = np.clip(520.0 + 240.0 * u_image[s], 40.0, 1600.0)
+        width = np.clip(6.0 + 1.5 * u_image[s], 2.5, 10.0)
         blob = amplitude[:, None, None] * np.exp(
-            -((xx[None] - cx[:, None, None]) ** 2 + (yy[None] - cy[:, None, None]) ** 2) / (2 * 6.0**2))
+            -((xx[None] - cx[:, None, None]) ** 2 + (yy[None] - cy[:, None, None]) ** 2)
+            / (2 * width[:, None, None] ** 2))
         pixels = np.clip(900.0 + blob + rng.normal(0.0, 25.0, (len(s), size, size)), 0, 65535).astype(np.uint16)
         jobs: list[_ImageJob] = []
         study, series, paths = [], [], []

@@ -191,8 +191,15 @@ def _image_brightness(path: Path) -> float:
     return float(np.sort(pixels.ravel())[-64:].mean())
 
 
+def _normalized_blob_area(path: Path) -> float:
+    """Pixels above half the range once the image is normalized as omopfl's linking does (percentiles)."""
+    pixels = pydicom.dcmread(path).pixel_array.astype(float)
+    lo, hi = np.percentile(pixels, [1.0, 99.0])
+    return float((np.clip((pixels - lo) / (hi - lo), 0, 1) > 0.5).sum())
+
+
 def test_dicom_files_match_image_occurrence(world: World) -> None:
-    brightness, labels = [], []
+    brightness, widths, labels = [], [], []
     for s in world.summaries:
         site = load_site(s.adapter)
         rows = world.query(s, """
@@ -213,8 +220,10 @@ def test_dicom_files_match_image_occurrence(world: World) -> None:
             assert ds.pixel_array.shape == (64, 64) and ds.pixel_array.dtype == np.uint16
             assert procedure == modality == 4013636 and procedure_day == day
             brightness.append(_image_brightness(site.image_root / local_path))
+            widths.append(_normalized_blob_area(site.image_root / local_path))
             labels.append(person_id in outcome)
     assert bayes_auc(np.array(brightness), np.array(labels)) > 0.6  # the blob carries outcome signal
+    assert bayes_auc(np.array(widths), np.array(labels)) > 0.6  # and so does its width after normalization
 
 
 def test_omics_manifest_matches_specimen_rows(world: World) -> None:
