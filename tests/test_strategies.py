@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ torch.set_num_threads(1)
 def _training(base: str, lines: str) -> str:
     """The t2dm_hf study text with its ``[training]`` strategy/epochs lines replaced by ``lines``."""
     text = base.replace('local_epochs = 2\n', '').replace('strategy = "fedavg"\n', lines.strip() + "\n")
+    if "learning_rate" in lines:
+        text = text.replace("learning_rate = 0.05\n", "", 1)
     assert lines.strip() in text
     return text
 
@@ -338,3 +341,153 @@ def test_strategies_refuse_replies_they_cannot_aggregate() -> None:
         assert nova.aggregate_train(1, [_reply({"x": np.ones(2)}, {"num-examples": 5}, 1)]) == (None, None)
         assert scaffold.aggregate_train(1, [_reply({"x": np.ones(2)}, {"num-examples": 5}, 1)]) == (None, None)
     assert SCAFFOLD_C_PREFIX != SCAFFOLD_DC_PREFIX
+
+
+# --------------------------------------------------------------------------------------------
+# real federated runs (in process, three prepared synthetic sites on DuckDB)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def federation(prepared_sites_factory) -> dict[str, Any]:
+    return prepared_sites_factory("strategies", approve=False)
+
+
+def _variant(federation: dict[str, Any], tag: str, lines: str) -> dict[str, Any]:
+    """The federation's study with other ``[training]`` lines, prepared and approved at every site."""
+    from omopfl import policy
+    from omopfl.config import load_site
+    from omopfl.db import make_engine
+    from omopfl.prepare import prepare_site
+
+    study = federation["tmp"] / f"study_{tag}.toml"
+    study.write_text(_training(federation["study"].read_text(), lines))
+    spec = load_study(study)
+    prepared = federation["tmp"] / f"prepared_{tag}"
+    for adapter in federation["adapters"]:
+        site = load_site(adapter)
+        engine = make_engine(site.database_url())
+        try:
+            prepare_site(engine, site, spec, prepared)
+        finally:
+            engine.dispose()
+        policy.approve(site, spec)
+    return {"study": study, "prepared": prepared, "spec": spec}
+
+
+def _train_replies(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in json.loads((run_dir / "audit.json").read_text())["replies"] if r["message_type"] == "train"]
+
+
+def test_fedadam_run_uses_the_studys_server_settings(federation) -> None:
+    from omopfl.federation.train import run_training
+
+    variant = _variant(federation, "fedadam", 'strategy = "fedadam"\neta = 0.05\nbeta_1 = 0.8\nbeta_2 = 0.95\n'
+                                              'tau = 0.01\nlocal_epochs = 1')
+    run_dir = federation["tmp"] / "run_fedadam"
+    manifest = run_training(variant["study"], federation["adapters"], variant["prepared"], out_dir=run_dir, rounds=2)
+    training = manifest["training"]  # read off the strategy object the run used
+    assert (training["strategy"], training["eta"], training["beta_1"], training["beta_2"], training["tau"]) == (
+        "fedadam", 0.05, 0.8, 0.95, 0.01)
+    assert training["eta_l"] == 0.1  # absent: Flower's default
+    assert manifest["final"]["eval_auc"] is not None and manifest["final"]["train_n"] > 0
+    with np.load(run_dir / "checkpoint.npz") as saved:  # FedAdam's moments are checkpointed
+        assert any(name.startswith("m_t/") for name in saved.files)
+
+
+def test_fednova_run_sites_take_the_studys_local_steps_and_momentum(federation) -> None:
+    """Every site (1200, 800 and 450 persons) takes exactly ``local_steps`` SGD steps with the study's
+    momentum: the FedNova normaliser each one reports is ``a(20, 0.5)``; pooled training uses the same
+    optimizer."""
+    from omopfl.federation.train import run_training
+    from omopfl.pooled import train_pooled
+
+    variant = _variant(federation, "fednova", 'strategy = "fednova"\noptimizer = "sgd"\nmomentum = 0.5\n'
+                                              'weight_decay = 0.0001\nlocal_steps = 20\nlearning_rate = 0.2')
+    run_dir = federation["tmp"] / "run_fednova"
+    manifest = run_training(variant["study"], federation["adapters"], variant["prepared"], out_dir=run_dir,
+                            rounds=2, audit=True)
+    assert manifest["training"]["strategy"] == "fednova" and manifest["training"]["local_steps"] == 20
+    rows = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    # it learns (at threshold 0.5 the release rule may withhold a round's evaluation at small sites)
+    assert max(r["eval_auc"] or 0.0 for r in rows) > 0.6, rows
+    replies = _train_replies(run_dir)
+    assert len(replies) == 6
+    for reply in replies:
+        metrics = reply["content"]["metrics"]
+        assert set(metrics) <= {"num-examples", "loss", FEDNOVA_A}
+        assert metrics["num-examples"] > 0 and metrics[FEDNOVA_A] == pytest.approx(fednova_normaliser(20, 0.5))
+    pooled = train_pooled(variant["study"], federation["adapters"], variant["prepared"],
+                          out_dir=federation["tmp"] / "pooled_fednova", rounds=2)
+    assert (pooled["config"]["training"]["optimizer"], pooled["config"]["training"]["steps"]) == ("sgd", 40)
+    assert pooled["config"]["training"]["momentum"] == 0.5
+
+
+def test_scaffold_run_keeps_control_variates_across_resume(federation) -> None:
+    """SCAFFOLD in process: each site keeps its own c_i in its state folder; the server's c is the sum of
+    the sites' changes over N (here every site trains, so c = mean c_i after round 1); after --resume the
+    server's c continues from the checkpoint (the sites' c_i start again at zero in the new run)."""
+    from omopfl import policy
+    from omopfl.config import load_site
+    from omopfl.federation.train import run_training
+
+    variant = _variant(federation, "scaffold", 'strategy = "scaffold"\noptimizer = "sgd"\nlocal_steps = 4\n'
+                                               'eta = 1.0')
+    states = [policy.state_dir(load_site(a)) / "scaffold" for a in federation["adapters"]]
+
+    def site_controls() -> dict[Path, dict[str, np.ndarray]]:
+        out = {}
+        for folder in states:
+            for path in folder.glob("*.npz"):
+                with np.load(path) as saved:
+                    out[path] = {k: saved[k] for k in saved.files}
+        return out
+
+    def server_control(run_dir: Path) -> dict[str, np.ndarray]:
+        with np.load(run_dir / "checkpoint.npz") as saved:
+            return {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith("c_global/")}
+
+    run_dir = federation["tmp"] / "run_scaffold"
+    manifest = run_training(variant["study"], federation["adapters"], variant["prepared"], out_dir=run_dir,
+                            rounds=1, audit=True)
+    assert manifest["final"]["train_n"] > 0
+    first = site_controls()
+    assert len(first) == 3  # one c_i per site, for this run
+    c1 = server_control(run_dir)
+    assert set(c1) == {"linear.weight", "linear.bias"} and any(np.abs(v).max() > 0 for v in c1.values())
+    for key, value in c1.items():
+        np.testing.assert_allclose(value, sum(c[key] for c in first.values()) / 3, rtol=1e-5, atol=1e-7)
+    for reply in _train_replies(run_dir):
+        arrays = reply["content"]["arrays"]
+        assert set(arrays) == {"linear.weight", "linear.bias", SCAFFOLD_DC_PREFIX + "linear.weight",
+                               SCAFFOLD_DC_PREFIX + "linear.bias"}
+
+    manifest = run_training(variant["study"], federation["adapters"], variant["prepared"], out_dir=run_dir,
+                            rounds=2, resume=True)
+    assert manifest["resumed_from_round"] == 1 and manifest["final"]["round"] == 2
+    second = {p: c for p, c in site_controls().items() if p not in first}
+    assert len(second) == 3  # the new run's c_i (zero before its round)
+    c2 = server_control(run_dir)
+    for key in c1:
+        np.testing.assert_allclose(c2[key], c1[key] + sum(c[key] for c in second.values()) / 3, rtol=1e-5,
+                                   atol=1e-7)
+
+
+def test_sites_refuse_local_settings_other_than_the_approved_ones(federation) -> None:
+    """A coordinator sending other local steps (or a site-side strategy the study does not name) is refused:
+    the site computes only with the study it approved."""
+    from omopfl import audit
+    from omopfl.config import load_site
+    from omopfl.errors import ConfigError, FederationError
+    from omopfl.federation.site_app import audit_path
+    from omopfl.federation.train import run_training
+
+    variant = _variant(federation, "nova_refuse", 'strategy = "fednova"\noptimizer = "sgd"\nlocal_steps = 3')
+    with pytest.raises(FederationError, match="min-sites"):
+        run_training(variant["study"], federation["adapters"], variant["prepared"],
+                     out_dir=federation["tmp"] / "run_lying", rounds=1, extra_run_config={"local-steps": 9})
+    last = audit.read(audit_path(load_site(federation["adapters"][0])))[-1]
+    assert (last["message_type"], last["outcome"], last["code"]) == ("train", "refused", "settings_mismatch")
+    with pytest.raises(ConfigError, match="fednova and scaffold change what a site computes"):
+        run_training(variant["study"], federation["adapters"], variant["prepared"],
+                     out_dir=federation["tmp"] / "run_override", rounds=1, strategy="fedavg")
