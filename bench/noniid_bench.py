@@ -62,7 +62,7 @@ def study_text(strategy: str, rounds: int, lr: float, mu: float) -> str:
     """The base study with absolute cohort paths, no linked files and the strategy's ``[training]``."""
     text = BASE_STUDY.read_text().replace('"../cohorts/', f'"{ROOT}/cohorts/')
     text = text.replace("enabled = true", "enabled = false")
-    head = text[:text.index("[training]")]
+    head = text[:text.index("\n[training]\n") + 1]
     extra = {"fedavg": "", "fedprox": f"proximal_mu = {mu}\n", "fednova": "", "scaffold": "eta = 1.0\n"}[strategy]
     return head + (f'[training]\nrounds = {rounds}\nlocal_epochs = 1\nbatch_size = 32\nlearning_rate = {lr}\n'
                    f'strategy = "{strategy}"\n{extra}optimizer = "sgd"\nmin_sites = 2\ntest_fraction = 0.25\n'
