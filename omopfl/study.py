@@ -20,6 +20,7 @@ from typing import Any
 
 from omopfl.covariate_sets import CovariateSettings, parse_covariates
 from omopfl.errors import ConfigError
+from omopfl.models import BATCHNORM_KINDS, IMAGE_KINDS, MODEL_KINDS, min_image_size
 
 __all__ = [
     "StudyConfig",
@@ -66,7 +67,7 @@ VALUE_TABLES: dict[str, tuple[str, str, str, str, str]] = {
 VALUE_AGGREGATES = ("last", "mean", "min", "max", "count")
 UNITLESS = "1"  # the UCUM code of a declared unitless (dimensionless) value
 OTHER_LEVEL = "other"  # the one-hot level of a categorical value in none of the study's levels
-MODELS = ("logistic", "mlp", "cnn", "fusion")
+MODELS = MODEL_KINDS
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fednova", "scaffold")
 ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # server-side optimizers (Reddi et al. 2021)
 SITE_STRATEGIES = ("fednova", "scaffold")  # strategies that change what a site computes and releases
@@ -749,8 +750,10 @@ def load_study(path: str | Path) -> StudyConfig:
     kind = r.get(m, "model", "kind", str, "logistic")
     if kind not in MODELS:
         raise r.fail("[model] kind", f"must be one of {', '.join(MODELS)}")
-    if kind in {"cnn", "fusion"} and not imaging.enabled:
+    if kind in IMAGE_KINDS and not imaging.enabled:
         raise r.fail("[model] kind", f"{kind} needs [linking.images] enabled = true")
+    if kind in IMAGE_KINDS and imaging.size < min_image_size(kind):
+        raise r.fail("[linking.images] size", f"must be at least {min_image_size(kind)} for the {kind} model")
     hidden = r.get(m, "model", "hidden", list, [256, 512, 128, 64, 32])
     if not hidden or len(hidden) > 32 or not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 65_536
                                                  for h in hidden):
@@ -786,6 +789,9 @@ def load_study(path: str | Path) -> StudyConfig:
                            or training.weight_decay):
         raise r.fail("[training] strategy", "DP-SGD ([privacy] dp_sgd) trains with its own optimizer and local "
                      "epochs: use fedavg, fedprox or an adaptive strategy without optimizer/local_steps settings")
+    if privacy.dp_sgd and model.kind in BATCHNORM_KINDS:
+        raise r.fail("[privacy] dp_sgd", f"cannot train the {model.kind} model (DP-SGD cannot clip per person "
+                     "through batch normalisation): choose another [model] kind or turn dp_sgd off")
     covariates = parse_covariates(r.table(data, "covariates"), path.parent, path) if "covariates" in data else None
     if covariates is not None and covariates.covariate_ids is not None and model.kind != "logistic":
         raise r.fail("[model] kind", "must be logistic in a study with a [covariates] list (sparse inputs)")
