@@ -576,7 +576,7 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<study name>).")] = None,
     mode: Annotated[str, typer.Option(help="--simulate engine: inprocess or deployment (loopback).")] = "inprocess",
     rounds: Annotated[int | None, typer.Option(help="Override the study's rounds.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Override the strategy: fedavg, fedprox, fedadam.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Override the server strategy (fedadam...).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run directory's last checkpoint.")] = False,
     min_sites: Annotated[
         int | None, typer.Option(help="Fewest sites a round may go on with (default: every site).")
@@ -721,7 +721,7 @@ def server(
     port: Annotated[int, typer.Option(help="Port of the SuperLink's HTTP API.", min=1, max=65535)] = 9092,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<study name>).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Override the study's rounds.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Override the strategy: fedavg, fedprox, fedadam.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Override the server strategy (fedadam...).")] = None,
     min_sites: Annotated[
         int | None, typer.Option(help="Fewest sites to start and go on with (default: the study's min_sites).")
     ] = None,

@@ -56,7 +56,9 @@ down, bilinear up).
 
 Training (:func:`train_local`)
 ------------------------------
-``BCEWithLogitsLoss`` with Adam (default; ``optimizer="sgd"`` is SGD with momentum 0.9).  Adam is
+``BCEWithLogitsLoss`` with Adam (default) or SGD (``optimizer="sgd"``, ``momentum`` default 0.9,
+``weight_decay``; the study's ``[training]`` states them, issue 14b); ``steps`` > 0 trains a fixed
+number of minibatch steps instead of ``epochs``.  Adam is
 the default because the same learning rate then works for logistic regression, the MLP and the
 CNN on standardized inputs over the few local epochs of a federated round; its moment estimates
 are local state, created afresh in every call (every round), and never leave the site: FedAvg
@@ -80,6 +82,7 @@ the n-weighted mean of site AUCs is not the AUC of the pooled predictions.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -632,14 +635,31 @@ def train_local(
     seed: int = 0,
     optimizer: str = "adam",
     l2: float = 0.0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    steps: int = 0,
+    correction: Sequence[Any] | None = None,
 ) -> dict[str, float | int]:
     """Train in place on the rows ``idx`` (rules in the module docstring).
+
+    Parameters
+    ----------
+    optimizer, momentum, weight_decay:
+        ``"adam"`` (torch's Adam, ``weight_decay`` its L2 term) or ``"sgd"`` (torch's SGD with
+        ``momentum`` and ``weight_decay``; ``momentum`` is ignored by Adam).
+    steps:
+        > 0: exactly that many minibatch steps (epochs reshuffled as often as needed; ``epochs`` is
+        then ignored), so a small site takes as many steps as a big one.
+    correction:
+        SCAFFOLD's ``c - c_i`` per trainable parameter (in ``model.parameters()`` order), added to
+        every gradient before the optimizer step.
 
     Returns
     -------
     dict
         ``loss``: mean BCE over the last epoch's batches (without the proximal term; NaN if
-        nothing was trained); ``n``: rows trained on (the FedAvg weight).
+        nothing was trained); ``n``: rows trained on (the FedAvg weight); ``steps``: optimizer
+        steps taken.
     """
     import torch
 
@@ -655,26 +675,42 @@ def train_local(
         raise ValueError("optimizer must be 'adam' or 'sgd'")
     if not (math.isfinite(l2) and l2 >= 0):
         raise ValueError("l2 must be >= 0")
+    if not (math.isfinite(momentum) and 0 <= momentum < 1) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError("momentum must be in [0, 1) and weight_decay >= 0")
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise ValueError("steps must be a non-negative integer")
     rows = _rows(idx, tensors.n)
-    if rows.size == 0 or epochs == 0:
+    if rows.size == 0 or (epochs == 0 and not steps):
         model.eval()
-        return {"loss": math.nan, "n": int(rows.size)}
+        return {"loss": math.nan, "n": int(rows.size), "steps": 0}
     pairs = _proximal_targets(model, global_params) if proximal_mu > 0 else []
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.Adam(params, lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(params, lr=lr, momentum=0.9))
+    opt = (torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if optimizer == "adam"
+           else torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+    shifts = None
+    if correction is not None:
+        shifts = [torch.as_tensor(np.asarray(c)) for c in correction]
+        if len(shifts) != len(params) or any(c.shape != p.shape for c, p in zip(shifts, params, strict=True)):
+            raise ValueError("correction must hold one array per trainable parameter, of its shape")
+        shifts = [c.to(dtype=p.dtype) for c, p in zip(shifts, params, strict=True)]
     loss_fn = torch.nn.BCEWithLogitsLoss()
     order_source = torch.as_tensor(rows)
     last = math.nan
+    taken = 0
+    batch = int(batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         model.train()
-        for _ in range(int(epochs)):
+        for _ in itertools.count() if steps else range(int(epochs)):  # with steps: epochs until they are taken
+            if steps and taken >= steps:
+                break
             order = order_source[torch.randperm(rows.size, generator=generator)]
-            total = 0.0
-            for start in range(0, rows.size, int(batch_size)):
-                b = order[start:start + int(batch_size)]
+            total, seen = 0.0, 0
+            for start in range(0, rows.size, batch):
+                if steps and taken >= steps:
+                    break
+                b = order[start:start + batch]
                 logits = model(**tensors.batch(b))
                 bce = loss_fn(logits, tensors.y.index_select(0, b))
                 loss = (bce + _proximal(pairs, proximal_mu)) if pairs else bce
@@ -683,11 +719,17 @@ def train_local(
                                                  if name.endswith("weight"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if shifts is not None:
+                    with torch.no_grad():
+                        for p, c in zip(params, shifts, strict=True):
+                            p.grad.add_(c)
                 opt.step()
+                taken += 1
                 total += float(bce.detach()) * int(b.numel())
-            last = total / rows.size
+                seen += int(b.numel())
+            last = total / max(1, seen)
         model.eval()
-    return {"loss": last, "n": int(rows.size)}
+    return {"loss": last, "n": int(rows.size), "steps": taken}
 
 
 def _logits(model: torch.nn.Module, tensors: SiteTensors, rows: np.ndarray, batch_size: int) -> torch.Tensor:

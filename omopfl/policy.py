@@ -190,7 +190,9 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
         "model": {"kind": study.model.kind, "parameters": _model_parameters(study)},
         "training": {"rounds": t.rounds, "local_epochs": t.local_epochs, "batch_size": t.batch_size,
                      "learning_rate": t.learning_rate, "strategy": t.strategy, "proximal_mu": t.proximal_mu,
-                     "test_fraction": t.test_fraction, "seed": t.seed, "min_sites": t.min_sites},
+                     "test_fraction": t.test_fraction, "seed": t.seed, "min_sites": t.min_sites,
+                     "optimizer": t.optimizer, "momentum": t.momentum, "weight_decay": t.weight_decay,
+                     "local_steps": t.local_steps, "server_optimizer": t.server_options()},
         "settings": training_settings(study),
         "leaves": {
             "statistics": "per feature: count, mean and sum of squared deviations over at least "

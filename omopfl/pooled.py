@@ -153,8 +153,10 @@ def train_pooled(study_path: str | Path, adapters: Sequence[str | Path], prepare
                         seed=int(t.seed))
     epochs = n_rounds * int(t.local_epochs)
     t0 = time.perf_counter()
+    # the study's local optimizer; with local_steps, the global model's steps (rounds * local_steps)
     stats = train_local(model, train, np.arange(train.n), epochs=epochs, batch_size=int(t.batch_size),
-                        lr=float(t.learning_rate), seed=int(t.seed))
+                        lr=float(t.learning_rate), seed=int(t.seed), optimizer=t.optimizer, momentum=t.momentum,
+                        weight_decay=t.weight_decay, steps=n_rounds * int(t.local_steps))
     train_seconds = time.perf_counter() - t0
 
     per_site = {name: evaluate(model, tt, te) for name, tt, (_, te) in zip(names, tensors, splits, strict=True)}
@@ -176,7 +178,9 @@ def train_pooled(study_path: str | Path, adapters: Sequence[str | Path], prepare
                       "n_features": len(features)},
             "training": {"rounds": n_rounds, "local_epochs": int(t.local_epochs), "epochs": epochs,
                          "batch_size": int(t.batch_size), "learning_rate": float(t.learning_rate),
-                         "test_fraction": float(t.test_fraction), "seed": int(t.seed)},
+                         "test_fraction": float(t.test_fraction), "seed": int(t.seed),
+                         "optimizer": t.optimizer, "momentum": float(t.momentum),
+                         "weight_decay": float(t.weight_decay), "steps": int(stats.get("steps", 0))},
             "sites": names,
             "cdm_sources": sources,
             "rows": {name: {"train": int(tr.size), "test": int(te.size)}

@@ -68,7 +68,10 @@ VALUE_AGGREGATES = ("last", "mean", "min", "max", "count")
 UNITLESS = "1"  # the UCUM code of a declared unitless (dimensionless) value
 OTHER_LEVEL = "other"  # the one-hot level of a categorical value in none of the study's levels
 MODELS = MODEL_KINDS
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fednova", "scaffold")
+ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # server-side optimizers (Reddi et al. 2021)
+SITE_STRATEGIES = ("fednova", "scaffold")  # strategies that change what a site computes and releases
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,23 @@ class TrainingSpec:
     test_fraction: float = 0.25
     seed: int = 0
     threshold: float = 0.5  # operating threshold of the released accuracy/F1/kappa (and the release rule's cells)
+    # issue 14b: strategy settings.  Server optimizer (fedadam/fedyogi/fedadagrad; ``eta`` also scaffold's
+    # global step): None means Flower's default for that strategy.
+    eta: float | None = None
+    eta_l: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
+    # the local optimizer at every site (and in pooled training)
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    local_steps: int = 0  # > 0: that many minibatch steps per round instead of local_epochs
+
+    def server_options(self) -> dict[str, float]:
+        """The server optimizer settings the study states (keyword arguments of Flower's strategy)."""
+        names = ("eta", "eta_l", "beta_1", "beta_2", "tau")
+        return {name: float(getattr(self, name)) for name in names if getattr(self, name) is not None}
 
 
 @dataclass(frozen=True)
@@ -506,6 +526,45 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
                        participants=tuple(sorted(participants)))
 
 
+_STRATEGY_KEYS = ("eta", "eta_l", "beta_1", "beta_2", "tau", "optimizer", "momentum", "weight_decay", "local_steps")
+
+
+def _strategy_settings(r: _Reader, t: dict, training: TrainingSpec) -> TrainingSpec:
+    """``[training]``'s strategy settings (issue 14b), checked against the strategy they belong to."""
+    from dataclasses import replace
+
+    strategy = training.strategy
+    server: dict[str, float | None] = {}
+    for key, low, high, low_open in (("eta", 0.0, 1e3, True), ("eta_l", 0.0, 1e3, True),
+                                     ("beta_1", 0.0, 1.0, False), ("beta_2", 0.0, 1.0, False),
+                                     ("tau", 0.0, 1e3, True)):
+        server[key] = r.number(t, "training", key, 0.0, low, high, low_open=low_open,
+                               high_open=key.startswith("beta")) if key in t else None
+        if key not in t:
+            continue
+        allowed = ADAPTIVE_STRATEGIES + (("scaffold",) if key == "eta" else ())
+        if key.startswith("beta"):
+            allowed = ("fedadam", "fedyogi")
+        if strategy not in allowed:
+            raise r.fail(f"[training] {key}", f"applies to strategy {' or '.join(allowed)}, not {strategy!r}")
+    optimizer = r.get(t, "training", "optimizer", str, "adam")
+    if optimizer not in OPTIMIZERS:
+        raise r.fail("[training] optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+    momentum = r.number(t, "training", "momentum", 0.0, 0.0, 1.0, high_open=True)
+    if momentum and optimizer != "sgd":
+        raise r.fail("[training] momentum", 'applies to optimizer = "sgd" (Adam has its own moments)')
+    if strategy in SITE_STRATEGIES and optimizer != "sgd":
+        raise r.fail("[training] optimizer", f'must be "sgd" with strategy = "{strategy}" (its update rule is '
+                     "written for local SGD)")
+    if strategy == "scaffold" and momentum:
+        raise r.fail("[training] momentum", 'must be 0 with strategy = "scaffold" (option II assumes plain SGD)')
+    local_steps = r.integer(t, "training", "local_steps", 0, 1, 10**7) if "local_steps" in t else 0
+    if local_steps and "local_epochs" in t:
+        raise r.fail("[training] local_steps", "and local_epochs exclude each other: set one")
+    return replace(training, **server, optimizer=optimizer, momentum=momentum,
+                   weight_decay=r.number(t, "training", "weight_decay", 0.0, 0.0, 1e3), local_steps=local_steps)
+
+
 def load_study(path: str | Path) -> StudyConfig:
     """Parse and check a ``study.toml``; errors name the file and key."""
     path = Path(path)
@@ -708,7 +767,7 @@ def load_study(path: str | Path) -> StudyConfig:
 
     t = r.table(data, "training")
     r.keys(t, "training", {"rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "proximal_mu",
-                           "min_sites", "test_fraction", "seed", "threshold"})
+                           "min_sites", "test_fraction", "seed", "threshold", *_STRATEGY_KEYS})
     strategy = r.get(t, "training", "strategy", str, "fedavg")
     if strategy not in STRATEGIES:
         raise r.fail("[training] strategy", f"must be one of {', '.join(STRATEGIES)}")
@@ -724,7 +783,12 @@ def load_study(path: str | Path) -> StudyConfig:
     )
     if not 0.0 < training.threshold < 1.0:
         raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
+    training = _strategy_settings(r, t, training)
     privacy = _privacy(r, r.table(data, "privacy"))
+    if privacy.dp_sgd and (training.strategy in SITE_STRATEGIES or training.local_steps or training.optimizer != "adam"
+                           or training.weight_decay):
+        raise r.fail("[training] strategy", "DP-SGD ([privacy] dp_sgd) trains with its own optimizer and local "
+                     "epochs: use fedavg, fedprox or an adaptive strategy without optimizer/local_steps settings")
     if privacy.dp_sgd and model.kind in BATCHNORM_KINDS:
         raise r.fail("[privacy] dp_sgd", f"cannot train the {model.kind} model (DP-SGD cannot clip per person "
                      "through batch normalisation): choose another [model] kind or turn dp_sgd off")

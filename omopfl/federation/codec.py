@@ -131,6 +131,15 @@ TRAIN_EVALUATE = "evaluate"
 """The evaluation of the received weights that a ``train`` reply may carry (a second MetricRecord)."""
 WEIGHT_KEY = "num-examples"
 EVALUATE_METRICS = ("loss", "auc", "accuracy", "f1", "kappa")
+SCAFFOLD_C_PREFIX = "scaffold-c/"
+"""Issue 14b: keys ``scaffold-c/<parameter>`` of a SCAFFOLD ``train`` message's ArrayRecord (the global control
+variate ``c`` beside the weights; Flower's strategies expect one ArrayRecord per message)."""
+SCAFFOLD_C = "scaffold-c"
+"""The ArrayRecord in which a site's trust boundary hands the SCAFFOLD ``c`` to its train handler."""
+SCAFFOLD_DC_PREFIX = "scaffold-dc/"
+"""Keys ``scaffold-dc/<parameter>`` of a SCAFFOLD train reply: the site's control variate change ``dc_i``."""
+FEDNOVA_A = "fednova-a"
+"""Metric of a FedNova train reply: the site's normaliser ``a_i`` (from its local steps and momentum)."""
 """Suffix of the missingness-indicator columns (see :mod:`omopfl.harmonize`)."""
 
 _REQUEST = "omopfl.request"
@@ -594,7 +603,29 @@ def training_settings(study: Any) -> dict[str, Any]:
         "test-fraction": float(training.test_fraction), "seed": int(training.seed),
         "threshold": float(getattr(training, "threshold", 0.5)),
         **covariate_settings(study),
+        **local_settings(training.strategy, getattr(training, "optimizer", "adam"), getattr(training, "momentum", 0.0),
+                         getattr(training, "weight_decay", 0.0), getattr(training, "local_steps", 0)),
     }
+
+
+def local_settings(strategy: str, optimizer: str, momentum: float, weight_decay: float,
+                   local_steps: int) -> dict[str, Any]:
+    """The local optimizer and site-side strategy settings (issue 14b) by wire key, only those that differ from
+    the defaults (Adam, no momentum or weight decay, ``local_epochs``, a server-side strategy), so that other
+    studies' messages are unchanged.  ``strategy`` is sent only for FedNova and SCAFFOLD: they change what a
+    site computes and releases; FedAvg/FedProx/FedAdam/FedYogi/FedAdagrad are the same at the site."""
+    out: dict[str, Any] = {}
+    if strategy in ("fednova", "scaffold"):
+        out["strategy"] = str(strategy)
+    if optimizer != "adam":
+        out["optimizer"] = str(optimizer)
+    if momentum:
+        out["momentum"] = float(momentum)
+    if weight_decay:
+        out["weight-decay"] = float(weight_decay)
+    if local_steps:
+        out["local-steps"] = int(local_steps)
+    return out
 
 
 def covariate_settings(study: Any) -> dict[str, Any]:

@@ -72,9 +72,15 @@ def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_si
     def sha(path: Path | None) -> str | None:  # None: a cohort built at each site, fixed by id
         return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-    if strategy is not None and strategy not in ("fedavg", "fedprox", "fedadam"):
-        raise ConfigError("strategy must be one of fedavg, fedprox, fedadam")
+    from omopfl.study import SITE_STRATEGIES, STRATEGIES
+
     t = spec.training
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    site_side = {strategy, t.strategy} & set(SITE_STRATEGIES)
+    if strategy is not None and strategy != t.strategy and site_side:
+        raise ConfigError(f"strategy {strategy!r}: the study trains with {t.strategy!r}, which its sites approved; "
+                          "fednova and scaffold change what a site computes: write a study that says so")
     return {
         **APP_CONFIG, "result-path": str(run_dir / "stats_result.json"), "study-hash": spec.hash,
         "min-sites": int(min_sites), "expected-sites": int(expected_sites), "min-contributing": 1,
@@ -91,6 +97,8 @@ def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_si
         "strategy": strategy if strategy is not None else t.strategy,
         "proximal-mu": float(proximal_mu if proximal_mu is not None else t.proximal_mu),
         "test-fraction": float(t.test_fraction), "seed": int(t.seed),
+        "optimizer": str(t.optimizer), "momentum": float(t.momentum), "weight-decay": float(t.weight_decay),
+        "local-steps": int(t.local_steps), "strategy-options": json.dumps(t.server_options(), sort_keys=True),
         "round-timeout": float(round_timeout), "evaluate-on-train": bool(evaluate_on_train), "poll-interval": 0.02,
         **codec.study_dp_config(spec),
         **codec.covariate_settings(spec),  # only for covariate studies (issue 13b)

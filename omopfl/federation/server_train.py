@@ -71,7 +71,7 @@ _log = logging.getLogger("flwr.omopfl")
 
 CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_NPZ = "checkpoint.npz"
-_STRATEGY_STATE = ("m_t", "v_t")
+_STRATEGY_STATE = ("m_t", "v_t", "c_global")  # FedOpt's moments, SCAFFOLD's control variate
 
 TRAIN_CONFIG: dict[str, Any] = {
     "run-dir": "",
@@ -92,6 +92,11 @@ TRAIN_CONFIG: dict[str, Any] = {
     "proximal-mu": 0.0,
     "test-fraction": 0.25,
     "seed": 0,
+    "optimizer": "adam",
+    "momentum": 0.0,
+    "weight-decay": 0.0,
+    "local-steps": 0,
+    "strategy-options": "{}",
     "round-timeout": 600.0,
     "evaluate-on-train": True,
     "poll-interval": 0.02,
@@ -256,19 +261,39 @@ def _eval_fields(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def make_strategy(name: str, mu: float) -> Any:
-    """Flower's FedAvg / FedProx / FedAdam, weighting by ``num-examples``; sampling every site left."""
-    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+def make_strategy(name: str, mu: float, options: Mapping[str, float] | None = None) -> Any:
+    """Flower's FedAvg / FedProx / FedAdam / FedYogi / FedAdagrad or omopfl's FedNova / SCAFFOLD
+    (:mod:`omopfl.federation.strategies`), weighting by ``num-examples``; sampling every site left.
 
+    ``options``: the study's server optimizer settings (``eta``, ``eta_l``, ``beta_1``, ``beta_2``,
+    ``tau``; :meth:`omopfl.study.TrainingSpec.server_options`); absent ones keep Flower's defaults.
+    """
+    from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
+
+    from omopfl.federation.strategies import FedNova, Scaffold
+
+    options = {k: float(v) for k, v in dict(options or {}).items()}
     common = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1,
               "weighted_by_key": WEIGHT_KEY, "arrayrecord_key": ARRAYS, "configrecord_key": CONFIG,
               "train_metrics_aggr_fn": aggregate_metrics, "evaluate_metrics_aggr_fn": aggregate_metrics}
+    allowed = {"fedadam": {"eta", "eta_l", "beta_1", "beta_2", "tau"}, "fedyogi": {"eta", "eta_l", "beta_1", "beta_2",
+               "tau"}, "fedadagrad": {"eta", "eta_l", "tau"}, "scaffold": {"eta"}}.get(name, set())
+    if set(options) - allowed:
+        raise ValueError(f"strategy {name!r} takes no {', '.join(sorted(set(options) - allowed))}")
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=float(mu))
     if name == "fedadam":
-        return FedAdam(**common)
+        return FedAdam(**common, **options)
+    if name == "fedyogi":
+        return FedYogi(**common, **options)
+    if name == "fedadagrad":
+        return FedAdagrad(**common, **options)
+    if name == "fednova":
+        return FedNova(**common)
+    if name == "scaffold":
+        return Scaffold(**common, **options)
     raise ValueError(f"unknown strategy {name!r}")
 
 
@@ -578,7 +603,8 @@ def initial_model(config: Mapping[str, Any], n_features: int) -> Any:
 
 
 _IDENTITY_KEYS = ("study-hash", "model-kind", "model-hidden", "model-dropout", "local-epochs", "batch-size",
-                  "learning-rate", "strategy", "proximal-mu", "test-fraction", "seed")
+                  "learning-rate", "strategy", "proximal-mu", "test-fraction", "seed", "optimizer", "momentum",
+                  "weight-decay", "local-steps", "strategy-options")
 
 
 def statistics_drops(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -674,10 +700,14 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     plan = RoundPlan(
         num_rounds=num_rounds,
         train_config={**shared, "local-epochs": int(config["local-epochs"]), "batch-size": int(config["batch-size"]),
-                      "learning-rate": float(config["learning-rate"])},
+                      "learning-rate": float(config["learning-rate"]),
+                      **codec.local_settings(str(config["strategy"]), str(config["optimizer"]),
+                                             float(config["momentum"]), float(config["weight-decay"]),
+                                             int(config["local-steps"]))},
         evaluate_config=shared, round_timeout=float(config["round-timeout"]), min_sites=settings.min_sites,
         evaluate_on_train=bool(config["evaluate-on-train"]), run_dir=run_dir, identity=identity)
-    strategy = make_strategy(str(config["strategy"]), float(config["proximal-mu"]))
+    options = json.loads(str(config["strategy-options"]))
+    strategy = make_strategy(str(config["strategy"]), float(config["proximal-mu"]), options)
     t0 = time.monotonic()
     final = run_rounds(fast, strategy, plan, start)
     train_seconds = time.monotonic() - t0
@@ -687,7 +717,12 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
                     batch_size=int(config["batch-size"]), learning_rate=float(config["learning-rate"]),
                     strategy=str(config["strategy"]), proximal_mu=float(config["proximal-mu"]),
                     test_fraction=float(config["test-fraction"]), seed=int(config["seed"]),
-                    min_sites=settings.min_sites)
+                    min_sites=settings.min_sites, optimizer=str(config["optimizer"]),
+                    momentum=float(config["momentum"]), weight_decay=float(config["weight-decay"]),
+                    local_steps=int(config["local-steps"]))
+    for key in ("eta", "eta_l", "beta_1", "beta_2", "tau"):  # the server optimizer settings the strategy used
+        value = getattr(strategy, key, None)
+        training[key] = float(value) if isinstance(value, int | float) else options.get(key)
     resumed_rounds = len(rounds) - (start.round if previous is not None else 0)
     manifest = {
         "version": 1, "study_name": str(config["study-name"]), "study_hash": settings.study_hash,

@@ -191,7 +191,31 @@ def _admit_training(message_type: str, content: RecordDict, context: Context, si
     records: dict[str, Any] = {codec.TRAIN_CONFIG: ConfigRecord(effective)}
     if codec.TRAIN_ARRAYS in content.array_records:
         records[codec.TRAIN_ARRAYS] = content.array_records[codec.TRAIN_ARRAYS]
+    if settings.get("strategy") == "scaffold" and message_type == "train":
+        records.update(_scaffold_records(content))
+        # the site's own control variate c_i: its state folder, per study and run (never the message)
+        effective["scaffold-state"] = str(_scaffold_state(site, approved, run_id))
+        records[codec.TRAIN_CONFIG] = ConfigRecord(effective)
     return RecordDict(records)
+
+
+def _scaffold_records(content: RecordDict) -> dict[str, Any]:
+    """A SCAFFOLD train message's ArrayRecord split into the weights and the global control variate ``c``
+    (``scaffold-c/<name>``; issue 14b); ``c`` must cover exactly the weights' floating-point arrays."""
+    if codec.TRAIN_ARRAYS not in content.array_records:
+        raise codec.CodecError("arrays record missing")
+    record = content.array_records[codec.TRAIN_ARRAYS]
+    prefix = codec.SCAFFOLD_C_PREFIX
+    weights = {k: v for k, v in record.items() if not k.startswith(prefix)}
+    control = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+    floating = {k for k, v in weights.items() if np.issubdtype(np.dtype(v.dtype), np.floating)}
+    if set(control) != floating or any(tuple(control[k].shape) != tuple(weights[k].shape) for k in control):
+        raise codec.CodecError("the SCAFFOLD control variate does not match the weights")
+    return {codec.TRAIN_ARRAYS: ArrayRecord(weights), codec.SCAFFOLD_C: ArrayRecord(control)}
+
+
+def _scaffold_state(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -> Path:
+    return policy.state_dir(site) / "scaffold" / f"{approved.hash[:32]}-{int(run_id)}.npz"
 
 
 def _privacy(approved: policy.ApprovedStudy) -> dict[str, Any]:

@@ -62,7 +62,7 @@ __all__ = ["site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUAT
 _log = logging.getLogger("flwr.omopfl")
 
 TRAIN_REPLY_KEYS: Mapping[str, frozenset[str]] = {
-    METRICS: frozenset({WEIGHT_KEY, "loss", "epsilon"}),
+    METRICS: frozenset({WEIGHT_KEY, "loss", "epsilon", codec.FEDNOVA_A}),
     EVALUATE: frozenset({WEIGHT_KEY, *EVALUATE_METRICS}),
 }
 """Metric records and keys of a train reply (besides the ArrayRecord ``arrays`` of the state dict);
@@ -209,23 +209,99 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
         reply[EVALUATE] = _evaluation(model, tensors, test_idx, min_cell_count, _threshold(config))
     from omopfl import release
 
+    strategy = _cfg(config, "strategy", str, "")
+    if strategy not in ("", "fednova", "scaffold"):
+        raise codec.CodecError("config key 'strategy' is not a site-side strategy")
     if not release.may_train(int(train_idx.size), int(test_idx.size), min_cell_count):
         # nothing learnt from so few persons leaves (nor a count whose complement is small): weights as received
-        return RecordDict({ARRAYS: content.array_records[ARRAYS], METRICS: MetricRecord({WEIGHT_KEY: 0}), **reply})
+        # (under SCAFFOLD with a zero control variate change), weight 0
+        arrays = content.array_records[ARRAYS]
+        if strategy == "scaffold":
+            arrays = _scaffold_reply(arrays, {k: np.zeros_like(v.numpy()) for k, v in _control(content).items()})
+        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord({WEIGHT_KEY: 0}), **reply})
     mu = float(_cfg(config, "proximal-mu", (int, float), 0.0))
     server_round = int(_cfg(config, "server-round", int, 1))
     if config.get("dp-sgd") is True:
         return _train_dp(model, tensors, train_idx, config, context, mu, reply)
+    local = local_options(config)
+    lr = float(_cfg(config, "learning-rate", (int, float), 0.01))
+    received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    correction, c_global, c_local = None, None, None
+    if strategy == "scaffold":
+        c_global = {k: v.numpy() for k, v in _control(content).items()}
+        c_local = _load_control(Path(str(config["scaffold-state"])), c_global)
+        correction = [c_global[name] - c_local[name] for name, p in model.named_parameters() if p.requires_grad]
     stats = train_local(model, tensors, train_idx, epochs=int(_cfg(config, "local-epochs", int, 1)),
-                        batch_size=int(_cfg(config, "batch-size", int, 64)),
-                        lr=float(_cfg(config, "learning-rate", (int, float), 0.01)), proximal_mu=mu,
+                        batch_size=int(_cfg(config, "batch-size", int, 64)), lr=lr, proximal_mu=mu,
                         global_params=get_weights(model) if mu > 0 else None,
                         seed=int(_cfg(config, "seed", int, 0)) * 1000 + server_round,
-                        l2=float(_cfg(config, "model-l2", (int, float), 0.0)))
+                        l2=float(_cfg(config, "model-l2", (int, float), 0.0)), correction=correction, **local)
     metrics: dict[str, Any] = {WEIGHT_KEY: int(stats["n"])}
     if math.isfinite(float(stats["loss"])):
         metrics["loss"] = float(stats["loss"])
-    return RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics), **reply})
+    arrays = ArrayRecord(model.state_dict())
+    if strategy == "fednova":
+        from omopfl.federation.strategies import fednova_normaliser
+
+        metrics[codec.FEDNOVA_A] = fednova_normaliser(int(stats["steps"]), float(local["momentum"]))
+    elif strategy == "scaffold" and c_global is not None and c_local is not None:
+        steps = max(1, int(stats["steps"]))
+        trained = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        new_local = {k: c_local[k] - c_global[k] + (received[k].numpy() - trained[k]) / (steps * lr)
+                     for k in c_global}
+        _save_control(Path(str(config["scaffold-state"])), new_local)
+        arrays = _scaffold_reply(arrays, {k: new_local[k] - c_local[k] for k in c_global})
+    return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), **reply})
+
+
+def local_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The local optimizer settings of a (site-admitted) training config as :func:`omopfl.models.train_local`
+    keywords: ``optimizer``, ``momentum``, ``weight_decay``, ``steps`` (issue 14b)."""
+    optimizer = _cfg(config, "optimizer", str, "adam")
+    if optimizer not in ("adam", "sgd"):
+        raise codec.CodecError("config key 'optimizer' must be adam or sgd")
+    return {"optimizer": optimizer, "momentum": float(_cfg(config, "momentum", (int, float), 0.0)),
+            "weight_decay": float(_cfg(config, "weight-decay", (int, float), 0.0)),
+            "steps": int(_cfg(config, "local-steps", int, 0))}
+
+
+def _control(content: RecordDict) -> ArrayRecord:
+    if codec.SCAFFOLD_C not in content.array_records:
+        raise codec.CodecError("the SCAFFOLD control variate is missing")
+    return content.array_records[codec.SCAFFOLD_C]
+
+
+def _scaffold_reply(weights: ArrayRecord, change: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """The weights and ``dc_i`` in one ArrayRecord (keys ``scaffold-dc/<name>``)."""
+    from flwr.app import Array
+
+    out = {k: v for k, v in weights.items()}
+    out.update({codec.SCAFFOLD_DC_PREFIX + k: Array(np.ascontiguousarray(v)) for k, v in change.items()})
+    return ArrayRecord(out)
+
+
+def _load_control(path: Path, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The site's ``c_i`` for this run (zero before its first round), shaped like the global ``c``."""
+    if path.is_file():
+        with np.load(path) as saved:
+            if set(saved.files) == set(like) and all(saved[k].shape == like[k].shape for k in like):
+                return {k: saved[k].astype(like[k].dtype) for k in like}
+        _log.warning("omopfl: the site's SCAFFOLD control variate does not fit this model; starting from zero")
+    return {k: np.zeros_like(v) for k, v in like.items()}
+
+
+def _save_control(path: Path, control: Mapping[str, np.ndarray]) -> None:
+    import io
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in control.items()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(buffer.getvalue())
+    os.replace(tmp, path)
 
 
 def _train_dp(model: Any, tensors: Any, train_idx: Any, config: Mapping[str, Any], context: Context, mu: float,
