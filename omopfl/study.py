@@ -722,6 +722,9 @@ def load_study(path: str | Path) -> StudyConfig:
     if not 0.0 < training.threshold < 1.0:
         raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
     privacy = _privacy(r, r.table(data, "privacy"))
+    if privacy.secure_aggregation and training.strategy not in ("fedavg", "fedprox"):
+        raise r.fail("[training] strategy", f"{training.strategy} cannot be combined with [privacy] secure_aggregation "
+                     "= true (the coordinator sees only the summed update): use fedavg or fedprox")
     covariates = parse_covariates(r.table(data, "covariates"), path.parent, path) if "covariates" in data else None
     if covariates is not None and covariates.covariate_ids is not None and model.kind != "logistic":
         raise r.fail("[model] kind", "must be logistic in a study with a [covariates] list (sparse inputs)")
