@@ -195,10 +195,11 @@ class PrivacySpec:
     budget_epsilon: float | None = None
     secure_aggregation: bool = False
     participants: tuple[tuple[str, str], ...] = ()
+    metrics_epsilon: float | None = None  # DP on released evaluation metrics (omopfl.dp_metrics)
 
     @property
     def enabled(self) -> bool:
-        return self.statistics_epsilon is not None or self.dp_sgd
+        return self.statistics_epsilon is not None or self.dp_sgd or self.metrics_epsilon is not None
 
 
 @dataclass(frozen=True)
@@ -464,7 +465,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
     import math
 
     r.keys(t, "privacy", {"statistics_epsilon", "delta", "bounds", "dp_sgd", "target_epsilon", "max_grad_norm",
-                          "budget_epsilon", "secure_aggregation", "participants"})
+                          "budget_epsilon", "secure_aggregation", "participants", "metrics_epsilon"})
 
     def positive(key: str, default: float | None) -> float | None:
         value = r.get(t, "privacy", key, (int, float), default)
@@ -502,7 +503,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
                        target_epsilon=target, max_grad_norm=positive("max_grad_norm", 1.0) or 1.0,
                        budget_epsilon=positive("budget_epsilon", None),
                        secure_aggregation=r.get(t, "privacy", "secure_aggregation", bool, False),
-                       participants=tuple(sorted(participants)))
+                       participants=tuple(sorted(participants)), metrics_epsilon=positive("metrics_epsilon", None))
 
 
 def load_study(path: str | Path) -> StudyConfig:

@@ -186,8 +186,22 @@ def _admit_training(message_type: str, content: RecordDict, context: Context, si
                           "dp-delta": float(privacy.get("delta") or 1e-6),
                           "dp-max-grad-norm": float(privacy.get("max_grad_norm") or 1.0),
                           "dp-rounds": int(settings["rounds"]), "dp-budget": float(privacy.get("budget_epsilon") or 0)})
+    release_metrics = rules.release_metrics
+    metrics_epsilon = privacy.get("metrics_epsilon")
+    if metrics_epsilon is not None:  # DP on the released metrics (omopfl.dp_metrics), charged to the ledger
+        ledger, budget_limit = _ledger(site, approved)
+        fits = ledger.fits(budget_limit, metrics=float(metrics_epsilon))
+        if message_type == "evaluate" and not fits:
+            raise Refusal("budget_spent")
+        release_metrics = release_metrics and fits  # a train reply then carries no evaluation
+        effective.update({"dp-metrics-epsilon": float(metrics_epsilon), "dp-delta": float(privacy.get("delta") or 1e-6),
+                          "dp-budget": float(privacy.get("budget_epsilon") or 0)})
+    elif rules.dp_required:  # metrics only with DP (an approval checks this too): none without it
+        if message_type == "evaluate":
+            raise Refusal("policy")
+        release_metrics = False
     effective.update({"server-round": server_round, codec.STUDY_HASH_KEY: approved.hash,
-                      "evaluate-received": bool(evaluate_received and rules.release_metrics)})
+                      "evaluate-received": bool(evaluate_received and release_metrics)})
     records: dict[str, Any] = {codec.TRAIN_CONFIG: ConfigRecord(effective)}
     if codec.TRAIN_ARRAYS in content.array_records:
         records[codec.TRAIN_ARRAYS] = content.array_records[codec.TRAIN_ARRAYS]
@@ -269,10 +283,17 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
 
     if TRAIN_RECORD in content.config_records and not (secure and message_type == "train"):
         raise Refusal("settings_mismatch")
+    ledger, _limit = _ledger(site, approved)
+    before = ledger.spent()
     if secure and message_type == "train":  # the update leaves only masked (omopfl.federation.secure_train)
-        return _secagg_train(content, context, site, approved, run_id, spent)
-    return site_train.handle(message_type, _admit_training(message_type, content, context, site, approved, run_id),
-                             context)
+        reply = _secagg_train(content, context, site, approved, run_id, spent)
+    else:
+        reply = site_train.handle(message_type, _admit_training(message_type, content, context, site, approved,
+                                                                run_id), context)
+    after = ledger.spent()
+    if after > before:  # DP-SGD and/or DP metrics spent on this message: the audit log shows it
+        spent.update(epsilon=round(after - before, 9), epsilon_total=round(after, 9))
+    return reply
 
 
 def _secagg_state(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -> Path:
@@ -521,9 +542,7 @@ def _secagg_train(content: RecordDict, context: Context, site: SiteConfig, appro
     except secagg.SecAggError as exc:
         _log.warning("omopfl site %s: secure aggregation refused in round %d: %s", site.name, server_round, exc)
         raise SiteFailure("secagg_refused") from None
-    epsilon = plain.metric_records.get(codec.TRAIN_METRICS, {}).get("epsilon")
-    if isinstance(epsilon, int | float) and not isinstance(epsilon, bool):  # DP-SGD: in the audit log only
-        spent.update(epsilon_total=float(epsilon))
+    # DP-SGD's epsilon is not sent with a masked update: the audit log shows it (_handle)
     state["rounds"].append(server_round)
     state["participants"] = listed
     if server_round >= int(approved.settings["rounds"]):
