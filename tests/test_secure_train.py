@@ -297,3 +297,23 @@ def test_fedadam_with_secure_aggregation_is_refused_at_parse_time(secure) -> Non
                      + "\n[privacy]\nsecure_aggregation = true\n")
     with pytest.raises(ConfigError, match=r"\[training\] strategy fedadam cannot be combined"):
         load_study(study)
+
+
+def test_fedprox_with_secure_aggregation_gives_the_plain_fedprox_model(secure) -> None:
+    from omopfl.federation.train import run_training
+
+    text = secure["study"].read_text().replace('strategy = "fedavg"', 'strategy = "fedprox"\nproximal_mu = 0.1')
+    assert "fedprox" in text
+    base = {"tmp": secure["tmp"], "study": secure["tmp"] / "study_fedprox_base.toml", "adapters": secure["adapters"]}
+    base["study"].write_text(text)
+    plain = _prepare(base, "fedprox_plain", "\n")
+    masked = _prepare(base, "fedprox_secure", "\n[privacy]\nsecure_aggregation = true\n")
+    runs = {}
+    for name, prepared in (("plain", plain), ("secure", masked)):
+        runs[name] = secure["tmp"] / f"run_fedprox_{name}"
+        run_training(prepared["study"], secure["adapters"], prepared["prepared"], mode="inprocess",
+                     out_dir=runs[name], rounds=2)
+    assert json.loads((runs["secure"] / "manifest.json").read_text())["secure_aggregation"]["training"] is True
+    a, b = _model(runs["plain"]), _model(runs["secure"])
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6)
