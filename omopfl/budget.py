@@ -2,9 +2,11 @@
 
 The ledger is ``<state dir>/budget/<study hash>.json``::
 
-    {"statistics": [0.5, 0.5], "dp_sgd": [[noise_multiplier, sample_rate, steps], ...], "delta": 1e-06}
+    {"statistics": [0.5, 0.5], "metrics": [0.2], "dp_sgd": [[noise_multiplier, sample_rate, steps], ...],
+     "delta": 1e-06}
 
-Statistics releases are Gaussian-mechanism releases of (epsilon, delta) each; DP-SGD rounds are the
+Statistics releases are Gaussian-mechanism releases of (epsilon, delta) each; evaluation-metric releases
+are pure epsilon-DP (:mod:`omopfl.dp_metrics`); DP-SGD rounds are the
 Opacus RDP accountant's steps (:mod:`omopfl.dp`).  The total is their basic composition (epsilons
 add, so do deltas): conservative, and simple to check by hand.  The site's limit for a study is the
 smaller of the study's ``[privacy] budget_epsilon`` and its own policy's ``epsilon_budget``; with
@@ -55,14 +57,15 @@ class Ledger:
 
     def read(self) -> dict[str, Any]:
         if not self.path.is_file():
-            return {"statistics": [], "dp_sgd": [], "delta": self.delta}
+            return {"statistics": [], "metrics": [], "dp_sgd": [], "delta": self.delta}
         data = json.loads(self.path.read_text())
-        return {"statistics": list(data.get("statistics", [])), "dp_sgd": list(data.get("dp_sgd", [])),
+        return {"statistics": list(data.get("statistics", [])), "metrics": list(data.get("metrics", [])),
+                "dp_sgd": list(data.get("dp_sgd", [])),
                 "delta": float(data.get("delta", self.delta))}
 
     @staticmethod
     def _total(data: dict[str, Any], delta: float) -> float:
-        total = float(sum(data["statistics"]))
+        total = float(sum(data["statistics"])) + float(sum(data.get("metrics", [])))
         if data["dp_sgd"]:
             from omopfl.dp import epsilon_spent
 
@@ -73,22 +76,26 @@ class Ledger:
         """Epsilon spent on this study so far."""
         return self._total(self.read(), self.delta)
 
-    def fits(self, epsilon_limit: float | None, *, statistics: float = 0.0,
+    def fits(self, epsilon_limit: float | None, *, statistics: float = 0.0, metrics: float = 0.0,
              dp_step: Sequence[float] | None = None) -> bool:
-        """Would the next release (a statistics epsilon, or a DP-SGD round) stay within the limit?"""
+        """Would the next release (a statistics or metrics epsilon, or a DP-SGD round) stay within the limit?"""
         if epsilon_limit is None:
             return True
         data = self.read()
         data["statistics"].append(float(statistics))
+        data["metrics"].append(float(metrics))
         if dp_step is not None:
             data["dp_sgd"].append(list(dp_step))
         return self._total(data, self.delta) <= epsilon_limit + 1e-9
 
-    def charge(self, *, statistics: float = 0.0, dp_step: Sequence[float] | None = None) -> float:
+    def charge(self, *, statistics: float = 0.0, metrics: float = 0.0,
+               dp_step: Sequence[float] | None = None) -> float:
         """Record a release; returns the epsilon spent in all after it."""
         with self._locked() as data:
             if statistics:
                 data["statistics"].append(float(statistics))
+            if metrics:
+                data["metrics"].append(float(metrics))
             if dp_step is not None:
                 data["dp_sgd"].append([float(v) for v in dp_step])
             total = self._total(data, self.delta)

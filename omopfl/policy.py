@@ -209,7 +209,8 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
                     "dp_sgd": study.privacy.dp_sgd, "target_epsilon": study.privacy.target_epsilon,
                     "max_grad_norm": study.privacy.max_grad_norm, "budget_epsilon": study.privacy.budget_epsilon,
                     "secure_aggregation": study.privacy.secure_aggregation,
-                    "participants": dict(study.privacy.participants)},
+                    "participants": dict(study.privacy.participants),
+                    "metrics_epsilon": study.privacy.metrics_epsilon},
         "min_cell_count": site.min_cell_count,
         **_covariates_summary(study, site),
     }
@@ -248,6 +249,9 @@ def policy_problems(study: StudyConfig, site: SiteConfig) -> list[str]:
             problems.append("[policy] dp_required = true: the study must set [privacy] statistics_epsilon and bounds")
         if not privacy.dp_sgd:
             problems.append("[policy] dp_required = true: the study must train with [privacy] dp_sgd = true")
+        if privacy.metrics_epsilon is None and policy.release_metrics:
+            problems.append("[policy] dp_required = true: the study must set [privacy] metrics_epsilon (DP on the "
+                            "released evaluation metrics), or set [policy] release_metrics = false here")
         if privacy.budget_epsilon is None and policy.epsilon_budget is None:
             problems.append("[policy] dp_required = true: a budget is needed ([privacy] budget_epsilon in the study "
                             "or [policy] epsilon_budget here)")
@@ -256,6 +260,10 @@ def policy_problems(study: StudyConfig, site: SiteConfig) -> list[str]:
     if (privacy.statistics_epsilon is not None and policy.max_epsilon is not None
             and privacy.statistics_epsilon > policy.max_epsilon):
         problems.append(f"[privacy] statistics_epsilon {privacy.statistics_epsilon} is above [policy] max_epsilon "
+                        f"{policy.max_epsilon}")
+    if (privacy.metrics_epsilon is not None and policy.max_epsilon is not None
+            and privacy.metrics_epsilon > policy.max_epsilon):
+        problems.append(f"[privacy] metrics_epsilon {privacy.metrics_epsilon} is above [policy] max_epsilon "
                         f"{policy.max_epsilon}")
     if privacy.statistics_epsilon is not None:
         missing = [f for f in study.feature_names() if f not in {b[0] for b in privacy.bounds}]

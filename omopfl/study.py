@@ -216,10 +216,11 @@ class PrivacySpec:
     budget_epsilon: float | None = None
     secure_aggregation: bool = False
     participants: tuple[tuple[str, str], ...] = ()
+    metrics_epsilon: float | None = None  # DP on released evaluation metrics (omopfl.dp_metrics)
 
     @property
     def enabled(self) -> bool:
-        return self.statistics_epsilon is not None or self.dp_sgd
+        return self.statistics_epsilon is not None or self.dp_sgd or self.metrics_epsilon is not None
 
 
 @dataclass(frozen=True)
@@ -485,7 +486,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
     import math
 
     r.keys(t, "privacy", {"statistics_epsilon", "delta", "bounds", "dp_sgd", "target_epsilon", "max_grad_norm",
-                          "budget_epsilon", "secure_aggregation", "participants"})
+                          "budget_epsilon", "secure_aggregation", "participants", "metrics_epsilon"})
 
     def positive(key: str, default: float | None) -> float | None:
         value = r.get(t, "privacy", key, (int, float), default)
@@ -523,7 +524,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
                        target_epsilon=target, max_grad_norm=positive("max_grad_norm", 1.0) or 1.0,
                        budget_epsilon=positive("budget_epsilon", None),
                        secure_aggregation=r.get(t, "privacy", "secure_aggregation", bool, False),
-                       participants=tuple(sorted(participants)))
+                       participants=tuple(sorted(participants)), metrics_epsilon=positive("metrics_epsilon", None))
 
 
 _STRATEGY_KEYS = ("eta", "eta_l", "beta_1", "beta_2", "tau", "optimizer", "momentum", "weight_decay", "local_steps")
@@ -792,6 +793,9 @@ def load_study(path: str | Path) -> StudyConfig:
     if privacy.dp_sgd and model.kind in BATCHNORM_KINDS:
         raise r.fail("[privacy] dp_sgd", f"cannot train the {model.kind} model (DP-SGD cannot clip per person "
                      "through batch normalisation): choose another [model] kind or turn dp_sgd off")
+    if privacy.secure_aggregation and training.strategy not in ("fedavg", "fedprox"):
+        raise r.fail("[training] strategy", f"{training.strategy} cannot be combined with [privacy] secure_aggregation "
+                     "= true (the coordinator sees only the summed update): use fedavg or fedprox")
     covariates = parse_covariates(r.table(data, "covariates"), path.parent, path) if "covariates" in data else None
     if covariates is not None and covariates.covariate_ids is not None and model.kind != "logistic":
         raise r.fail("[model] kind", "must be logistic in a study with a [covariates] list (sparse inputs)")

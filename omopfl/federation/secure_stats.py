@@ -74,7 +74,7 @@ class SecAggRequest:
     """What the coordinator asks in ``query.secagg``."""
 
     study_hash: str
-    phase: str  # "keys" or "mask"
+    phase: str  # "keys", "mask" or "train-keys"
     round: int = 0
     sites: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
@@ -105,7 +105,7 @@ def decode_request(content: RecordDict) -> SecAggRequest:
     study_hash, phase = record.get("study-hash"), record.get("phase")
     if not isinstance(study_hash, str) or not isinstance(phase, str):
         raise codec.CodecError(f"record {_RECORD!r} needs study-hash and phase")
-    if phase == "keys":
+    if phase in ("keys", "train-keys"):  # train-keys: the training key round (omopfl.federation.secure_train)
         if set(record.keys()) != {"protocol", "study-hash", "phase"}:
             raise codec.CodecError(f"record {_RECORD!r}: unknown keys in a keys request")
         return SecAggRequest(study_hash, phase)

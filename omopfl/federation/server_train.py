@@ -389,6 +389,9 @@ class RoundPlan:
     evaluate_on_train: bool
     run_dir: Path
     identity: dict[str, str]
+    secure_aggregation: bool = False
+    study_hash: str = ""
+    participants: list[str] | None = None  # secure aggregation: the training's participants (set by run_rounds)
 
 
 def _drop(sites: dict[str, int], dropped: list[dict[str, Any]], node: int, server_round: int, reason: str) -> None:
@@ -468,6 +471,7 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
     grid.nodes = list(sites.values())
     checkpoint = start
     live = getattr(grid, "observer", None)
+    participants = _train_keys(grid, plan, sites, dropped) if plan.secure_aggregation else None
     for server_round in range(start.round + 1, plan.num_rounds + 1):
         if live is not None:
             live.round_started(server_round)
@@ -476,26 +480,40 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
         evaluate_received = plan.evaluate_on_train and server_round > 1
         config = ConfigRecord({**plan.train_config, "evaluate-received": evaluate_received})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
-        good = _exchange(grid, messages, sites, dropped, server_round, plan.round_timeout, plan.min_sites, "train")
+        if participants is not None:
+            from omopfl.federation import secure_train
+
+            secure_train.attach(messages, participants)
+        # with secure aggregation every participant must reply (secure_train.unmask_round names who did not)
+        good = _exchange(grid, messages, sites, dropped, server_round, plan.round_timeout,
+                         plan.min_sites if participants is None else 0, "train")
         evaluations = [r.content.metric_records[EVALUATE] for r in good if EVALUATE in r.content.metric_records]
         for reply in good:
             if EVALUATE in reply.content.metric_records:
                 del reply.content[EVALUATE]
-        weighted = [r for r in good if _weight(r) > 0]
-        if not weighted:
-            raise RoundsFailed(f"round {server_round}: no site had enough rows to train on (min_cell_count)")
-        if len(weighted) < plan.min_sites:
+        if participants is not None:  # only the sum of the masked updates: secure_train.unmask_round
+            aggregated, summed = secure_train.unmask_round(good, participants, server_round, arrays)
+            trained = int(summed["trained"])
+            train_metrics = MetricRecord({"n": int(summed["n"]), **({"loss": float(summed["loss"])}
+                                                                    if summed["loss"] is not None else {})})
+        else:
+            weighted = [r for r in good if _weight(r) > 0]
+            if not weighted:
+                raise RoundsFailed(f"round {server_round}: no site had enough rows to train on (min_cell_count)")
+            trained = len(weighted)
+            aggregated, train_metrics = strategy.aggregate_train(server_round, weighted) if trained >= plan.min_sites \
+                else (None, None)
+        if trained < plan.min_sites:
             # a zero-weight reply (a site below its min_cell_count) answered but did not train
-            raise RoundsFailed(f"round {server_round}: {len(weighted)} site(s) trained ({len(good)} replied; the "
+            raise RoundsFailed(f"round {server_round}: {trained} site(s) trained ({len(good)} replied; the "
                                f"others had too few rows for their min_cell_count), fewer than min-sites "
                                f"{plan.min_sites}")
-        aggregated, train_metrics = strategy.aggregate_train(server_round, weighted)
         if aggregated is None:
             raise RoundsFailed(f"round {server_round}: the strategy could not aggregate the replies")
         if evaluate_received and rows and evaluations:
             rows[-1].update(_eval_fields(aggregate_metrics(evaluations)))
         arrays = aggregated
-        row: dict[str, Any] = {"round": server_round, "sites": len(weighted), "replied": len(good)}
+        row: dict[str, Any] = {"round": server_round, "sites": trained, "replied": len(good)}
         spent = site_epsilons(good, sites)
         if spent:
             row["epsilon"] = spent
@@ -528,6 +546,27 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
                                 rows=rows, sites=dict(sites), dropped=list(dropped), identity=plan.identity)
         checkpoint.save(plan.run_dir)
     return checkpoint
+
+
+def _train_keys(grid: FastGrid, plan: RoundPlan, sites: dict[str, int], dropped: list[dict[str, Any]]) -> Any:
+    """Secure aggregation's key round at the start of training: the participants (the sites that published a
+    key; the others are dropped before any update is masked)."""
+    from omopfl import secagg
+    from omopfl.federation import secure_train
+
+    participants, failed = secure_train.collect_keys(grid, sites, plan.study_hash, plan.round_timeout)
+    for name, reason in sorted(failed.items()):
+        node = sites.get(name)
+        if node is not None:
+            _drop(sites, dropped, node, 0, f"no secure-aggregation key ({reason})")
+    grid.nodes = list(sites.values())
+    need = max(secagg.MIN_SITES, plan.min_sites)
+    if len(participants.sites) < need:
+        raise RoundsFailed(f"{len(participants.sites)} site(s) published a secure-aggregation "
+                           f"key, fewer than the {need} secure aggregation needs: no training")
+    plan.participants = list(participants.sites)
+    _log.info("omopfl: secure aggregation of the training updates over %s", ", ".join(participants.sites))
+    return participants
 
 
 def _evaluate(grid: FastGrid, strategy: Any, arrays: ArrayRecord, plan: RoundPlan, sites: dict[str, int],
@@ -705,7 +744,8 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
                                              float(config["momentum"]), float(config["weight-decay"]),
                                              int(config["local-steps"]))},
         evaluate_config=shared, round_timeout=float(config["round-timeout"]), min_sites=settings.min_sites,
-        evaluate_on_train=bool(config["evaluate-on-train"]), run_dir=run_dir, identity=identity)
+        evaluate_on_train=bool(config["evaluate-on-train"]), run_dir=run_dir, identity=identity,
+        secure_aggregation=settings.secure_aggregation, study_hash=settings.study_hash)
     options = json.loads(str(config["strategy-options"]))
     strategy = make_strategy(str(config["strategy"]), float(config["proximal-mu"]), options)
     t0 = time.monotonic()
@@ -740,6 +780,8 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
         "bytes": {"sent": fast.bytes_sent, "received": fast.bytes_received,
                   "model": int(sum(v.nbytes for v in final.arrays.values()))},
     }
+    if plan.participants is not None:  # the coordinator saw only sums of the updates (secure_train)
+        manifest["secure_aggregation"] = {"statistics": True, "training": True, "participants": plan.participants}
     privacy = privacy_summary(rounds)
     if privacy is not None:  # DP-SGD: the epsilon each site reported spending on the study
         manifest["privacy"] = privacy

@@ -186,8 +186,22 @@ def _admit_training(message_type: str, content: RecordDict, context: Context, si
                           "dp-delta": float(privacy.get("delta") or 1e-6),
                           "dp-max-grad-norm": float(privacy.get("max_grad_norm") or 1.0),
                           "dp-rounds": int(settings["rounds"]), "dp-budget": float(privacy.get("budget_epsilon") or 0)})
+    release_metrics = rules.release_metrics
+    metrics_epsilon = privacy.get("metrics_epsilon")
+    if metrics_epsilon is not None:  # DP on the released metrics (omopfl.dp_metrics), charged to the ledger
+        ledger, budget_limit = _ledger(site, approved)
+        fits = ledger.fits(budget_limit, metrics=float(metrics_epsilon))
+        if message_type == "evaluate" and not fits:
+            raise Refusal("budget_spent")
+        release_metrics = release_metrics and fits  # a train reply then carries no evaluation
+        effective.update({"dp-metrics-epsilon": float(metrics_epsilon), "dp-delta": float(privacy.get("delta") or 1e-6),
+                          "dp-budget": float(privacy.get("budget_epsilon") or 0)})
+    elif rules.dp_required:  # metrics only with DP (an approval checks this too): none without it
+        if message_type == "evaluate":
+            raise Refusal("policy")
+        release_metrics = False
     effective.update({"server-round": server_round, codec.STUDY_HASH_KEY: approved.hash,
-                      "evaluate-received": bool(evaluate_received and rules.release_metrics)})
+                      "evaluate-received": bool(evaluate_received and release_metrics)})
     records: dict[str, Any] = {codec.TRAIN_CONFIG: ConfigRecord(effective)}
     if codec.TRAIN_ARRAYS in content.array_records:
         records[codec.TRAIN_ARRAYS] = content.array_records[codec.TRAIN_ARRAYS]
@@ -288,8 +302,22 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
         return covariates_reply(content, context, site)
     from omopfl.federation import site_train
 
-    return site_train.handle(message_type, _admit_training(message_type, content, context, site, approved, run_id),
-                             context)
+    secure = bool(_privacy(approved).get("secure_aggregation"))
+    from omopfl.federation.secure_train import TRAIN_RECORD
+
+    if TRAIN_RECORD in content.config_records and not (secure and message_type == "train"):
+        raise Refusal("settings_mismatch")
+    ledger, _limit = _ledger(site, approved)
+    before = ledger.spent()
+    if secure and message_type == "train":  # the update leaves only masked (omopfl.federation.secure_train)
+        reply = _secagg_train(content, context, site, approved, run_id, spent)
+    else:
+        reply = site_train.handle(message_type, _admit_training(message_type, content, context, site, approved,
+                                                                run_id), context)
+    after = ledger.spent()
+    if after > before:  # DP-SGD and/or DP metrics spent on this message: the audit log shows it
+        spent.update(epsilon=round(after - before, 9), epsilon_total=round(after, 9))
+    return reply
 
 
 def _secagg_state(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -> Path:
@@ -347,6 +375,8 @@ def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: p
     if not _privacy(approved).get("secure_aggregation"):
         raise Refusal("settings_mismatch")
     request = secure_stats.decode_request(content)
+    if request.phase == "train-keys":
+        return _train_keys(site, approved, run_id)
     path = _secagg_state(site, approved, run_id)
     run = f"{approved.hash}:{int(run_id)}"
     if request.phase == "keys":
@@ -426,6 +456,126 @@ def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: p
     else:
         _write_private(path, state)
     return secure_stats.encode_masked_reply(masked)
+
+
+def _train_state(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -> Path:
+    return policy.state_dir(site) / "secagg" / f"{approved.hash[:32]}-{int(run_id)}-train.json"
+
+
+def _train_run(approved: policy.ApprovedStudy, run_id: int) -> str:
+    return f"{approved.hash}:{int(run_id)}:train"
+
+
+def _train_keys(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -> RecordDict:
+    """The training key round: one fresh X25519 key per run (a second request is refused: no re-keying)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from omopfl import secagg
+    from omopfl.federation import secure_stats
+
+    path = _train_state(site, approved, run_id)
+    if path.is_file():
+        _log.warning("omopfl site %s: secure aggregation refused: a second training key round in run %d", site.name,
+                     int(run_id))
+        raise SiteFailure("secagg_refused")
+    private = X25519PrivateKey.generate()
+    raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())
+    _write_private(path, {"key": raw.hex(), "participants": None, "rounds": []})
+    public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    signature = _identity_key(site).sign(secagg.PublicKeyBundle(site.name, _train_run(approved, run_id),
+                                                                public).signed_bytes())
+    return secure_stats.encode_keys_reply(site.name, public, [], signature)
+
+
+def _participants_session(site: SiteConfig, approved: policy.ApprovedStudy, run: str, private: Any,
+                          sites: tuple[str, ...], keys: tuple[str, ...], signatures: tuple[str, ...],
+                          frac_bits: int) -> Any:
+    """A :class:`omopfl.secagg.SecAggSession` over the listed participants, after the site's checks: distinct
+    names, this site among them, at least ``max(3, min_sites)``, only pinned names with their signatures when
+    the study pins ``[privacy.participants]``.  Raises ``SiteFailure("secagg_refused")``."""
+    from omopfl import secagg
+
+    need = max(secagg.MIN_SITES, int(approved.summary.get("training", {}).get("min_sites") or 1))
+    if len(set(sites)) != len(sites) or len(sites) < need or site.name not in sites:
+        _log.warning("omopfl site %s: secure aggregation refused: %d participant(s) listed, %d needed, this site "
+                     "%s", site.name, len(set(sites)), need, "listed" if site.name in sites else "not listed")
+        raise SiteFailure("secagg_refused")
+    pinned = dict(_privacy(approved).get("participants") or {})
+    trusted = None
+    if pinned:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        if any(name not in pinned for name in sites):
+            _log.warning("omopfl site %s: secure aggregation refused: a participant is not pinned in the study",
+                         site.name)
+            raise SiteFailure("secagg_refused")
+        trusted = {name: Ed25519PublicKey.from_public_bytes(bytes.fromhex(key)) for name, key in pinned.items()}
+    try:
+        session = secagg.SecAggSession(site.name, sites, run, private_key=private, frac_bits=frac_bits)
+        session.set_peer_keys([{"site": name, "run_id": run, "public_key": key, "signature": signature}
+                               for name, key, signature in zip(sites, keys, signatures, strict=True)],
+                              trusted=trusted)
+    except secagg.SecAggError as exc:
+        _log.warning("omopfl site %s: secure aggregation refused: %s", site.name, exc)
+        raise SiteFailure("secagg_refused") from None
+    return session
+
+
+def _secagg_train(content: RecordDict, context: Context, site: SiteConfig, approved: policy.ApprovedStudy,
+                  run_id: int, spent: dict[str, float]) -> RecordDict:
+    """A ``train`` reply of a secure-aggregation study: only the masked update (and the released evaluation).
+
+    Checked before training: the run's training key exists (``train-keys``), the participant list passes
+    :func:`_participants_session` and equals the first masked round's, this round was not masked yet (and
+    :func:`_admit_training` bounds it by the study's rounds).  The plain reply never leaves the site."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from omopfl import secagg
+    from omopfl.federation import secure_stats, secure_train, site_train
+
+    request = secure_train.decode_train_request(content)
+    admitted = _admit_training("train", content, context, site, approved, run_id)
+    server_round = int(admitted.config_records[codec.TRAIN_CONFIG]["server-round"])
+    path = _train_state(site, approved, run_id)
+    if not path.is_file():
+        _log.warning("omopfl site %s: secure aggregation refused: no training key round in run %d", site.name,
+                     int(run_id))
+        raise SiteFailure("secagg_refused")
+    state = json.loads(path.read_text())
+    listed = {"sites": list(request.sites), "keys": list(request.keys)}
+    if server_round in state["rounds"] or not state.get("key"):
+        _log.warning("omopfl site %s: secure aggregation refused: round %d was masked already", site.name,
+                     server_round)
+        raise SiteFailure("secagg_refused")
+    if state["participants"] is not None and state["participants"] != listed:
+        _log.warning("omopfl site %s: secure aggregation refused: the participants differ from the run's first "
+                     "round", site.name)
+        raise SiteFailure("secagg_refused")
+    private = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["key"]))
+    session = _participants_session(site, approved, _train_run(approved, run_id), private, request.sites,
+                                    request.keys, request.signatures, secure_train.FRAC_BITS)
+    received = admitted.array_records.get(codec.TRAIN_ARRAYS)
+    if received is None:
+        raise codec.CodecError("arrays record missing")
+    plain = site_train.handle("train", admitted, context)
+    try:
+        vector, _n = secure_train.train_vector(plain, received)
+        masked = session.mask(vector, secure_train.round_id(server_round), secure_train.LABEL)
+    except secagg.SecAggError as exc:
+        _log.warning("omopfl site %s: secure aggregation refused in round %d: %s", site.name, server_round, exc)
+        raise SiteFailure("secagg_refused") from None
+    # DP-SGD's epsilon is not sent with a masked update: the audit log shows it (_handle)
+    state["rounds"].append(server_round)
+    state["participants"] = listed
+    if server_round >= int(approved.settings["rounds"]):
+        state["key"] = ""  # the study's last round: the key is not needed any more
+    _write_private(path, state)
+    reply = secure_stats.encode_masked_reply(masked)
+    if codec.TRAIN_EVALUATE in plain.metric_records:  # the released evaluation of the received model (clear)
+        reply[codec.TRAIN_EVALUATE] = plain.metric_records[codec.TRAIN_EVALUATE]
+    return reply
 
 
 def _feature_names(context: Context, site: SiteConfig) -> list[str]:

@@ -172,9 +172,39 @@ def _model(spec: Any, tensors: Any, content: RecordDict) -> Any:
     return model
 
 
-def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int, threshold: float = 0.5) -> MetricRecord:
+def _metrics_dp(config: Mapping[str, Any], context: Context) -> tuple[float, Any] | None:
+    """``(metrics_epsilon, the study's ledger at this site)`` when the approved study sets DP on metrics."""
+    epsilon = config.get("dp-metrics-epsilon")
+    if epsilon is None:
+        return None
+    from omopfl import budget, policy
+    from omopfl.config import load_site
+
+    site = load_site(str(context.node_config["site-config"]))
+    ledger = budget.Ledger(policy.state_dir(site), str(config[codec.STUDY_HASH_KEY]), float(config["dp-delta"]))
+    return float(epsilon), ledger
+
+
+def _noisy_evaluation(y: Any, prob: Any, min_cell_count: int, threshold: float,
+                      dp: tuple[float, Any]) -> MetricRecord:
+    """Metrics from the DP-noised confusion matrix (:mod:`omopfl.dp_metrics`), charged to the ledger before
+    they leave; withheld (``num-examples`` 0) as the release rule says."""
+    from omopfl import dp_metrics
+
+    epsilon, ledger = dp
+    result, drawn, _cells = dp_metrics.noisy_evaluation(y, prob, min_cell_count, threshold, epsilon)
+    if drawn:
+        ledger.charge(metrics=epsilon)
+    if result is None:
+        return MetricRecord({WEIGHT_KEY: 0})
+    return MetricRecord({WEIGHT_KEY: int(result["n"]), **{k: float(result[k]) for k in dp_metrics.NOISY_METRICS}})
+
+
+def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int, threshold: float = 0.5,
+                dp: tuple[float, Any] | None = None) -> MetricRecord:
     """Test metrics under the release rule (:func:`omopfl.release.evaluation`: every confusion-matrix cell
-    at least ``min_cell_count``), or only ``num-examples`` = 0 (withheld)."""
+    at least ``min_cell_count``), or only ``num-examples`` = 0 (withheld); with ``dp`` (the study's
+    ``metrics_epsilon`` and ledger) computed from the noisy cells (:func:`_noisy_evaluation`)."""
     import torch
 
     from omopfl import release
@@ -184,6 +214,8 @@ def _evaluation(model: Any, tensors: Any, test_idx: Any, min_cell_count: int, th
         return MetricRecord({WEIGHT_KEY: 0})
     prob = predict_proba(model, tensors, test_idx)
     y = tensors.y.index_select(0, torch.as_tensor(test_idx)).double().numpy()
+    if dp is not None:
+        return _noisy_evaluation(y, prob, min_cell_count, threshold, dp)
     clipped = np.clip(prob, 1e-12, 1 - 1e-12)
     loss = float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))
     result = release.evaluation(y, prob, loss, min_cell_count, threshold)
@@ -206,7 +238,8 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
     model = _model(spec, tensors, content)
     reply: dict[str, Any] = {}
     if _cfg(config, "evaluate-received", bool, False):
-        reply[EVALUATE] = _evaluation(model, tensors, test_idx, min_cell_count, _threshold(config))
+        reply[EVALUATE] = _evaluation(model, tensors, test_idx, min_cell_count, _threshold(config),
+                                      _metrics_dp(config, context))
     from omopfl import release
 
     strategy = _cfg(config, "strategy", str, "")
@@ -340,7 +373,8 @@ def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
     config = _config(content)
     tensors, _train_idx, test_idx, min_cell_count = _tensors_and_split(context, config)
     model = _model(spec_from_config(config), tensors, content)
-    return RecordDict({METRICS: _evaluation(model, tensors, test_idx, min_cell_count, _threshold(config))})
+    return RecordDict({METRICS: _evaluation(model, tensors, test_idx, min_cell_count, _threshold(config),
+                                            _metrics_dp(config, context))})
 
 
 HANDLERS = {"train": site_train, "evaluate": site_evaluate}
