@@ -91,6 +91,9 @@ def _rows(run: TrainedRun, prepared: Any, rows: str) -> np.ndarray:
     n = int(np.asarray(prepared.y).shape[0])
     if rows == "all":
         return np.arange(n)
+    mask = getattr(prepared, "test_mask", None)
+    if mask is not None:  # the study's fixed test set ([split]), prepared at the site
+        return np.flatnonzero(np.asarray(mask, dtype=bool))
     training = run.manifest.get("training", {})
     _, test = split(n, float(training.get("test_fraction", 0.25)), int(training.get("seed", 0)), prepared.y)
     return np.asarray(test)

@@ -73,6 +73,7 @@ __all__ = [
     "ROUND_KEYS",
     "training_settings",
     "covariate_settings",
+    "split_settings",
     "audit_entry",
     "reply_refusal",
     "study_dp_config",
@@ -594,7 +595,18 @@ def training_settings(study: Any) -> dict[str, Any]:
         "test-fraction": float(training.test_fraction), "seed": int(training.seed),
         "threshold": float(getattr(training, "threshold", 0.5)),
         **covariate_settings(study),
+        **split_settings(study),
     }
+
+
+def split_settings(study: Any) -> dict[str, Any]:
+    """``split-method`` of a study that fixes its test set (``[split]``, :mod:`omopfl.splits`); empty for the
+    default random split (so other studies' messages are unchanged).  The test set itself is part of the
+    prepared dataset (covered by the dataset hash), never of a message."""
+    split = getattr(study, "split", None)
+    if split is None or not split.fixed:
+        return {}
+    return {"split-method": str(split.method)}
 
 
 def covariate_settings(study: Any) -> dict[str, Any]:
