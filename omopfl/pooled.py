@@ -139,7 +139,8 @@ def train_pooled(study_path: str | Path, adapters: Sequence[str | Path], prepare
     for p in prepared:
         if list(p.feature_names) != features:
             raise ConfigError(f"site {p.site}: feature names differ from site {prepared[0].site}'s")
-        if p.manifest.get("study_hash") and p.manifest["study_hash"] != spec.hash:
+        if (p.manifest.get("dataset_hash", spec.dataset_hash) != spec.dataset_hash if "dataset_hash" in p.manifest
+                else p.manifest.get("study_hash", spec.hash) != spec.hash):
             raise ConfigError(f"site {p.site}: prepared for another study (hash mismatch)")
 
     pooled_x = np.concatenate([np.asarray(p.x, dtype=np.float64) for p in prepared], axis=0)

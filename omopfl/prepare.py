@@ -399,6 +399,7 @@ def prepare_site(
     manifest: dict[str, Any] = {
         "study": study.name,
         "study_hash": study.hash,
+        "dataset_hash": study.dataset_hash,
         "cohorts": cohorts,
         "cdm_version": cdm_version,
         "cdm_snapshot_hash": snapshot,

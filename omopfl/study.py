@@ -36,6 +36,7 @@ __all__ = [
     "load_study",
     "DEMOGRAPHICS",
     "DOMAIN_TABLES",
+    "TRAINING_SECTIONS",
 ]
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -68,6 +69,10 @@ VALUE_AGGREGATES = ("last", "mean", "min", "max", "count")
 UNITLESS = "1"  # the UCUM code of a declared unitless (dimensionless) value
 OTHER_LEVEL = "other"  # the one-hot level of a categorical value in none of the study's levels
 MODELS = ("logistic", "mlp", "cnn", "fusion")
+TRAINING_SECTIONS = ("study", "model", "training", "privacy")
+"""Sections that do not define the prepared dataset (:attr:`StudyConfig.dataset_hash` leaves them out):
+the study's name and description, the model, the training settings (incl. the random split's
+``test_fraction``/``seed``, drawn at training time) and differential privacy (applied when releasing)."""
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 
@@ -290,6 +295,28 @@ class StudyConfig:
             return hashlib.sha256(self.text.encode() + b"\0covariates:" + self.covariates.list_sha256.encode()
                                   ).hexdigest()
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def dataset_hash(self) -> str:
+        """sha256 of what defines the prepared dataset: the study's sections except :data:`TRAINING_SECTIONS`
+        (parsed, so comments and key order do not count), the bytes of every cohort definition file it
+        references, and a ``[covariates] list`` file's hash.
+
+        A site accepts training of an approved study when its prepared dataset carries the approved
+        study's dataset hash: a change of the learning rate or the rounds needs a new approval (the
+        study hash, :attr:`hash`, changes) but no re-preparation.
+        """
+        import json
+
+        data = tomllib.loads(self.text) if self.text else {}
+        defining = {key: value for key, value in data.items() if key not in TRAINING_SECTIONS}
+        files = {}
+        for role in self.cohort_roles():
+            file = self.cohort_file(role)
+            files[role] = hashlib.sha256(file.read_bytes()).hexdigest() if file is not None and file.is_file() else None
+        payload = {"study": defining, "cohort_files": files,
+                   "covariates_list": self.covariates.list_sha256 if self.covariates is not None else None}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def feature_names(self) -> list[str]:
         """Tabular feature columns in order (before harmonization adds missingness indicators)."""

@@ -74,6 +74,8 @@ __all__ = [
     "training_settings",
     "covariate_settings",
     "split_settings",
+    "refusal_summary",
+    "ERROR_ADVICE",
     "audit_entry",
     "reply_refusal",
     "study_dp_config",
@@ -116,6 +118,31 @@ ERROR_TEXT: Mapping[str, str] = {
     "secagg_refused": "secure aggregation refused",
 }
 """What the coordinator's log says for each code."""
+
+ERROR_ADVICE: Mapping[str, str] = {
+    "study_not_approved": "approve the study at the site (omopfl sites approve --study STUDY --site ADAPTER)",
+    "study_mismatch": "prepare the site's dataset for this study (omopfl prepare); a change of [model], [training] "
+                      "or [privacy] alone needs a new approval, no re-preparation",
+    "not_prepared": "prepare the site's dataset for this study (omopfl prepare)",
+    "feature_mismatch": "prepare the site's dataset for this study (omopfl prepare)",
+    "settings_mismatch": "send the approved study's settings (leave out overrides such as --strategy fedprox)",
+    "policy": "fit the study to the site's [policy] (omopfl sites approve shows what it refuses)",
+    "config": "fix the site's adapter",
+}
+"""What to do about a refusal (the coordinator's one-line failure messages)."""
+
+
+def refusal_summary(failed: Sequence[Mapping[str, Any]]) -> str:
+    """One line naming which sites refused with which code and what to do, e.g.
+    ``site_a, site_b: prepared for another study (study_mismatch): it prepares ...``; ``""`` for none."""
+    by_code: dict[str, list[str]] = {}
+    for f in failed:
+        by_code.setdefault(str(f.get("code", "")), []).append(str(f.get("site") or f"node {f.get('node')}"))
+    parts = []
+    for code, names in by_code.items():
+        advice = ERROR_ADVICE.get(code)
+        parts.append(f"{', '.join(names)}: {ERROR_TEXT.get(code, code)} ({code})" + (f": {advice}" if advice else ""))
+    return "; ".join(parts)
 
 STUDY_HASH_KEY = "study-hash"
 """Config key of every training/evaluation message naming the study it is for."""

@@ -136,11 +136,30 @@ def _same(sent: Any, approved: Any) -> bool:
 
 
 def _prepared_study_hash(context: Context, site: SiteConfig) -> str:
+    return str(_prepared_manifest(context, site).get("study_hash", ""))
+
+
+def _prepared_manifest(context: Context, site: SiteConfig) -> dict[str, Any]:
     folder = Path(str(context.node_config.get("prepared-dir", ""))) / site.name
     try:
-        return str(json.loads((folder / "manifest.json").read_text()).get("study_hash", ""))
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
         raise SiteFailure("not_prepared") from None
+    if not isinstance(manifest, dict):
+        raise SiteFailure("not_prepared")
+    return manifest
+
+
+def prepared_for(context: Context, site: SiteConfig, approved: policy.ApprovedStudy) -> bool:
+    """The site's prepared dataset is the approved study's: its DATASET hash equals the approved study's
+    (:attr:`omopfl.study.StudyConfig.dataset_hash`), so a study that changed only training settings
+    (model, training, privacy) is served without re-preparation once approved.  A dataset or an
+    approval from before dataset hashes existed is compared by the whole study's hash."""
+    manifest = _prepared_manifest(context, site)
+    approved_dataset = approved.summary.get("dataset_hash")
+    if approved_dataset and manifest.get("dataset_hash"):
+        return str(manifest["dataset_hash"]) == str(approved_dataset)
+    return str(manifest.get("study_hash", "")) == approved.hash
 
 
 def _sent(site: SiteConfig, run_id: int, message_type: str) -> int:
@@ -241,7 +260,7 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
         _log.warning("omopfl site %s: %s refused: study %s is not approved here", site.name, message_type,
                      study_hash[:12] or "(none)")
         raise Refusal("study_not_approved")
-    if _prepared_study_hash(context, site) != approved.hash:
+    if not prepared_for(context, site, approved):
         raise SiteFailure("study_mismatch")
     if message_type == "query.secagg":
         return _secagg(content, context, site, approved, run_id, spent)
@@ -257,7 +276,7 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
             spent.update(epsilon=dp.epsilon, epsilon_total=ledger.charge(statistics=dp.epsilon))
         return reply
     if message_type == "query.scaler":
-        return scaler_reply(content, context, site)
+        return scaler_reply(content, context, site, approved.summary)
     if message_type == codec.COVARIATES_QUERY:  # covariate discovery (issue 13b)
         from omopfl.federation.site_covariates import covariates_reply
 

@@ -76,7 +76,7 @@ _CACHE: dict[tuple, tuple[Any, Any, Any]] = {}
 _CACHE_SIZE = 4
 
 
-def _site_scaler(context: Context, prepared: Any, prepared_dir: Path) -> codec.GlobalScaler:
+def _site_scaler(context: Context, prepared: Any, prepared_dir: Path, study_hash: str | None) -> codec.GlobalScaler:
     try:
         scaler = codec.decode_scaler(context.state)
     except codec.CodecError:
@@ -84,7 +84,7 @@ def _site_scaler(context: Context, prepared: Any, prepared_dir: Path) -> codec.G
         if not path.is_file():
             raise SiteFailure("not_prepared") from None
         scaler = codec.GlobalScaler.from_dict(json.loads(path.read_text()))
-    return check_scaler(prepared, scaler)
+    return check_scaler(prepared, scaler, study_hash)  # built for the message's (approved) study
 
 
 def _cfg(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -114,7 +114,8 @@ def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any
 
     site, prepared = load_site_dataset(dict(context.node_config))
     prepared_dir = Path(str(context.node_config["prepared-dir"]))
-    scaler = _site_scaler(context, prepared, prepared_dir)
+    study_hash = config.get(codec.STUDY_HASH_KEY)
+    scaler = _site_scaler(context, prepared, prepared_dir, study_hash if isinstance(study_hash, str) else None)
     test_fraction = float(_cfg(config, "test-fraction", (int, float), 0.25))
     seed = int(_cfg(config, "seed", int, 0))
     method = str(_cfg(config, "split-method", str, "random"))
