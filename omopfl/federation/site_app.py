@@ -5,7 +5,7 @@
     message ─▶ code gate (site_runtime: the app bundle holds only a pyproject naming omopfl's own app)
             ─▶ serve(): which site (its own adapter, from the node config the site set)
                         which message type (only train, evaluate, query.stats, query.scaler,
-                                           query.covariates)
+                                           query.covariates, query.secagg, query.validate)
                         which study (an active approval of exactly this hash in the site's state folder)
                         which settings (every setting the message carries equals the approved study's;
                                         rounds within the study's and the policy's limit; model kind,
@@ -55,7 +55,8 @@ COMPONENT = "omopfl.federation.site_app:app"
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 """What an app bundle may hold: its pyproject and Flower's content manifest, nothing else."""
 MAX_PYPROJECT_BYTES = 1 << 20
-MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", codec.COVARIATES_QUERY, "query.secagg")
+MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", codec.COVARIATES_QUERY, "query.secagg",
+                 "query.validate")
 
 app = ClientApp()
 
@@ -120,6 +121,10 @@ def _requested_study(message_type: str, content: RecordDict) -> str:
         from omopfl.federation import secure_stats
 
         return secure_stats.decode_request(content).study_hash
+    if message_type == "query.validate":
+        from omopfl.federation.federated_validation import decode_request
+
+        return decode_request(content).study_hash
     config = content.config_records.get(codec.TRAIN_CONFIG)
     value = None if config is None else config.get(codec.STUDY_HASH_KEY)
     if not isinstance(value, str):
@@ -281,6 +286,10 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
         from omopfl.federation.site_covariates import covariates_reply
 
         return covariates_reply(content, context, site)
+    if message_type == "query.validate":  # federated external validation (issue 14)
+        from omopfl.federation.site_validate import validate_reply
+
+        return validate_reply(content, context, site, approved, _sent(site, run_id, message_type))
     from omopfl.federation import site_train
 
     return site_train.handle(message_type, _admit_training(message_type, content, context, site, approved, run_id),
@@ -557,6 +566,11 @@ def _scaler(message: Message, context: Context) -> Message:
 
 @app.query("secagg")
 def _secagg_query(message: Message, context: Context) -> Message:
+    return serve(message, context)
+
+
+@app.query("validate")
+def _validate(message: Message, context: Context) -> Message:
     return serve(message, context)
 
 
