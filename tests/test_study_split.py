@@ -168,3 +168,66 @@ def test_a_cohort_split_study_without_its_mask_is_refused(prepared_sites_factory
     for adapter in fed["adapters"]:
         last = audit.read(audit_path(load_site(adapter)))[-1]
         assert (last["message_type"], last["outcome"], last["code"]) == ("train", "refused", "not_prepared")
+
+
+def test_no_message_moves_the_fixed_test_set(prepared_sites_factory) -> None:
+    """A coordinator asking for another split (the random one, another fraction) is refused by the site."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from omopfl.federation import codec, site_app
+    from omopfl.federation.runner import InProcessGrid
+    from omopfl.models import build_model
+
+    fed = prepared_sites_factory("split_message", approve=False)
+    study, _counts = _with_test_cohort(fed)
+    spec = load_study(study)
+    assert codec.training_settings(spec)["split-method"] == "cohort"
+    node = {"site-config": str(fed["adapters"][0]), "prepared-dir": str(fed["prepared_dir"])}
+    grid = InProcessGrid(site_app.app, [node], {})
+    names = json_names(fed["prepared_dir"] / "site_a")
+    arrays = ArrayRecord(build_model(spec.model, len(names)).state_dict())
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
+    try:
+        for override in ({"split-method": "random"}, {"test-fraction": 0.9}, {"split-method": "hash"}):
+            config = ConfigRecord({codec.STUDY_HASH_KEY: spec.hash, "server-round": 1, **override})
+            content = RecordDict({codec.TRAIN_CONFIG: config, codec.TRAIN_ARRAYS: arrays})
+            reply = grid.send_and_receive([grid.create_message(content, "train", 1000, "g")])[0]
+            assert codec.reply_refusal(reply.content) == ("site_a", "settings_mismatch"), override
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def json_names(folder: Path) -> list[str]:
+    import json
+
+    return list(json.loads((folder / "manifest.json").read_text())["feature_names"])
+
+
+def test_hash_split_is_prepared_per_person_and_survives_re_preparation(prepared_sites_factory) -> None:
+    from omopfl.config import load_site
+    from omopfl.db import make_engine
+    from omopfl.prepare import load_prepared, prepare_site
+
+    fed = prepared_sites_factory("split_hash", approve=False)
+    text = fed["study"].read_text().replace("test_fraction = 0.25\n", "")
+    study = fed["tmp"] / "study_hash.toml"
+    study.write_text(text + '\n[split]\nmethod = "hash"\ntest_fraction = 0.3\nseed = 11\n')
+    spec = load_study(study)
+    site = load_site(fed["adapters"][1])
+    engine = make_engine(site.database_url())
+    try:
+        prepare_site(engine, site, spec, fed["prepared_dir"])
+        first = load_prepared(fed["prepared_dir"] / site.name)
+        persons = np.load(fed["prepared_dir"] / site.name / "persons.npy")
+        np.testing.assert_array_equal(first.test_mask, hash_test_mask(persons.tolist(), 0.3, 11))
+        assert first.manifest["split"] == {"method": "hash", "test_persons": int(first.test_mask.sum())}
+        prepare_site(engine, site, spec, fed["prepared_dir"])
+    finally:
+        engine.dispose()
+    again = load_prepared(fed["prepared_dir"] / site.name)
+    persons_again = np.load(fed["prepared_dir"] / site.name / "persons.npy")
+    assert set(persons_again[again.test_mask].tolist()) == set(persons[first.test_mask].tolist())
