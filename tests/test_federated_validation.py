@@ -139,3 +139,12 @@ def test_wrong_features_and_hostile_models_are_refused(trained, tmp_path: Path) 
     errors = [line for line in done.stderr.splitlines() if line.startswith("omopfl: error")]
     assert done.returncode == 7 and len(errors) == 1, done.stderr
     assert "no site validated the model" in errors[0] and "features differ (feature_mismatch)" in errors[0]
+
+
+def test_federated_validation_on_a_loopback_deployment(trained, tmp_path: Path) -> None:
+    """The same exchange through a real SuperLink and one SuperNode per site (omopfl's site runtime)."""
+    inprocess = run_validation(trained["run_dir"], trained["adapters"], trained["prepared_dir"],
+                               out=tmp_path / "inprocess.json")
+    deployed = run_validation(trained["run_dir"], trained["adapters"], trained["prepared_dir"],
+                              out=tmp_path / "deployed.json", mode="deployment", timeout=300)
+    assert deployed["refused"] == [] and deployed["sites"] == inprocess["sites"]
