@@ -45,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchsites import make_sites, prepare_and_approve  # noqa: E402  (bench/ is not a package)
+
 CACHE_ENV = ("OMOPFL_CACHE_DIR", "OMOPFL_IMAGE_CACHE")
 
 
@@ -54,15 +57,6 @@ def _log(message: str) -> None:
 
 def _round(value: Any, digits: int = 4) -> float | None:
     return round(float(value), digits) if isinstance(value, int | float) and math.isfinite(float(value)) else None
-
-
-def make_sites(tmp: Path, persons: int, seed: int) -> list[Path]:
-    """Three synthetic DuckDB sites; their adapters."""
-    from omopfl.synth import run_synth
-
-    summaries = run_synth(tmp / "synth", n_sites=3, persons=3 * persons, seed=seed, image_share=0.0,
-                          omics_share=0.0, adapters_dir=tmp / "adapters", progress=False)
-    return [Path(s.adapter) for s in summaries]
 
 
 def level_study(tmp: Path, tag: str, *, rounds: int, local_epochs: int, batch_size: int, lr: float, seed: int,
@@ -81,25 +75,6 @@ def level_study(tmp: Path, tag: str, *, rounds: int, local_epochs: int, batch_si
     path = tmp / f"study_{tag}.toml"
     path.write_text(text)
     return path
-
-
-def prepare_and_approve(study_path: Path, adapters: list[Path], prepared_dir: Path) -> None:
-    """Each site prepares the study in its own database and approves it."""
-    from omopfl import policy
-    from omopfl.config import load_site
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
-    from omopfl.study import load_study
-
-    study = load_study(study_path)
-    for adapter in adapters:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, study, prepared_dir)
-        finally:
-            engine.dispose()
-        policy.approve(site, study)
 
 
 def main() -> int:
@@ -135,7 +110,7 @@ def main() -> int:
             tmp = Path(tmp_name)
             os.environ["OMOPFL_CACHE_DIR"] = str(tmp / "cache")
             os.environ["OMOPFL_IMAGE_CACHE"] = str(tmp / "image_cache")
-            adapters = make_sites(tmp, args.persons, args.seed)
+            adapters = [Path(s.adapter) for s in make_sites(tmp, 3, args.persons, args.seed)]
             synth_seconds = time.perf_counter() - started
             _log(f"3 synthetic sites in {synth_seconds:.1f} s")
             levels: list[float | None] = [None, *args.epsilons]

@@ -16,6 +16,10 @@ What it measures
        batch size, learning rate and per-site train/test split, trained centrally on the
        concatenated train rows for ``rounds * local_epochs`` epochs.
 
+    An image model (``bench/densenet_study.toml``: DenseNet-121 on the linked MR slices) gets sites
+    with linked DICOM images (``--image-share``, default 0.9 of the target persons); a tabular model
+    gets none.
+
     Per site count it reports the federated AUC (``manifest["final"]["eval_auc"]``), the pooled
     site-weighted AUC, the pooled all-rows AUC, their absolute difference, whether it is within
     0.02 and the seconds each phase took.  The script exits 0 whatever the difference: it reports.
@@ -67,6 +71,8 @@ Usage::
     .venv/bin/python bench/fed_vs_pooled.py --sites 3 5 10 --seed 42 --persons 6000 \
         --study bench/fed_vs_pooled_study.toml
     .venv/bin/python bench/fed_vs_pooled.py --repeats 10 --plot fed_vs_pooled.png
+    .venv/bin/python bench/fed_vs_pooled.py --study bench/densenet_study.toml --sites 3 --repeats 5 \
+        --persons 1500 --plot densenet.png
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchsites import make_sites, prepare_and_approve  # noqa: E402  (bench/ is not a package)
+
 DEFAULT_STUDY = Path(__file__).resolve().parent / "fed_vs_pooled_study.toml"
 TOLERANCE = 0.02
 CACHE_ENV = ("OMOPFL_CACHE_DIR", "OMOPFL_IMAGE_CACHE")
@@ -97,39 +106,10 @@ def _round(value: Any, digits: int = 4) -> float | None:
     return round(float(value), digits) if isinstance(value, int | float) and math.isfinite(float(value)) else None
 
 
-def _prepare_sites(adapters: list[Path], study_path: Path, prepared_dir: Path) -> list[dict[str, Any]]:
-    """Build the study's cohorts in every site's database and prepare each site (as ``omopfl demo`` does)."""
-    from omopfl import policy
-    from omopfl.cohort import build_cohorts, load_definition
-    from omopfl.config import load_site
-    from omopfl.db import site_engine
-    from omopfl.prepare import prepare_site
-    from omopfl.study import load_study
-
-    spec = load_study(study_path)
-    definitions = [load_definition(spec.target_cohort), load_definition(spec.outcome_cohort)]
-    sites = []
-    for adapter in adapters:
-        site = load_site(adapter)
-        engine = site_engine(site)
-        try:
-            build_cohorts(engine, site, [(d, d.default_id) for d in definitions], replace=True)
-            _folder, manifest = prepare_site(engine, site, spec, prepared_dir)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)  # the site's data engineer approves the study (omopfl sites approve)
-        validation = manifest["validation"]
-        sites.append({"site": site.name, "cohort_persons": int(manifest["persons"]),
-                      "outcomes": int(manifest["outcomes"]), "fatal": int(validation["fatal_count"]),
-                      "warnings": int(validation["warning_count"])})
-    return sites
-
-
-def run_one(n_sites: int, persons: int, seed: int, study_path: Path) -> dict[str, Any]:
+def run_one(n_sites: int, persons: int, seed: int, study_path: Path, image_share: float = 0.0) -> dict[str, Any]:
     """Synthetic sites -> cohorts -> prepared data -> federated and pooled training, in a temporary folder."""
     from omopfl.federation.train import run_training
     from omopfl.pooled import train_pooled
-    from omopfl.synth import run_synth
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -139,17 +119,14 @@ def run_one(n_sites: int, persons: int, seed: int, study_path: Path) -> dict[str
         os.environ["OMOPFL_IMAGE_CACHE"] = str(tmp / "image_cache")
 
         t = time.perf_counter()
-        summaries = run_synth(out_dir=tmp / "sites", n_sites=n_sites, persons=n_sites * persons, seed=seed,
-                              image_share=0.0, omics_share=0.0, adapters_dir=tmp / "adapters", progress=False)
+        summaries = make_sites(tmp, n_sites, persons, seed, image_share=image_share)
         seconds["synth"] = time.perf_counter() - t
-        if any(s.backend != "duckdb" for s in summaries):
-            raise RuntimeError("run_synth did not write DuckDB sites (is OMOPFL_SYNTH_PG_URL set?)")
         adapters = [Path(s.adapter) for s in summaries]
         cdm_persons = [int(s.persons) for s in summaries]
         _log(f"{n_sites} sites: {sum(cdm_persons)} persons generated in {seconds['synth']:.1f} s ({cdm_persons})")
 
         t = time.perf_counter()
-        prepared = _prepare_sites(adapters, study_path, tmp / "prepared")
+        prepared = prepare_and_approve(study_path, adapters, tmp / "prepared")
         seconds["prepare"] = time.perf_counter() - t
         _log(f"{n_sites} sites: cohorts built and sites prepared in {seconds['prepare']:.1f} s "
              f"({sum(p['cohort_persons'] for p in prepared)} cohort persons)")
@@ -205,6 +182,9 @@ def main() -> int:
                         help="repeats per site count (seeds seed, seed+1, ...): with 2 or more, the Wilcoxon "
                              "rank-sum test of federated against pooled AUC and the paired difference's 95%% CI")
     parser.add_argument("--plot", type=Path, default=None, help="box plot PNG of the repeats (with --repeats >= 2)")
+    parser.add_argument("--image-share", type=float, default=None,
+                        help="share of target persons with a linked MR slice (default: 0.9 for an image model "
+                             "such as bench/densenet_study.toml, else 0: no images)")
     args = parser.parse_args()
     if any(k < 2 or k > 100 for k in args.sites):
         parser.error("--sites: every site count must be between 2 and 100")
@@ -227,16 +207,20 @@ def main() -> int:
     # One thread: a logistic model on batches of a few dozen rows gains nothing from a second one, and on
     # a busy 2-core machine torch's thread pool makes the timings (not the figures) swing several-fold.
     torch.set_num_threads(1)
+    from omopfl.models import IMAGE_KINDS
     from omopfl.study import load_study
 
     spec = load_study(study_path)
+    image_share = args.image_share if args.image_share is not None else (0.9 if spec.model.kind in IMAGE_KINDS else 0.0)
+    if not 0.0 <= image_share <= 1.0:
+        parser.error("--image-share must be between 0 and 1")
     saved = {key: os.environ.get(key) for key in CACHE_ENV}
     results = []
     repeats: dict[int, list[dict[str, Any]]] = {}
     try:
         for n_sites in args.sites:
             for r in range(args.repeats):
-                one = run_one(n_sites, args.persons, args.seed + r, study_path)
+                one = run_one(n_sites, args.persons, args.seed + r, study_path, image_share)
                 repeats.setdefault(n_sites, []).append(one)
             results.append(repeats[n_sites][0])
     finally:
@@ -257,6 +241,7 @@ def main() -> int:
                      "learning_rate": t.learning_rate, "test_fraction": t.test_fraction, "seed": t.seed},
         "seed": args.seed,
         "persons_per_site_mean": args.persons,
+        "image_share": image_share,
         "tolerance": TOLERANCE,
         "results": results,
         "all_within_0_02": all(r["within_0_02"] for r in results),

@@ -96,6 +96,8 @@ if TYPE_CHECKING:
     from omopfl.study import ModelSpec
 
 __all__ = [
+    "BATCHNORM_KINDS",
+    "IMAGE_KINDS",
     "MODEL_KINDS",
     "SiteTensors",
     "binary_metrics",
@@ -103,6 +105,7 @@ __all__ = [
     "evaluate",
     "get_weights",
     "local_loss",
+    "min_image_size",
     "predict_proba",
     "set_weights",
     "split",
@@ -110,9 +113,15 @@ __all__ = [
     "weighted_average",
 ]
 
-MODEL_KINDS = ("logistic", "mlp", "cnn", "fusion")
-_CLASS_NAMES = ("LogisticModel", "MLPModel", "CNNModel", "FusionModel")
+MODEL_KINDS = ("logistic", "mlp", "cnn", "fusion", "densenet121")
+"""Every model kind a study may name (the study parser and the site policy read this one tuple)."""
+IMAGE_KINDS = ("cnn", "fusion", "densenet121")
+"""Kinds that read the linked images (they need ``[linking.images] enabled``)."""
+BATCHNORM_KINDS = ("densenet121",)
+"""Kinds with batch normalisation, which DP-SGD (Opacus) cannot train."""
+_CLASS_NAMES = ("LogisticModel", "MLPModel", "CNNModel", "FusionModel", "DenseNet121Model")
 _MIN_IMAGE_SIZE = 4
+_MIN_DENSENET_SIZE = 32  # five halvings (stem conv, max pool, three transitions) down to 1 x 1
 _CNN_CHANNELS = (8, 16, 32)
 _OMICS_HIDDEN = (64, 32)
 _HEAD_WIDTH = 32
@@ -236,8 +245,28 @@ def _classes() -> dict[str, type]:
                 parts += self._branch(self.omics, omics, omics_mask, n, _OMICS_HIDDEN[-1], x)
             return self.head(torch.cat(parts, dim=1)).squeeze(-1)
 
+    class DenseNet121Model(nn.Module):
+        """DenseNet-121 (Huang et al. 2017) on single-channel slices, one logit out.
+
+        The network is MONAI's ``DenseNet121`` (2-D, growth rate 32, blocks 6-12-24-16, batch
+        normalisation), the architecture of the imaging seed paper; omopfl adds only the logit squeeze.
+        """
+
+        kind = "densenet121"
+
+        def __init__(self) -> None:
+            super().__init__()
+            from monai.networks.nets import DenseNet121
+
+            self.net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
+
+        def forward(self, x=None, images=None, image_mask=None, omics=None, omics_mask=None):
+            if images is None:
+                raise ValueError("the densenet121 model needs images (the site's dataset has none)")
+            return self.net(images).squeeze(-1)
+
     classes = {"LogisticModel": LogisticModel, "MLPModel": MLPModel, "CNNModel": CNNModel,
-               "FusionModel": FusionModel, "ConvTrunk": ConvTrunk}
+               "FusionModel": FusionModel, "DenseNet121Model": DenseNet121Model, "ConvTrunk": ConvTrunk}
     for name, cls in classes.items():  # pickle finds them through the module's __getattr__
         cls.__module__ = __name__
         cls.__qualname__ = name
@@ -248,6 +277,11 @@ def __getattr__(name: str) -> Any:
     if name in (*_CLASS_NAMES, "ConvTrunk"):
         return _classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def min_image_size(kind: str) -> int:
+    """Smallest image side the image model ``kind`` accepts."""
+    return _MIN_DENSENET_SIZE if kind == "densenet121" else _MIN_IMAGE_SIZE
 
 
 def build_model(spec: ModelSpec, n_features: int, n_genes: int = 0, image_size: int = 0, *,
@@ -263,7 +297,8 @@ def build_model(spec: ModelSpec, n_features: int, n_genes: int = 0, image_size: 
     n_genes:
         Omics inputs for ``fusion`` (0: no omics branch).
     image_size:
-        Side of the square image input for ``cnn`` and ``fusion`` (at least 4).
+        Side of the square image input for ``cnn``, ``fusion`` (at least 4) and ``densenet121``
+        (at least 32).
     n_covariates:
         Sparse covariates (a study's ``[covariates]`` list) after the tabular inputs; ``logistic`` only.
 
@@ -277,10 +312,10 @@ def build_model(spec: ModelSpec, n_features: int, n_genes: int = 0, image_size: 
     kind = spec.kind
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
-    if kind != "cnn" and n_features < 1:
+    if kind not in ("cnn", "densenet121") and n_features < 1:
         raise ValueError(f"the {kind} model needs at least one tabular feature")
-    if kind in ("cnn", "fusion") and image_size < _MIN_IMAGE_SIZE:
-        raise ValueError(f"the {kind} model needs image_size >= {_MIN_IMAGE_SIZE}")
+    if kind in IMAGE_KINDS and image_size < min_image_size(kind):
+        raise ValueError(f"the {kind} model needs image_size >= {min_image_size(kind)}")
     if n_genes < 0:
         raise ValueError("n_genes must be >= 0")
     if n_covariates < 0 or (n_covariates and kind != "logistic"):
@@ -298,6 +333,8 @@ def build_model(spec: ModelSpec, n_features: int, n_genes: int = 0, image_size: 
             model = classes["MLPModel"](n_features, hidden, dropout)
         elif kind == "cnn":
             model = classes["CNNModel"]()
+        elif kind == "densenet121":
+            model = classes["DenseNet121Model"]()
         else:
             model = classes["FusionModel"](n_features, n_genes, hidden, dropout)
     return model.eval()

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omopfl.errors import ConfigError
+from omopfl.models import IMAGE_KINDS, MODEL_KINDS
 
 if TYPE_CHECKING:
     from omopfl.config import SiteConfig
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["SitePolicy", "ApprovedStudy", "parse_policy", "policy_problems", "study_summary", "approve", "revoke",
            "approved_studies", "approved_study", "state_dir", "MODEL_KINDS", "APPROVALS_FILE"]
 
-MODEL_KINDS = ("logistic", "mlp", "cnn", "fusion")
 APPROVALS_FILE = "approvals.json"
 DEFAULT_MAX_ROUNDS = 100
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -142,7 +142,7 @@ def _model_parameters(study: StudyConfig) -> int | None:
 
         n_features = len(study.feature_names()) + len(study.measurements)  # + missingness indicators (at most)
         genes = len(study.omics.genes) if study.omics.enabled and study.model.kind == "fusion" else 0
-        size = int(study.imaging.size) if study.imaging.enabled and study.model.kind in ("cnn", "fusion") else 0
+        size = int(study.imaging.size) if study.imaging.enabled and study.model.kind in IMAGE_KINDS else 0
         covariates = study.covariates
         n_cov = len(covariates.covariate_ids) if covariates is not None and covariates.covariate_ids else 0
         model = build_model(study.model, n_features, genes, size, n_covariates=n_cov)

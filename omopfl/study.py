@@ -20,6 +20,7 @@ from typing import Any
 
 from omopfl.covariate_sets import CovariateSettings, parse_covariates
 from omopfl.errors import ConfigError
+from omopfl.models import BATCHNORM_KINDS, IMAGE_KINDS, MODEL_KINDS, min_image_size
 
 __all__ = [
     "StudyConfig",
@@ -68,7 +69,7 @@ VALUE_TABLES: dict[str, tuple[str, str, str, str, str]] = {
 VALUE_AGGREGATES = ("last", "mean", "min", "max", "count")
 UNITLESS = "1"  # the UCUM code of a declared unitless (dimensionless) value
 OTHER_LEVEL = "other"  # the one-hot level of a categorical value in none of the study's levels
-MODELS = ("logistic", "mlp", "cnn", "fusion")
+MODELS = MODEL_KINDS
 TRAINING_SECTIONS = ("study", "model", "training", "privacy")
 """Sections that do not define the prepared dataset (:attr:`StudyConfig.dataset_hash` leaves them out):
 the study's name and description, the model, the training settings (incl. the random split's
@@ -781,8 +782,10 @@ def load_study(path: str | Path) -> StudyConfig:
     kind = r.get(m, "model", "kind", str, "logistic")
     if kind not in MODELS:
         raise r.fail("[model] kind", f"must be one of {', '.join(MODELS)}")
-    if kind in {"cnn", "fusion"} and not imaging.enabled:
+    if kind in IMAGE_KINDS and not imaging.enabled:
         raise r.fail("[model] kind", f"{kind} needs [linking.images] enabled = true")
+    if kind in IMAGE_KINDS and imaging.size < min_image_size(kind):
+        raise r.fail("[linking.images] size", f"must be at least {min_image_size(kind)} for the {kind} model")
     hidden = r.get(m, "model", "hidden", list, [256, 512, 128, 64, 32])
     if not hidden or len(hidden) > 32 or not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 65_536
                                                  for h in hidden):
@@ -817,6 +820,9 @@ def load_study(path: str | Path) -> StudyConfig:
         raise r.fail("[training] test_fraction", f"conflicts with [split] method = {split.method!r}, which fixes "
                      "the test set; remove it from [training]")
     privacy = _privacy(r, r.table(data, "privacy"))
+    if privacy.dp_sgd and model.kind in BATCHNORM_KINDS:
+        raise r.fail("[privacy] dp_sgd", f"cannot train the {model.kind} model (DP-SGD cannot clip per person "
+                     "through batch normalisation): choose another [model] kind or turn dp_sgd off")
     covariates = parse_covariates(r.table(data, "covariates"), path.parent, path) if "covariates" in data else None
     if covariates is not None and covariates.covariate_ids is not None and model.kind != "logistic":
         raise r.fail("[model] kind", "must be logistic in a study with a [covariates] list (sparse inputs)")

@@ -79,7 +79,7 @@ def test_import_does_not_load_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("kind", ["logistic", "mlp", "cnn", "fusion"])
+@pytest.mark.parametrize("kind", ["logistic", "mlp", "cnn", "fusion", "densenet121"])
 def test_every_kind_builds_and_gives_one_logit_per_person(kind: str) -> None:
     n, k, genes, size = 6, 7, 5, 32
     rng = np.random.default_rng(1)
@@ -133,6 +133,31 @@ def test_build_model_rejects_bad_inputs() -> None:
         build_model(ModelSpec("cnn"), 3)
     with pytest.raises(ValueError, match="tabular feature"):
         build_model(ModelSpec("mlp"), 0)
+    with pytest.raises(ValueError, match="image_size >= 32"):
+        build_model(ModelSpec("densenet121"), 0, image_size=16)
+
+
+def test_densenet121_is_the_papers_network() -> None:
+    """DenseNet-121: 4 dense blocks of 6, 12, 24, 16 layers (each two convolutions), growth rate 32."""
+    model = build_model(ModelSpec("densenet121"), 0, image_size=32)
+    blocks = [m for name, m in model.named_modules() if name.count(".") == 2 and "denseblock" in name]
+    assert [len(list(b.children())) for b in blocks] == [6, 12, 24, 16]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 2 * (6 + 12 + 24 + 16) + 3  # stem, dense layers, transitions (+ 1 linear = 121)
+    grown = [m.out_channels for m in convs if m.kernel_size == (3, 3) and m.in_channels == 128]
+    assert grown and set(grown) == {32}
+    assert 6_900_000 < sum(p.numel() for p in model.parameters()) < 7_000_000
+    names = list(model.state_dict())
+    assert any(n.endswith("running_mean") for n in names)  # batch-norm buffers travel with the weights
+
+
+def test_densenet121_learns_bright_blob_versus_no_blob() -> None:
+    prepared = blob_site(160, size=32, seed=1)
+    tensors = SiteTensors.from_prepared(prepared, Scaler(("f0",), [0.0], [1.0]))
+    train, test = split(tensors.n, 0.25, seed=0, y=prepared.y)
+    model = build_model(ModelSpec("densenet121"), 1, image_size=32, seed=0)
+    train_local(model, tensors, train, epochs=2, batch_size=24, lr=0.001, seed=0)
+    assert evaluate(model, tensors, test)["auc"] > 0.75
 
 
 def test_init_is_deterministic_and_weights_round_trip() -> None:

@@ -1,4 +1,4 @@
-"""Federated training of the image and multimodal models (``cnn``, ``fusion``) on linked DICOM and omics.
+"""Federated training of the image models (``cnn``, ``fusion``, ``densenet121``) on linked DICOM and omics.
 
 Two small synthetic sites with linked MR slices and expression files are prepared for the example
 study (images 32x32, 20 genes); the server builds its round-0 model from the study's image size and
@@ -30,7 +30,7 @@ def multimodal(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("multimodal")
     text = (ROOT / "examples" / "t2dm_hf" / "study.toml").read_text().replace('"../../cohorts/', f'"{ROOT}/cohorts/')
     studies = {}
-    for kind in ("cnn", "fusion"):
+    for kind in ("cnn", "fusion", "densenet121"):
         studies[kind] = base / f"study_{kind}.toml"
         studies[kind].write_text(text.replace('kind = "logistic"', f'kind = "{kind}"\nhidden = [16, 8]'))
     run_synth(base / "synth", n_sites=2, persons=[700, 500], seed=3, image_share=0.6, omics_share=0.6,
@@ -48,7 +48,7 @@ def multimodal(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"base": base, "studies": studies, "adapters": adapters}
 
 
-@pytest.mark.parametrize("kind", ["cnn", "fusion"])
+@pytest.mark.parametrize("kind", ["cnn", "fusion", "densenet121"])
 def test_image_and_fusion_models_train_federated(multimodal, kind: str) -> None:
     from omopfl.models import build_model
     from omopfl.study import load_study

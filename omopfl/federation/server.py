@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from omopfl.errors import ConfigError, FederationError
+from omopfl.models import IMAGE_KINDS
 
 __all__ = ["ServerOptions", "serve_study", "training_run_config", "training_pyproject"]
 
@@ -82,7 +83,7 @@ def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_si
         "cohort-hashes": json.dumps({"target": sha(spec.target_cohort), "outcome": sha(spec.outcome_cohort)}),
         "model-kind": spec.model.kind, "model-hidden": json.dumps([int(h) for h in spec.model.hidden]),
         "model-dropout": json.dumps([float(d) for d in spec.model.dropout]),
-        "model-image-size": int(spec.imaging.size) if spec.imaging.enabled and spec.model.kind in ("cnn", "fusion")
+        "model-image-size": int(spec.imaging.size) if spec.imaging.enabled and spec.model.kind in IMAGE_KINDS
         else 0,
         "model-genes": len(spec.omics.genes) if spec.omics.enabled and spec.model.kind == "fusion" else 0,
         "rounds": int(rounds if rounds is not None else t.rounds), "local-epochs": int(t.local_epochs),

@@ -36,7 +36,7 @@ def validate_reply(content: RecordDict, context: Context, site: SiteConfig, appr
     import torch
 
     from omopfl.external_validation import TrainedRun, validate_site
-    from omopfl.models import build_model
+    from omopfl.models import IMAGE_KINDS, build_model
 
     request = decode_request(content)
     settings = dict(approved.settings)
@@ -68,7 +68,7 @@ def validate_reply(content: RecordDict, context: Context, site: SiteConfig, appr
     dropout = tuple(float(d) for d in json.loads(settings["model-dropout"]))
     spec = ModelSpec(kind=str(settings["model-kind"]), hidden=hidden or ModelSpec().hidden, dropout=dropout)
     n_genes = len(prepared.gene_names) if spec.kind == "fusion" else 0
-    image_size = int(prepared.images.shape[-1]) if spec.kind in ("cnn", "fusion") and prepared.images is not None \
+    image_size = int(prepared.images.shape[-1]) if spec.kind in IMAGE_KINDS and prepared.images is not None \
         else 0
     reference = build_model(spec, len(prepared.feature_names), n_genes, image_size).state_dict()
     if set(request.state) != set(reference):
