@@ -663,9 +663,12 @@ def train(
 def _print_training(manifest: dict, run_dir: Path, pooled_result: dict | None = None) -> None:
     final = manifest.get("final") or {}
     training = manifest.get("training", {})
+    from omopfl.report import NO_EVALUATION
+
+    evaluation = (f"AUC {_fmt(final.get('eval_auc'))}, accuracy {_fmt(final.get('eval_accuracy'))}"
+                  if final.get("eval_auc") is not None else NO_EVALUATION)
     console.print(f"trained {manifest.get('model', {}).get('kind')} with {training.get('strategy')} over "
-                  f"{len(manifest.get('sites', []))} sites, {training.get('rounds')} rounds: "
-                  f"AUC {_fmt(final.get('eval_auc'))}, accuracy {_fmt(final.get('eval_accuracy'))}")
+                  f"{len(manifest.get('sites', []))} sites, {training.get('rounds')} rounds: {evaluation}")
     for dropped in manifest.get("dropped", []):
         console.print(f"[yellow]site {dropped['site']} dropped in round {dropped['round']}: {dropped['reason']}")
     if manifest.get("resumed_from_round"):

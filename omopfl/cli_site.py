@@ -45,7 +45,14 @@ def _print_summary(summary: dict[str, Any], problems: list[str]) -> None:
     console.print(f"training        {t['rounds']} rounds x {t['local_epochs']} local epoch(s), "
                   f"batch {t['batch_size']}, learning rate {t['learning_rate']}, {t['strategy']}"
                   + (f" (mu {t['proximal_mu']})" if t["strategy"] == "fedprox" else "")
-                  + f", test fraction {t['test_fraction']}, seed {t['seed']}")
+                  + (f", test fraction {t['test_fraction']}, seed {t['seed']}"
+                     if summary.get("split", {}).get("method", "random") == "random" else ""))
+    split = summary.get("split", {})
+    if split.get("method") == "hash":
+        console.print(f"test set        fixed: persons whose keyed hash (seed {split['seed']}) is below "
+                      f"{split['test_fraction']}")
+    elif split.get("method") == "cohort":
+        console.print("test set        fixed: the target persons in the test cohort")
     dp = summary["dp"]
     console.print(f"DP              {'required by the site' if dp['required_by_site'] else 'not required by the site'}"
                   + (f", at most epsilon {dp['max_epsilon']} per release" if dp["max_epsilon"] else ""))

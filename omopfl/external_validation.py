@@ -24,7 +24,8 @@ import numpy as np
 
 from omopfl.errors import ConfigError, DataError
 
-__all__ = ["ROWS", "TrainedRun", "load_run", "score_site", "validate_site", "write_validation"]
+__all__ = ["ROWS", "TrainedRun", "load_run", "score_site", "validate_site", "write_validation",
+           "write_validation_report"]
 
 ROWS = ("all", "test")
 
@@ -91,6 +92,9 @@ def _rows(run: TrainedRun, prepared: Any, rows: str) -> np.ndarray:
     n = int(np.asarray(prepared.y).shape[0])
     if rows == "all":
         return np.arange(n)
+    mask = getattr(prepared, "test_mask", None)
+    if mask is not None:  # the study's fixed test set ([split]), prepared at the site
+        return np.flatnonzero(np.asarray(mask, dtype=bool))
     training = run.manifest.get("training", {})
     _, test = split(n, float(training.get("test_fraction", 0.25)), int(training.get("seed", 0)), prepared.y)
     return np.asarray(test)
@@ -219,3 +223,40 @@ def write_validation(result: dict[str, Any], out: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_validation_report(federated: dict[str, Any], path: str | Path) -> Path:
+    """The coordinator's report of a federated validation: a summary table, then each site's section
+    (its folder beside the report holds its plots), then the sites that did not validate."""
+    from omopfl.federation import codec
+
+    path = Path(path)
+    sites = federated.get("sites", {})
+    lines = ["# Federated external validation", "",
+             f"- run {federated.get('run_dir')}; study hash {federated.get('study_hash')}; "
+             f"model {federated.get('model')}; rows {federated.get('rows')}",
+             f"- {len(sites)} site(s) validated of {federated.get('connected')} connected", "",
+             "| site | persons | outcomes | AUC (95% CI) | AUPRC | Brier | calibration slope |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in sorted(sites.items()):
+        if r.get("withheld"):
+            lines.append(f"| {name} | withheld | | | | | |")
+            continue
+        ci = r.get("auc_ci95") or [None, None]
+        lines.append(f"| {name} | {r.get('n')} | {r.get('outcomes')} | {r.get('auc')} ({ci[0]}-{ci[1]}) | "
+                     f"{r.get('auprc')} | {r.get('brier')} | {r.get('calibration_slope')} |")
+    for name, r in sorted(sites.items()):
+        section = _markdown(r).replace("# External validation at", "## External validation at")
+        section = section.replace("\n## ", "\n### ").replace("\n### External validation at", "\n## External "
+                                                                                              "validation at")
+        section = section.replace("(roc.png)", f"({name}/roc.png)").replace("(calibration.png)",
+                                                                            f"({name}/calibration.png)")
+        lines += ["", section]
+    refused = federated.get("refused", [])
+    if refused:
+        lines += ["", "## Not validated", ""]
+        lines += [f"- {r.get('site') or 'node ' + str(r.get('node'))}: "
+                  f"{codec.ERROR_TEXT.get(r['code'], r['code'])} ({r['code']})" for r in refused]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -178,8 +178,10 @@ def study_summary(study: StudyConfig, site: SiteConfig) -> dict[str, Any]:
     t = study.training
     metrics = list(EVALUATE_METRICS) if policy.release_metrics else []
     return {
-        "study": study.name, "hash": study.hash, "site": site.name,
-        "cohorts": {role: _cohort_summary(study, role) for role in ("target", "outcome")},
+        "study": study.name, "hash": study.hash, "dataset_hash": study.dataset_hash, "site": site.name,
+        "cohorts": {role: _cohort_summary(study, role) for role in study.cohort_roles()},
+        "split": ({"method": study.split.method, "test_fraction": study.split.test_fraction,
+                   "seed": study.split.seed} if study.split.method == "hash" else {"method": study.split.method}),
         "time_at_risk": list(study.time_at_risk),
         "features": study.feature_names(),
         "categories": {name: [f"{name}_{level}" for level in levels] for name, levels in study.categories.items()},

@@ -139,13 +139,18 @@ def train_pooled(study_path: str | Path, adapters: Sequence[str | Path], prepare
     for p in prepared:
         if list(p.feature_names) != features:
             raise ConfigError(f"site {p.site}: feature names differ from site {prepared[0].site}'s")
-        if p.manifest.get("study_hash") and p.manifest["study_hash"] != spec.hash:
+        if (p.manifest.get("dataset_hash", spec.dataset_hash) != spec.dataset_hash if "dataset_hash" in p.manifest
+                else p.manifest.get("study_hash", spec.hash) != spec.hash):
             raise ConfigError(f"site {p.site}: prepared for another study (hash mismatch)")
 
     pooled_x = np.concatenate([np.asarray(p.x, dtype=np.float64) for p in prepared], axis=0)
     scaler = Scaler.from_moments(Moments.from_array(pooled_x, features))
     tensors = [SiteTensors.from_prepared(p, scaler) for p in prepared]
-    splits = [split(tt.n, float(t.test_fraction), int(t.seed), p.y) for tt, p in zip(tensors, prepared, strict=True)]
+    from omopfl.splits import rows_from_mask
+
+    splits = [rows_from_mask(p.test_mask) if spec.split.fixed and p.test_mask is not None
+              else split(tt.n, float(t.test_fraction), int(t.seed), p.y)
+              for tt, p in zip(tensors, prepared, strict=True)]
     train = _concat([(tt, tr) for tt, (tr, _) in zip(tensors, splits, strict=True)])
     test = _concat([(tt, te) for tt, (_, te) in zip(tensors, splits, strict=True)])
 

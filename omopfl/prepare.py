@@ -35,6 +35,7 @@ import sqlalchemy as sa
 
 from omopfl.config import SiteConfig
 from omopfl.errors import ConfigError, DataError
+from omopfl.splits import TEST_MASK_FILE
 from omopfl.study import StudyConfig
 
 __all__ = ["PreparedSite", "prepare_site", "load_prepared", "cdm_snapshot_hash", "ensure_cohorts", "check_can_serve",
@@ -57,6 +58,7 @@ class PreparedSite:
     omics: np.ndarray | None = None
     gene_names: list[str] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
+    test_mask: np.ndarray | None = None  # the study's fixed test set ([split]), one bool per row
 
     @property
     def n(self) -> int:
@@ -89,14 +91,15 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
     Returns
     -------
     dict
-        ``{"target": {"id", "hash", "rebuilt"}, "outcome": {...}}``.
+        ``{"target": {"id", "hash", "rebuilt"}, "outcome": {...}}`` (and ``"test"`` for a cohort split).
     """
     from omopfl.cohort import build_cohorts, load_definition
     from omopfl.db import existing_tables, qualified
 
     definitions: dict[str, Any] = {}
     ids: dict[str, int] = {}
-    for role in ("target", "outcome"):
+    roles = study.cohort_roles()
+    for role in roles:
         file = study.cohort_file(role)
         if file is None:  # a cohort built at the site beforehand, by id
             ids[role] = study.cohort_ids[role]
@@ -104,12 +107,13 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
         definition = load_definition(file)
         cohort_id = study.cohort_ids.get(role, definition.default_id)
         if cohort_id is None:
-            raise DataError(f"{study.source}: [cohorts] {role}: {file.name} carries no cohort id; "
-                            f"write {role} = {{file = \"{file.name}\", id = <id>}} in the study")
+            key = "[split] test_cohort" if role == "test" else f"[cohorts] {role}"
+            raise DataError(f"{study.source}: {key}: {file.name} carries no cohort id; "
+                            f"write {key.split()[-1]} = {{file = \"{file.name}\", id = <id>}} in the study")
         definitions[role], ids[role] = definition, int(cohort_id)
-    if ids["target"] == ids["outcome"]:
-        raise DataError(f"{study.source}: target and outcome cohorts have the same id {ids['target']}; "
-                        "give each its own id in [cohorts]")
+    if len(set(ids.values())) != len(ids):
+        raise DataError(f"{study.source}: two of the study's cohorts ({', '.join(roles)}) have the same id; "
+                        "give each its own id in [cohorts] / [split] test_cohort")
     built: dict[int, str | None] = {}
     with engine.connect() as conn:
         tables = existing_tables(conn, site.results_schema)
@@ -117,15 +121,16 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
             table = qualified(site.results_schema, "cohort_definition")
             rows = conn.execute(sa.text(f"SELECT cohort_definition_id, definition_hash FROM {table}")).all()
             built = {int(r[0]): str(r[1]) for r in rows}
-        for role in ("target", "outcome"):  # a cohort built by other tools at the site: rows in cohort only
+        for role in roles:  # a cohort built by other tools at the site: rows in cohort only
             if role not in definitions and ids[role] not in built and "cohort" in tables:
                 found = conn.execute(sa.text(f"SELECT 1 FROM {qualified(site.results_schema, 'cohort')} "
                                              "WHERE cohort_definition_id = :id LIMIT 1"), {"id": ids[role]}).first()
                 if found is not None:
                     built[ids[role]] = None
-    for role in ("target", "outcome"):
+    for role in roles:
         if role not in definitions and ids[role] not in built:
-            raise DataError(f"site {site.name}: [cohorts] {role} names cohort id {ids[role]}, which is not built "
+            key = "[split] test_cohort" if role == "test" else f"[cohorts] {role}"
+            raise DataError(f"site {site.name}: {key} names cohort id {ids[role]}, which is not built "
                             f"in {site.results_schema}; run omopfl cohort build <definition> --site "
                             f"{site.source.name if site.source else '<adapter>'} --id {ids[role]} first")
     todo = [(d, ids[role]) for role, d in definitions.items() if built.get(ids[role]) != d.hash]
@@ -133,7 +138,7 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
         build_cohorts(engine, site, todo, replace=True, progress=progress)
     rebuilt = {cohort_id for _, cohort_id in todo}
     out: dict[str, Any] = {}
-    for role in ("target", "outcome"):
+    for role in roles:
         d = definitions.get(role)
         out[role] = ({"id": ids[role], "hash": d.hash, "name": d.name, "rebuilt": ids[role] in rebuilt} if d else
                      {"id": ids[role], "hash": built[ids[role]], "name": f"cohort {ids[role]} (built at the site)",
@@ -294,9 +299,10 @@ def load_prepared(folder: str | Path) -> PreparedSite:
     images = np.load(folder / "images.npy", mmap_mode="r") if (folder / "images.npy").exists() else None
     image_mask = np.load(folder / "image_mask.npy") if (folder / "image_mask.npy").exists() else None
     omics = np.load(folder / "omics.npy") if (folder / "omics.npy").exists() else None
+    test_mask = np.load(folder / TEST_MASK_FILE) if (folder / TEST_MASK_FILE).exists() else None
     return PreparedSite(
         site=manifest["site"], x=x, y=y, feature_names=names, images=images, image_mask=image_mask, omics=omics,
-        gene_names=list(manifest.get("genes", [])), manifest=manifest,
+        gene_names=list(manifest.get("genes", [])), manifest=manifest, test_mask=test_mask,
     )
 
 
@@ -309,8 +315,11 @@ def write_prepared(
     images: tuple[np.ndarray, np.ndarray] | None = None,
     omics: np.ndarray | None = None,
     covariates: Any = None,
+    test_mask: np.ndarray | None = None,
 ) -> Path:
     """Write a prepared dataset atomically (a temp folder renamed into place).
+
+    ``test_mask``: the study's fixed test set (``[split]``, :mod:`omopfl.splits`), written as ``test_mask.npy``.
 
     ``covariates``: an :class:`omopfl.covariates.CovariateMatrix` (rows in the frame's order), written as
     ``covariates.npz`` (CSR arrays and the covariate ids).
@@ -334,6 +343,9 @@ def write_prepared(
 
             save_matrix(tmp / COVARIATES_FILE, covariates)
             files.append(COVARIATES_FILE)
+        if test_mask is not None:
+            np.save(tmp / TEST_MASK_FILE, np.asarray(test_mask, dtype=bool))
+            files.append(TEST_MASK_FILE)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "site": site.name,
                     "files": {name: _hash_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(_json_safe(manifest), indent=2, sort_keys=True))
@@ -382,10 +394,12 @@ def prepare_site(
         images, image_report = _images(conn, site, study, frame, Path(out_dir))
         omics, omics_report = _omics(conn, site, study, frame)
         covariates, covariate_report = _covariates(conn, site, study, cohorts, frame)
+        test_mask = _test_mask(conn, site, study, cohorts, frame)
         report = _validate(conn, site, study, frame, cdm_version)
     manifest: dict[str, Any] = {
         "study": study.name,
         "study_hash": study.hash,
+        "dataset_hash": study.dataset_hash,
         "cohorts": cohorts,
         "cdm_version": cdm_version,
         "cdm_snapshot_hash": snapshot,
@@ -396,6 +410,8 @@ def prepare_site(
         "harmonization": harmonization,
         "linking": {"images": image_report, "omics": omics_report},
         **({"covariates": covariate_report} if covariate_report else {}),
+        **({"split": {"method": study.split.method, "test_persons": int(test_mask.sum())}}
+           if test_mask is not None else {}),
         "validation": report.to_dict(),
         "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 3),
@@ -404,7 +420,7 @@ def prepare_site(
     if not write:
         return None, _json_safe(manifest)
     folder = write_prepared(dataset_folder(out_dir, site), site, frame, feature_names, manifest, images, omics,
-                            covariates=covariates)
+                            covariates=covariates, test_mask=test_mask)
     return folder, json.loads((folder / MANIFEST).read_text())
 
 
@@ -418,6 +434,22 @@ def _features(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohorts
     for warning in warnings:
         print(f"warning: site {site.name}: {warning}", file=sys.stderr)
     return frame, feature_names, {**_json_safe(report), "warnings": warnings}
+
+
+def _test_mask(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohorts: dict[str, Any],
+               frame: pd.DataFrame) -> np.ndarray | None:
+    """The study's fixed test set over the frame's rows (``[split]``), or None for the random split."""
+    from omopfl.db import qualified
+    from omopfl.splits import hash_test_mask
+
+    persons = frame["person_id"].to_numpy(dtype=np.int64)
+    if study.split.method == "hash":
+        return hash_test_mask(persons.tolist(), study.split.test_fraction, study.split.seed)
+    if study.split.method != "cohort":
+        return None
+    rows = conn.execute(sa.text(f"SELECT DISTINCT subject_id FROM {qualified(site.results_schema, 'cohort')} "
+                                "WHERE cohort_definition_id = :id"), {"id": int(cohorts["test"]["id"])}).all()
+    return np.isin(persons, np.array([int(r[0]) for r in rows], dtype=np.int64))
 
 
 def _is_unitless_code(code: str) -> bool:

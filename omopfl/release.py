@@ -184,6 +184,9 @@ def check_reply(message_type: str, records: Mapping[str, Mapping[str, Any]], k: 
                 raise ReleaseViolation(f"{name}: num-examples is a small cell")
             if not weight and len(record) > 1 and evaluated:
                 raise ReleaseViolation(f"{name}: metrics beside num-examples 0")
+    validation = records.get("omopfl.validation")  # federated external validation (issue 14)
+    if validation is not None:
+        _check_validation(validation.get("result"), k)
     covariates_record = records.get("omopfl.covariates")  # discovery (issue 13b): ids only, never a count
     if covariates_record is not None and set(covariates_record) - {"protocol", "site", "status", "covariate-ids"}:
         raise ReleaseViolation("a covariates reply carries something beside the released ids")
@@ -197,6 +200,39 @@ def check_reply(message_type: str, records: Mapping[str, Mapping[str, Any]], k: 
         for n in ns if isinstance(ns, list) else []:
             if n < k or small(persons - n, k):
                 raise ReleaseViolation("a released feature's count or missing count is a small cell")
+
+
+_VALIDATION_COUNTS = ("n", "outcomes", "tp", "fp", "fn", "tn")
+
+
+def _check_validation(text: Any, k: int) -> None:
+    """Every count of a validation result (:mod:`omopfl.plp_metrics`) is 0 or >= k, so is each row's
+    persons without the outcome."""
+    import json
+
+    try:
+        result = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        raise ReleaseViolation("a validation reply is not a result")
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key in _VALIDATION_COUNTS:
+                count = value.get(key)
+                if isinstance(count, int | float) and not isinstance(count, bool) and small(count, k):
+                    raise ReleaseViolation(f"validation: {key} is a small cell")
+            n, outcomes = value.get("n"), value.get("outcomes")
+            if isinstance(n, int | float) and isinstance(outcomes, int | float) and small(n - outcomes, k):
+                raise ReleaseViolation("validation: persons without the outcome is a small cell")
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(result)
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,6 +63,12 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+NO_EVALUATION = ("no federated evaluation was released: no site's test set passed its release rule (every "
+                 "confusion-matrix cell at the study's threshold must hold at least the site's min_cell_count "
+                 "persons); a larger test set ([split] or [training] test_fraction) or another [training] threshold "
+                 "may release it")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if not math.isfinite(value) else f"{value:.3f}"
@@ -102,8 +108,11 @@ def write_report(run_dir: str | Path) -> Path:
         "| metric | value |",
         "|---|---|",
     ]
-    for key in ("eval_auc", "eval_accuracy", "eval_f1", "eval_kappa", "eval_loss", "eval_n"):
-        lines.append(f"| {key.removeprefix('eval_')} | {_fmt(last.get(key))} |")
+    if last.get("eval_auc") is None and not last.get("eval_n"):
+        lines[-4:] = ["## Final federated evaluation", "", NO_EVALUATION + "."]
+    else:
+        for key in ("eval_auc", "eval_accuracy", "eval_f1", "eval_kappa", "eval_loss", "eval_n"):
+            lines.append(f"| {key.removeprefix('eval_')} | {_fmt(last.get(key))} |")
     pooled = _read(run_dir / "pooled.json").get("metrics", {})
     if pooled:
         weighted = pooled.get("site_weighted", {})

@@ -33,9 +33,11 @@ __all__ = [
     "ModelSpec",
     "TrainingSpec",
     "PrivacySpec",
+    "SplitSpec",
     "load_study",
     "DEMOGRAPHICS",
     "DOMAIN_TABLES",
+    "TRAINING_SECTIONS",
 ]
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -72,6 +74,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fednova"
 ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # server-side optimizers (Reddi et al. 2021)
 SITE_STRATEGIES = ("fednova", "scaffold")  # strategies that change what a site computes and releases
 OPTIMIZERS = ("adam", "sgd")
+TRAINING_SECTIONS = ("study", "model", "training", "privacy")
+"""Sections that do not define the prepared dataset (:attr:`StudyConfig.dataset_hash` leaves them out):
+the study's name and description, the model, the training settings (incl. the random split's
+``test_fraction``/``seed``, drawn at training time) and differential privacy (applied when releasing)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,28 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    """How the test set is chosen (``[split]``, :mod:`omopfl.splits`).
+
+    ``random`` (default, no ``[split]``): ``[training] test_fraction``/``seed`` at training time.
+    ``hash``: a person is in the test set iff a keyed hash of (``seed``, person_id) is below
+    ``test_fraction``.  ``cohort``: the target persons who are in the study's test cohort
+    (``[split] test_cohort``; its file and id are :meth:`StudyConfig.cohort_file`/``cohort_ids`` under
+    role ``test``).
+    """
+
+    method: str = "random"
+    test_fraction: float = 0.0
+    seed: int = 0
+    test_cohort: Path | None = None
+
+    @property
+    def fixed(self) -> bool:
+        """The study fixes the test set (it is part of the prepared dataset)."""
+        return self.method != "random"
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """A parsed ``study.toml``."""
 
@@ -252,9 +280,16 @@ class StudyConfig:
 
     def cohort_file(self, role: str) -> Path | None:
         """The definition file of ``role`` (None: a cohort already built at the site)."""
+        if role == "test":
+            return self.split.test_cohort
         return self.target_cohort if role == "target" else self.outcome_cohort
 
     categoricals: tuple[CategoricalFeature, ...] = ()
+    split: SplitSpec = field(default_factory=SplitSpec)
+
+    def cohort_roles(self) -> tuple[str, ...]:
+        """The cohort roles the study needs at a site: target, outcome, and test for a cohort split."""
+        return ("target", "outcome", "test") if self.split.method == "cohort" else ("target", "outcome")
 
     def tables_read(self) -> dict[str, str]:
         """CDM tables the study's features read: ``{table: the study key that reads it}``."""
@@ -282,6 +317,28 @@ class StudyConfig:
             return hashlib.sha256(self.text.encode() + b"\0covariates:" + self.covariates.list_sha256.encode()
                                   ).hexdigest()
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def dataset_hash(self) -> str:
+        """sha256 of what defines the prepared dataset: the study's sections except :data:`TRAINING_SECTIONS`
+        (parsed, so comments and key order do not count), the bytes of every cohort definition file it
+        references, and a ``[covariates] list`` file's hash.
+
+        A site accepts training of an approved study when its prepared dataset carries the approved
+        study's dataset hash: a change of the learning rate or the rounds needs a new approval (the
+        study hash, :attr:`hash`, changes) but no re-preparation.
+        """
+        import json
+
+        data = tomllib.loads(self.text) if self.text else {}
+        defining = {key: value for key, value in data.items() if key not in TRAINING_SECTIONS}
+        files = {}
+        for role in self.cohort_roles():
+            file = self.cohort_file(role)
+            files[role] = hashlib.sha256(file.read_bytes()).hexdigest() if file is not None and file.is_file() else None
+        payload = {"study": defining, "cohort_files": files,
+                   "covariates_list": self.covariates.list_sha256 if self.covariates is not None else None}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def feature_names(self) -> list[str]:
         """Tabular feature columns in order (before harmonization adds missingness indicators)."""
@@ -448,25 +505,26 @@ _COHORT_FORMS = ('a definition file ("target.json"), {file = "atlas_export.json"
                  "(a cohort already built at each site with omopfl cohort build --id 7)")
 
 
-def _cohort_reference(r: _Reader, path: Path, cohorts: dict, key: str) -> tuple[Path | None, int | None]:
-    """(definition file or None, the id the study fixes or None) of ``[cohorts] key``."""
-    where = f"[cohorts] {key}"
+def _cohort_reference(r: _Reader, path: Path, cohorts: dict, key: str,
+                      section: str = "cohorts") -> tuple[Path | None, int | None]:
+    """(definition file or None, the id the study fixes or None) of ``[<section>] key``."""
+    where = f"[{section}] {key}"
     if key not in cohorts:
         raise r.fail(where, f"is missing; give {_COHORT_FORMS}")
     value = cohorts[key]
     if isinstance(value, str):
-        file = _resolve(path.parent, r.get(cohorts, "cohorts", key, str))
+        file = _resolve(path.parent, r.get(cohorts, section, key, str))
         given = None
     elif isinstance(value, dict):
-        r.keys(value, f"cohorts.{key}", {"file", "id", "cohort_id"})
+        r.keys(value, f"{section}.{key}", {"file", "id", "cohort_id"})
         if "cohort_id" in value and ("file" in value or "id" in value):
             raise r.fail(where, "takes either cohort_id (built at the site) or file and id, not both")
         if "cohort_id" in value:
-            return None, r.integer(value, f"cohorts.{key}", "cohort_id", 0, 1, 2**31 - 1)
+            return None, r.integer(value, f"{section}.{key}", "cohort_id", 0, 1, 2**31 - 1)
         if "file" not in value:
             raise r.fail(where, f"needs file = \"...\" or cohort_id; give {_COHORT_FORMS}")
-        file = _resolve(path.parent, r.get(value, f"cohorts.{key}", "file", str))
-        given = r.integer(value, f"cohorts.{key}", "id", 0, 1, 2**31 - 1) if "id" in value else None
+        file = _resolve(path.parent, r.get(value, f"{section}.{key}", "file", str))
+        given = r.integer(value, f"{section}.{key}", "id", 0, 1, 2**31 - 1) if "id" in value else None
     else:
         raise r.fail(where, f"must be {_COHORT_FORMS}")
     if not file.is_file():
@@ -480,6 +538,39 @@ def _resolve(base: Path, value: str) -> Path:
     except RuntimeError:  # ~user of an unknown user
         path = Path(value)
     return path if path.is_absolute() else (base / path).resolve()
+
+
+def _split(r: _Reader, path: Path, t: dict, cohort_ids: dict[str, int]) -> SplitSpec:
+    """``[split]``: the test set the study fixes (:mod:`omopfl.splits`); adds the test cohort's id to ``cohort_ids``."""
+    from omopfl.splits import METHODS
+
+    r.keys(t, "split", {"method", "test_fraction", "seed", "test_cohort"})
+    if not t:
+        return SplitSpec()
+    method = r.get(t, "split", "method", str, "cohort" if "test_cohort" in t else "random")
+    if method not in METHODS:
+        raise r.fail("[split] method", f"must be one of {', '.join(METHODS)}")
+    if method == "random":
+        if set(t) - {"method"}:
+            raise r.fail(f"[split] {sorted(set(t) - {'method'})[0]}", "does not apply to method = \"random\" "
+                         "(it takes [training] test_fraction and seed)")
+        return SplitSpec()
+    if method == "cohort":
+        if "test_cohort" not in t:
+            raise r.fail("[split] test_cohort", f"is missing (method = \"cohort\"); give {_COHORT_FORMS}")
+        extra = sorted(set(t) & {"test_fraction", "seed"})
+        if extra:
+            raise r.fail(f"[split] {extra[0]}", "does not apply to method = \"cohort\" (the cohort is the test set)")
+        file, given = _cohort_reference(r, path, t, "test_cohort", section="split")
+        if given is not None:
+            if given in (cohort_ids.get("target"), cohort_ids.get("outcome")):
+                raise r.fail("[split] test_cohort", "has the target or outcome cohort's id; give it its own id")
+            cohort_ids["test"] = given
+        return SplitSpec("cohort", test_cohort=file)
+    if "test_cohort" in t:
+        raise r.fail("[split] test_cohort", "does not apply to method = \"hash\"; use method = \"cohort\"")
+    fraction = r.number(t, "split", "test_fraction", 0.25, 0.0, 1.0, low_open=True, high_open=True)
+    return SplitSpec("hash", test_fraction=fraction, seed=r.integer(t, "split", "seed", 0, 0, 2**63 - 1))
 
 
 def _privacy(r: _Reader, t: dict) -> PrivacySpec:
@@ -585,7 +676,7 @@ def load_study(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
     r = _Reader(path)
     r.keys(data, "top level", {"study", "cohorts", "outcome", "features", "categories", "linking", "validation",
-                               "model", "training", "privacy", "covariates"})
+                               "model", "training", "privacy", "covariates", "split"})
     study = r.table(data, "study", required=True)
     r.keys(study, "study", {"name", "description"})
     name = r.name(r.get(study, "study", "name", str), "[study] name")
@@ -785,6 +876,10 @@ def load_study(path: str | Path) -> StudyConfig:
     if not 0.0 < training.threshold < 1.0:
         raise r.fail("[training] threshold", "must be a probability strictly between 0 and 1")
     training = _strategy_settings(r, t, training)
+    split = _split(r, path, r.table(data, "split"), cohort_ids)
+    if split.fixed and "test_fraction" in t:
+        raise r.fail("[training] test_fraction", f"conflicts with [split] method = {split.method!r}, which fixes "
+                     "the test set; remove it from [training]")
     privacy = _privacy(r, r.table(data, "privacy"))
     if privacy.dp_sgd and (training.strategy in SITE_STRATEGIES or training.local_steps or training.optimizer != "adam"
                            or training.weight_decay):
@@ -805,5 +900,5 @@ def load_study(path: str | Path) -> StudyConfig:
         time_at_risk=(tar[0], tar[1]), demographics=tuple(demographics), concept_sets=tuple(concept_sets),
         measurements=tuple(measurements), categories=categories, imaging=imaging, omics=omics,
         validation=validation, model=model, training=training, source=path, text=text, cohort_ids=cohort_ids,
-        categoricals=tuple(categoricals),
+        categoricals=tuple(categoricals), split=split,
     )

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # the data modules (pandas, sqlalchemy) load only where a han
     from omopfl.prepare import PreparedSite
 
 __all__ = ["site_statistics", "site_scaler", "load_site_dataset", "SiteFailure", "SCALER_FILE", "stats_reply",
-           "scaler_reply", "error_code"]
+           "scaler_reply", "error_code", "same_dataset"]
 
 SCALER_FILE = "scaler.json"
 
@@ -138,19 +138,26 @@ def site_statistics(
     return codec.encode_site_stats(site if site is not None else prepared.site, released, dp=dp_info)
 
 
-def check_scaler(prepared: PreparedSite, global_scaler: codec.GlobalScaler) -> codec.GlobalScaler:
-    """The scaler if it fits the dataset, else ``SiteFailure`` ``feature_mismatch`` / ``study_mismatch``."""
+def check_scaler(prepared: PreparedSite, global_scaler: codec.GlobalScaler,
+                 study_hash: str | None = None) -> codec.GlobalScaler:
+    """The scaler if it fits the dataset and the study, else ``SiteFailure`` ``feature_mismatch`` / ``study_mismatch``.
+
+    ``study_hash`` is the study the message is for (approved at the site, whose dataset hash the trust
+    boundary compared with the prepared one): the scaler must have been built for that study, not for
+    the study the dataset was prepared with (a study that changed only training settings shares the
+    dataset).  Without it (a caller outside a message), the prepared dataset's study hash is used.
+    """
     if list(global_scaler.feature_names) != list(prepared.feature_names):
         raise SiteFailure("feature_mismatch")
-    study_hash = prepared.manifest.get("study_hash", "")
-    if global_scaler.study_hash and study_hash and global_scaler.study_hash != study_hash:
+    expected = study_hash if study_hash is not None else prepared.manifest.get("study_hash", "")
+    if global_scaler.study_hash and expected and global_scaler.study_hash != expected:
         raise SiteFailure("study_mismatch")
     return global_scaler
 
 
-def site_scaler(prepared: PreparedSite, content: RecordDict) -> codec.GlobalScaler:
-    """Decode the global scaler and check it fits the dataset (:func:`check_scaler`)."""
-    return check_scaler(prepared, codec.decode_scaler(content))
+def site_scaler(prepared: PreparedSite, content: RecordDict, study_hash: str | None = None) -> codec.GlobalScaler:
+    """Decode the global scaler and check it fits the dataset and the study (:func:`check_scaler`)."""
+    return check_scaler(prepared, codec.decode_scaler(content), study_hash)
 
 
 def load_site_dataset(node_config: dict) -> tuple[SiteConfig, PreparedSite]:
@@ -190,19 +197,33 @@ def stats_reply(content: RecordDict, context: Context, site: SiteConfig,
     study's summary (its one-hot groups and count features, :func:`omopfl.policy.study_summary`)."""
     request = codec.decode_stats_request(content)
     _site_config, prepared = load_site_dataset(dict(context.node_config))
-    study_hash = prepared.manifest.get("study_hash", "")
-    if request.study_hash != study_hash:
-        raise SiteFailure("study_mismatch")
     study = study or {}
+    if not same_dataset(prepared, request.study_hash, study):
+        raise SiteFailure("study_mismatch")
     return site_statistics(prepared, site.min_cell_count, dp, site=site.name,
                            groups=dict(study.get("categories", {})), counts=list(study.get("count_features", [])))
 
 
-def scaler_reply(content: RecordDict, context: Context, site: SiteConfig) -> RecordDict:
-    """Keep the global scaler of a ``query.scaler`` message (context state and ``scaler.json``); acknowledge."""
+def same_dataset(prepared: PreparedSite, study_hash: str, study: Mapping[str, Any] | None = None) -> bool:
+    """The prepared dataset serves the study ``study_hash`` whose approved summary is ``study``: equal dataset
+    hashes (:attr:`omopfl.study.StudyConfig.dataset_hash`), else (a dataset or approval from before dataset
+    hashes) equal study hashes."""
+    dataset = (study or {}).get("dataset_hash")
+    if dataset and prepared.manifest.get("dataset_hash"):
+        return str(prepared.manifest["dataset_hash"]) == str(dataset)
+    return study_hash == prepared.manifest.get("study_hash", "")
+
+
+def scaler_reply(content: RecordDict, context: Context, site: SiteConfig,
+                 study: Mapping[str, Any] | None = None) -> RecordDict:
+    """Keep the global scaler of a ``query.scaler`` message (context state and ``scaler.json``); acknowledge.
+
+    ``study``: the approved study's summary; the scaler must be for that study (its hash) and the prepared
+    dataset its dataset (:func:`same_dataset`)."""
     _site_config, prepared = load_site_dataset(dict(context.node_config))
-    global_scaler = site_scaler(prepared, content)
-    if global_scaler.study_hash != prepared.manifest.get("study_hash", ""):
+    study_hash = str((study or {}).get("hash") or prepared.manifest.get("study_hash", ""))
+    global_scaler = site_scaler(prepared, content, study_hash)
+    if global_scaler.study_hash != study_hash or not same_dataset(prepared, study_hash, study):
         raise SiteFailure("study_mismatch")
     for name, record in codec.scaler_record(global_scaler).items():
         context.state[name] = record

@@ -73,6 +73,9 @@ __all__ = [
     "ROUND_KEYS",
     "training_settings",
     "covariate_settings",
+    "split_settings",
+    "refusal_summary",
+    "ERROR_ADVICE",
     "audit_entry",
     "reply_refusal",
     "study_dp_config",
@@ -115,6 +118,31 @@ ERROR_TEXT: Mapping[str, str] = {
     "secagg_refused": "secure aggregation refused",
 }
 """What the coordinator's log says for each code."""
+
+ERROR_ADVICE: Mapping[str, str] = {
+    "study_not_approved": "approve the study at the site (omopfl sites approve --study STUDY --site ADAPTER)",
+    "study_mismatch": "prepare the site's dataset for this study (omopfl prepare); a change of [model], [training] "
+                      "or [privacy] alone needs a new approval, no re-preparation",
+    "not_prepared": "prepare the site's dataset for this study (omopfl prepare)",
+    "feature_mismatch": "prepare the site's dataset for this study (omopfl prepare)",
+    "settings_mismatch": "send the approved study's settings (leave out overrides such as --strategy fedprox)",
+    "policy": "fit the study to the site's [policy] (omopfl sites approve shows what it refuses)",
+    "config": "fix the site's adapter",
+}
+"""What to do about a refusal (the coordinator's one-line failure messages)."""
+
+
+def refusal_summary(failed: Sequence[Mapping[str, Any]]) -> str:
+    """One line naming which sites refused with which code and what to do, e.g.
+    ``site_a, site_b: prepared for another study (study_mismatch): it prepares ...``; ``""`` for none."""
+    by_code: dict[str, list[str]] = {}
+    for f in failed:
+        by_code.setdefault(str(f.get("code", "")), []).append(str(f.get("site") or f"node {f.get('node')}"))
+    parts = []
+    for code, names in by_code.items():
+        advice = ERROR_ADVICE.get(code)
+        parts.append(f"{', '.join(names)}: {ERROR_TEXT.get(code, code)} ({code})" + (f": {advice}" if advice else ""))
+    return "; ".join(parts)
 
 STUDY_HASH_KEY = "study-hash"
 """Config key of every training/evaluation message naming the study it is for."""
@@ -605,6 +633,7 @@ def training_settings(study: Any) -> dict[str, Any]:
         **covariate_settings(study),
         **local_settings(training.strategy, getattr(training, "optimizer", "adam"), getattr(training, "momentum", 0.0),
                          getattr(training, "weight_decay", 0.0), getattr(training, "local_steps", 0)),
+        **split_settings(study),
     }
 
 
@@ -626,6 +655,16 @@ def local_settings(strategy: str, optimizer: str, momentum: float, weight_decay:
     if local_steps:
         out["local-steps"] = int(local_steps)
     return out
+
+
+def split_settings(study: Any) -> dict[str, Any]:
+    """``split-method`` of a study that fixes its test set (``[split]``, :mod:`omopfl.splits`); empty for the
+    default random split (so other studies' messages are unchanged).  The test set itself is part of the
+    prepared dataset (covered by the dataset hash), never of a message."""
+    split = getattr(study, "split", None)
+    if split is None or not split.fixed:
+        return {}
+    return {"split-method": str(split.method)}
 
 
 def covariate_settings(study: Any) -> dict[str, Any]:

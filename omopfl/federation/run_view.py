@@ -302,7 +302,7 @@ def mark_failed(run_dir: Path, message: str) -> None:
         state = json.loads(path.read_text())
         if state.get("phase") in ("done", "failed"):
             return
-        state.update(phase="failed", message=str(message)[:300], updated_at=_now())
+        state.update(phase="failed", message=str(message)[:2000], updated_at=_now())
         fd, tmp = tempfile.mkstemp(prefix=f".{LIVE_FILE}.", dir=path.parent)
         with os.fdopen(fd, "w") as fh:
             json.dump(state, fh, indent=1, default=str)

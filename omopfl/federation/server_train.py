@@ -698,11 +698,9 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
         raise RoundsFailed(f"{stats['sites']['connected']} site(s) connected within {settings.wait_seconds:.0f} s, "
                            f"fewer than min-sites {settings.min_sites}: no training")
     if stats["scaler"] is None:
-        failed = stats["sites"].get("failed", [])
-        reasons = ", ".join(f"{f.get('site') or 'node ' + str(f.get('node'))}: "
-                            f"{codec.ERROR_TEXT.get(f.get('code', ''), f.get('code'))}" for f in failed)
-        raise RoundsFailed("no global scaler: too few sites contributed statistics"
-                           + (f" ({reasons})" if reasons else "") + ": no training")
+        reasons = codec.refusal_summary(stats["sites"].get("failed", []))
+        raise RoundsFailed("no global scaler, no training: too few sites contributed statistics"
+                           + (f"; {reasons}" if reasons else ""))
     stats_seconds = time.monotonic() - started
     scaler = codec.GlobalScaler.from_dict(stats["scaler"])
     identity = {"settings": _digest({k: config[k] for k in _IDENTITY_KEYS}), "scaler": _digest(stats["scaler"])}

@@ -5,7 +5,7 @@
     message ─▶ code gate (site_runtime: the app bundle holds only a pyproject naming omopfl's own app)
             ─▶ serve(): which site (its own adapter, from the node config the site set)
                         which message type (only train, evaluate, query.stats, query.scaler,
-                                           query.covariates)
+                                           query.covariates, query.secagg, query.validate)
                         which study (an active approval of exactly this hash in the site's state folder)
                         which settings (every setting the message carries equals the approved study's;
                                         rounds within the study's and the policy's limit; model kind,
@@ -55,7 +55,8 @@ COMPONENT = "omopfl.federation.site_app:app"
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 """What an app bundle may hold: its pyproject and Flower's content manifest, nothing else."""
 MAX_PYPROJECT_BYTES = 1 << 20
-MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", codec.COVARIATES_QUERY, "query.secagg")
+MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", codec.COVARIATES_QUERY, "query.secagg",
+                 "query.validate")
 
 app = ClientApp()
 
@@ -120,6 +121,10 @@ def _requested_study(message_type: str, content: RecordDict) -> str:
         from omopfl.federation import secure_stats
 
         return secure_stats.decode_request(content).study_hash
+    if message_type == "query.validate":
+        from omopfl.federation.federated_validation import decode_request
+
+        return decode_request(content).study_hash
     config = content.config_records.get(codec.TRAIN_CONFIG)
     value = None if config is None else config.get(codec.STUDY_HASH_KEY)
     if not isinstance(value, str):
@@ -136,11 +141,30 @@ def _same(sent: Any, approved: Any) -> bool:
 
 
 def _prepared_study_hash(context: Context, site: SiteConfig) -> str:
+    return str(_prepared_manifest(context, site).get("study_hash", ""))
+
+
+def _prepared_manifest(context: Context, site: SiteConfig) -> dict[str, Any]:
     folder = Path(str(context.node_config.get("prepared-dir", ""))) / site.name
     try:
-        return str(json.loads((folder / "manifest.json").read_text()).get("study_hash", ""))
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
         raise SiteFailure("not_prepared") from None
+    if not isinstance(manifest, dict):
+        raise SiteFailure("not_prepared")
+    return manifest
+
+
+def prepared_for(context: Context, site: SiteConfig, approved: policy.ApprovedStudy) -> bool:
+    """The site's prepared dataset is the approved study's: its DATASET hash equals the approved study's
+    (:attr:`omopfl.study.StudyConfig.dataset_hash`), so a study that changed only training settings
+    (model, training, privacy) is served without re-preparation once approved.  A dataset or an
+    approval from before dataset hashes existed is compared by the whole study's hash."""
+    manifest = _prepared_manifest(context, site)
+    approved_dataset = approved.summary.get("dataset_hash")
+    if approved_dataset and manifest.get("dataset_hash"):
+        return str(manifest["dataset_hash"]) == str(approved_dataset)
+    return str(manifest.get("study_hash", "")) == approved.hash
 
 
 def _sent(site: SiteConfig, run_id: int, message_type: str) -> int:
@@ -279,7 +303,7 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
         _log.warning("omopfl site %s: %s refused: study %s is not approved here", site.name, message_type,
                      study_hash[:12] or "(none)")
         raise Refusal("study_not_approved")
-    if _prepared_study_hash(context, site) != approved.hash:
+    if not prepared_for(context, site, approved):
         raise SiteFailure("study_mismatch")
     if message_type == "query.secagg":
         return _secagg(content, context, site, approved, run_id, spent)
@@ -295,11 +319,15 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
             spent.update(epsilon=dp.epsilon, epsilon_total=ledger.charge(statistics=dp.epsilon))
         return reply
     if message_type == "query.scaler":
-        return scaler_reply(content, context, site)
+        return scaler_reply(content, context, site, approved.summary)
     if message_type == codec.COVARIATES_QUERY:  # covariate discovery (issue 13b)
         from omopfl.federation.site_covariates import covariates_reply
 
         return covariates_reply(content, context, site)
+    if message_type == "query.validate":  # federated external validation (issue 14)
+        from omopfl.federation.site_validate import validate_reply
+
+        return validate_reply(content, context, site, approved, _sent(site, run_id, message_type))
     from omopfl.federation import site_train
 
     secure = bool(_privacy(approved).get("secure_aggregation"))
@@ -712,6 +740,11 @@ def _scaler(message: Message, context: Context) -> Message:
 
 @app.query("secagg")
 def _secagg_query(message: Message, context: Context) -> Message:
+    return serve(message, context)
+
+
+@app.query("validate")
+def _validate(message: Message, context: Context) -> Message:
     return serve(message, context)
 
 

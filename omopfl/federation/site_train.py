@@ -9,7 +9,9 @@ What a site does
     Loads its prepared dataset (node config ``site-config``, ``prepared-dir``) and the global scaler
     (kept by ``query.scaler`` in the context state, else ``<prepared-dir>/<site>/scaler.json``),
     builds :class:`omopfl.models.SiteTensors`, splits it deterministically
-    (:func:`omopfl.models.split` with the study's ``test-fraction`` and ``seed``), and
+    (:func:`omopfl.models.split` with the study's ``test-fraction`` and ``seed``, or, when the study
+    fixes its test set with ``[split]`` (``split-method`` hash or cohort), the prepared
+    ``test_mask.npy``, :mod:`omopfl.splits`), and
 
     * ``train``: when the config says ``evaluate-received`` (every round after the first), first
       evaluates the weights it received, which are the global model of the previous round, on its
@@ -74,7 +76,7 @@ _CACHE: dict[tuple, tuple[Any, Any, Any]] = {}
 _CACHE_SIZE = 4
 
 
-def _site_scaler(context: Context, prepared: Any, prepared_dir: Path) -> codec.GlobalScaler:
+def _site_scaler(context: Context, prepared: Any, prepared_dir: Path, study_hash: str | None) -> codec.GlobalScaler:
     try:
         scaler = codec.decode_scaler(context.state)
     except codec.CodecError:
@@ -82,7 +84,7 @@ def _site_scaler(context: Context, prepared: Any, prepared_dir: Path) -> codec.G
         if not path.is_file():
             raise SiteFailure("not_prepared") from None
         scaler = codec.GlobalScaler.from_dict(json.loads(path.read_text()))
-    return check_scaler(prepared, scaler)
+    return check_scaler(prepared, scaler, study_hash)  # built for the message's (approved) study
 
 
 def _cfg(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -112,18 +114,27 @@ def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any
 
     site, prepared = load_site_dataset(dict(context.node_config))
     prepared_dir = Path(str(context.node_config["prepared-dir"]))
-    scaler = _site_scaler(context, prepared, prepared_dir)
+    study_hash = config.get(codec.STUDY_HASH_KEY)
+    scaler = _site_scaler(context, prepared, prepared_dir, study_hash if isinstance(study_hash, str) else None)
     test_fraction = float(_cfg(config, "test-fraction", (int, float), 0.25))
     seed = int(_cfg(config, "seed", int, 0))
+    method = str(_cfg(config, "split-method", str, "random"))
     manifest = prepared_dir / prepared.site / "manifest.json"
     version = manifest.stat().st_mtime_ns if manifest.is_file() else 0
     key = (str(prepared_dir / prepared.site), version, json.dumps(scaler.to_dict(), sort_keys=True),
-           test_fraction, seed)
+           test_fraction, seed, method)
     cached = _CACHE.get(key)
     if cached is None:
         tensors = SiteTensors.from_prepared(prepared, scaler)
         _attach_covariates(tensors, prepared_dir / prepared.site, config)
-        train_idx, test_idx = split(tensors.n, test_fraction, seed, prepared.y)
+        if method == "random":
+            train_idx, test_idx = split(tensors.n, test_fraction, seed, prepared.y)
+        else:  # the study's fixed test set ([split]), prepared at the site: no message chooses it
+            from omopfl.splits import rows_from_mask
+
+            if prepared.test_mask is None or prepared.test_mask.shape != (tensors.n,):
+                raise SiteFailure("not_prepared")
+            train_idx, test_idx = rows_from_mask(prepared.test_mask)
         cached = (tensors, train_idx, test_idx)
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))

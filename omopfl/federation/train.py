@@ -62,6 +62,18 @@ def quiet_flower_logs() -> None:
             handler.addFilter(keep)
 
 
+def _failure(run_dir: Path) -> str:
+    """The message the ServerApp stopped with (``live.json`` phase ``failed``), or ``""``."""
+    from omopfl.federation.run_view import LIVE_FILE
+
+    try:
+        state = json.loads((run_dir / LIVE_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    return " ".join(str(state.get("message", "")).split()) if isinstance(state, dict) and \
+        state.get("phase") == "failed" else ""
+
+
 def _run_inprocess(adapters: list[Path], prepared: Path, run_config: dict[str, Any], *,
                    grid_class: Any = None) -> None:
     """Run the training ServerApp on an :class:`InProcessGrid` (or ``grid_class``, same signature)."""
@@ -179,6 +191,9 @@ def run_training(study: str | Path, adapters: Sequence[str | Path], prepared_dir
         _run_inprocess(adapters, prepared, run_config)
         engine = "inprocess (InProcessGrid)"
     if not (run_dir / "manifest.json").is_file():
+        failed = _failure(run_dir)  # a deployment's ServerApp left its one-line cause in the live view
+        if failed:
+            raise FederationError(f"the run failed: {failed}")
         raise FederationError(f"the training ServerApp wrote no run directory at {run_dir}")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     manifest["runner"] = {"mode": mode, "engine": engine, "seconds": round(time.perf_counter() - started, 3),
