@@ -71,8 +71,11 @@ def private(prepared_sites_factory) -> dict[str, Any]:
 
     federation = prepared_sites_factory("dp_metrics")
     study = federation["tmp"] / "study_dp_metrics.toml"
-    study.write_text(federation["study"].read_text()
-                     + f"\n[privacy]\nmetrics_epsilon = {EPSILON}\nbudget_epsilon = {BUDGET}\n")
+    # a per-person hash split: the test rows (and so the true cells the release rule sees) do not depend on
+    # the order in which the database returns the cohort
+    study.write_text(federation["study"].read_text().replace("test_fraction = 0.25\n", "")
+                     + f"\n[privacy]\nmetrics_epsilon = {EPSILON}\nbudget_epsilon = {BUDGET}\n"
+                     + '\n[split]\nmethod = "hash"\ntest_fraction = 0.3\nseed = 5\n')
     spec = load_study(study)
     assert spec.privacy.metrics_epsilon == EPSILON
     prepared = federation["tmp"] / "prepared_dp_metrics"
