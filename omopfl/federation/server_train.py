@@ -551,8 +551,8 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
 def _train_keys(grid: FastGrid, plan: RoundPlan, sites: dict[str, int], dropped: list[dict[str, Any]]) -> Any:
     """Secure aggregation's key round at the start of training: the participants (the sites that published a
     key; the others are dropped before any update is masked)."""
-    from omopfl import secagg
     from omopfl.federation import secure_train
+    from omopfl.secagg import MIN_SITES
 
     participants, failed = secure_train.collect_keys(grid, sites, plan.study_hash, plan.round_timeout)
     for name, reason in sorted(failed.items()):
@@ -560,7 +560,7 @@ def _train_keys(grid: FastGrid, plan: RoundPlan, sites: dict[str, int], dropped:
         if node is not None:
             _drop(sites, dropped, node, 0, f"no secure-aggregation key ({reason})")
     grid.nodes = list(sites.values())
-    need = max(secagg.MIN_SITES, plan.min_sites)
+    need = max(MIN_SITES, plan.min_sites)
     if len(participants.sites) < need:
         raise RoundsFailed(f"{len(participants.sites)} site(s) published a secure-aggregation "
                            f"key, fewer than the {need} secure aggregation needs: no training")
