@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 
 import sqlalchemy as sa
 
-from omopfl.cdm import CLINICAL_TABLES, VOCABULARY_TABLES
+from omopfl.cdm import CLINICAL_TABLES, VOCABULARY_TABLES, CdmInfo, inspect_cdm
 from omopfl.config import SiteConfig
-from omopfl.db import CdmInfo, inspect_cdm, qualified, schema_exists
+from omopfl.db import qualified, schema_exists
 
 __all__ = ["SiteReport", "Finding", "check_site"]
 
