@@ -26,6 +26,7 @@ __all__ = [
     "VOCABULARY_TABLES",
     "CLINICAL_TABLES",
     "RESULTS_TABLES",
+    "EVENT_TABLES",
     "ColumnSpec",
     "cdm_metadata",
     "results_metadata",
@@ -209,6 +210,17 @@ CLINICAL_TABLES: tuple[str, ...] = tuple(_CDM54)
 VOCABULARY_TABLES: tuple[str, ...] = tuple(_VOCAB)
 CDM_TABLES: tuple[str, ...] = CLINICAL_TABLES + VOCABULARY_TABLES
 RESULTS_TABLES: tuple[str, ...] = tuple(_RESULTS)
+
+# The event tables the CDM checks of `omopfl sites check` and `omopfl validate` look at: start date,
+# end date (None if the table has none) and concept column.
+EVENT_TABLES: dict[str, tuple[str, str | None, str]] = {
+    "visit_occurrence": ("visit_start_date", "visit_end_date", "visit_concept_id"),
+    "condition_occurrence": ("condition_start_date", "condition_end_date", "condition_concept_id"),
+    "drug_exposure": ("drug_exposure_start_date", "drug_exposure_end_date", "drug_concept_id"),
+    "procedure_occurrence": ("procedure_date", "procedure_end_date", "procedure_concept_id"),
+    "measurement": ("measurement_date", None, "measurement_concept_id"),
+    "observation": ("observation_date", None, "observation_concept_id"),
+}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -32,9 +33,32 @@ __all__ = [
     "describe_driver_error",
     "is_driver_error",
     "map_driver_error",
+    "sql_text",
 ]
 
-SQL_DIR = Path(__file__).parent / "sql"
+_PACKAGE = Path(__file__).resolve().parent
+# The static queries: the checkout's top-level sql/, which the wheel carries as omopfl/bundled/sql.
+SQL_DIR = _PACKAGE / "bundled" / "sql" if (_PACKAGE / "bundled" / "sql").is_dir() else _PACKAGE.parent / "sql"
+
+
+@cache
+def _sql_file(name: str) -> str:
+    """The query of ``sql/<name>.sql`` without its ``--`` comment lines (read once)."""
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"bad query name {name!r}")
+    text = (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--")).strip()
+
+
+def sql_text(name: str, **identifiers: str) -> str:
+    """The static query ``sql/<name>.sql``, its ``{placeholders}`` filled with ``identifiers``.
+
+    Values are named binds (``:schema``) passed when the query runs; placeholders hold only
+    identifiers the caller has checked and quoted (:func:`qualified`) or column names from omopfl's
+    own CDM catalogue, because a table name cannot be bound.
+    """
+    text = _sql_file(name)
+    return text.format(**identifiers) if identifiers else text
 
 
 def quote_identifier(name: str) -> str:
@@ -213,8 +237,8 @@ def dialect_name(conn: sa.Connection) -> str:
 def schema_exists(conn: sa.Connection, schema: str) -> bool:
     check_identifier(schema, "schema")
     row = conn.execute(
-        sa.text("SELECT count(*) FROM information_schema.schemata WHERE lower(schema_name) = lower(:s)"),
-        {"s": schema},
+        sa.text(sql_text("schema_exists")),
+        {"schema": schema},
     ).scalar_one()
     return bool(row)
 
@@ -223,19 +247,16 @@ def existing_tables(conn: sa.Connection, schema: str) -> set[str]:
     """Lower-cased names of the tables and views in a schema."""
     check_identifier(schema, "schema")
     rows = conn.execute(
-        sa.text("SELECT table_name FROM information_schema.tables WHERE lower(table_schema) = lower(:s)"),
-        {"s": schema},
+        sa.text(sql_text("schema_tables")),
+        {"schema": schema},
     ).scalars()
     return {r.lower() for r in rows}
 
 
 def table_columns_in_db(conn: sa.Connection, schema: str, table: str) -> set[str]:
     rows = conn.execute(
-        sa.text(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE lower(table_schema) = lower(:s) AND lower(table_name) = lower(:t)"
-        ),
-        {"s": schema, "t": table},
+        sa.text(sql_text("table_columns")),
+        {"schema": schema, "table": table},
     ).scalars()
     return {r.lower() for r in rows}
 

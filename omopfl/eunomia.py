@@ -56,10 +56,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from omopfl.cdm import CDM_TABLES, VOCABULARY_TABLES, ColumnSpec, create_cdm, table_columns
+from omopfl.cdm import CDM_TABLES, VOCABULARY_TABLES, ColumnSpec, bulk_insert, create_cdm, table_columns
 from omopfl.config import DEFAULT_MIN_CELL_COUNT, ENV_NAME_RE, IDENTIFIER_RE, SITE_NAME_RE, check_identifier
 from omopfl.db import (
-    bulk_insert,
     describe_driver_error,
     detect_cdm_version,
     existing_tables,

@@ -206,3 +206,43 @@ def test_no_import_cycle_in_omopfl():
     assert not new, f"import cycles in omopfl:\n{message}"
     gone = [sorted(c) for c in known if c not in set(cycles)]
     assert not gone, f"known cycles no longer present, remove them from KNOWN_CYCLES: {gone}"
+
+
+SQL_DIR = PACKAGE_DIR.parent / "sql"
+
+
+def test_static_queries_are_files_read_through_sql_text():
+    """sql/*.sql: one statement each, used by the package through omopfl.db.sql_text."""
+    from omopfl.db import SQL_DIR as package_sql_dir
+    from omopfl.db import sql_text
+
+    assert package_sql_dir.resolve() == SQL_DIR.resolve()
+    source = "\n".join(p.read_text(encoding="utf-8") for p in PACKAGE_DIR.rglob("*.py"))
+    files = sorted(SQL_DIR.glob("*.sql"))
+    assert files
+    for path in files:
+        text = sql_text(path.stem)
+        assert text.upper().startswith("SELECT") and ";" not in text and "--" not in text, path.name
+        assert f'sql_text("{path.stem}"' in source, f"{path.name} is not used through sql_text"
+    assert sql_text("schema_exists") is sql_text("schema_exists")  # read once
+
+
+def _targets(node: ast.Assign | ast.AnnAssign) -> list[ast.expr]:
+    return node.targets if isinstance(node, ast.Assign) else [node.target]
+
+
+def test_the_cdm_checks_share_one_event_table_list():
+    """sites check and validate read the event tables from omopfl.cdm (issue 15: checks written once)."""
+    import omopfl.cdm
+    import omopfl.sites
+    import omopfl.validation
+
+    defined = [
+        _module_name(p)
+        for p in PACKAGE_DIR.rglob("*.py")
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        and any(isinstance(t, ast.Name) and t.id == "EVENT_TABLES" for t in _targets(node))
+    ]
+    assert defined == ["omopfl.cdm"]
+    assert omopfl.sites.EVENT_TABLES is omopfl.validation.EVENT_TABLES is omopfl.cdm.EVENT_TABLES
