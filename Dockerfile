@@ -16,6 +16,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY omopfl ./omopfl
 COPY cohorts ./cohorts
+COPY sql ./sql
 COPY adapters ./adapters
 COPY examples ./examples
 # The runtime user (numeric, so that the host and Kubernetes can check it is not root) and /data, the

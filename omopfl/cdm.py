@@ -13,21 +13,29 @@ for NOT NULL and ``*`` for the primary key.  Types: ``int``, ``bigint``, ``float
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+
+from omopfl.config import SiteConfig, check_identifier
+from omopfl.db import detect_cdm_version, existing_tables, qualified, quote_identifier, schema_exists
+from omopfl.errors import CdmError, DatabaseError
 
 __all__ = [
     "CDM_TABLES",
     "VOCABULARY_TABLES",
     "CLINICAL_TABLES",
     "RESULTS_TABLES",
+    "EVENT_TABLES",
     "ColumnSpec",
     "cdm_metadata",
     "results_metadata",
     "create_cdm",
     "create_results",
     "column_names",
+    "CdmInfo",
+    "inspect_cdm",
+    "bulk_insert",
 ]
 
 _CDM54: dict[str, str] = {
@@ -203,6 +211,17 @@ VOCABULARY_TABLES: tuple[str, ...] = tuple(_VOCAB)
 CDM_TABLES: tuple[str, ...] = CLINICAL_TABLES + VOCABULARY_TABLES
 RESULTS_TABLES: tuple[str, ...] = tuple(_RESULTS)
 
+# The event tables the CDM checks of `omopfl sites check` and `omopfl validate` look at: start date,
+# end date (None if the table has none) and concept column.
+EVENT_TABLES: dict[str, tuple[str, str | None, str]] = {
+    "visit_occurrence": ("visit_start_date", "visit_end_date", "visit_concept_id"),
+    "condition_occurrence": ("condition_start_date", "condition_end_date", "condition_concept_id"),
+    "drug_exposure": ("drug_exposure_start_date", "drug_exposure_end_date", "drug_concept_id"),
+    "procedure_occurrence": ("procedure_date", "procedure_end_date", "procedure_concept_id"),
+    "measurement": ("measurement_date", None, "measurement_concept_id"),
+    "observation": ("observation_date", None, "observation_concept_id"),
+}
+
 
 @dataclass(frozen=True)
 class ColumnSpec:
@@ -296,8 +315,6 @@ def results_metadata(results_schema: str) -> sa.MetaData:
 
 
 def _ensure_schema(conn: sa.Connection, schema: str) -> None:
-    from omopfl.db import quote_identifier, schema_exists
-
     # Checked first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
     # exists, which a site's omopfl role may rightly lack.
     if not schema_exists(conn, schema):
@@ -322,3 +339,102 @@ def create_results(conn: sa.Connection, results_schema: str) -> None:
     """Create the results schema and its cohort/attrition tables (if absent)."""
     _ensure_schema(conn, results_schema)
     results_metadata(results_schema).create_all(conn)
+
+
+@dataclass
+class CdmInfo:
+    """What is in a site's CDM schema."""
+
+    version: str
+    tables: set[str] = field(default_factory=set)
+    missing: list[str] = field(default_factory=list)
+
+
+def inspect_cdm(conn: sa.Connection, site: SiteConfig) -> CdmInfo:
+    """Check that the site's schemas hold an OMOP CDM, and return its version and tables.
+
+    Raises
+    ------
+    CdmError
+        When the CDM schema is absent or holds no CDM tables.
+    """
+    where = f"{site.source}: " if site.source else ""
+    if not schema_exists(conn, site.cdm_schema):
+        raise CdmError(
+            f"{where}[database] cdm_schema {site.cdm_schema} does not exist in the database; check the adapter"
+        )
+    tables = existing_tables(conn, site.cdm_schema)
+    if site.vocabulary_schema != site.cdm_schema:
+        if not schema_exists(conn, site.vocabulary_schema):
+            raise CdmError(
+                f"{where}[database] vocabulary_schema {site.vocabulary_schema} does not exist; check the adapter"
+            )
+        vocab_tables = existing_tables(conn, site.vocabulary_schema)
+    else:
+        vocab_tables = tables
+    if "person" not in tables or "observation_period" not in tables:
+        raise CdmError(
+            f"{where}schema {site.cdm_schema} has no OMOP CDM (person and observation_period tables missing); "
+            "load a CDM or fix [database] cdm_schema"
+        )
+    version = detect_cdm_version(conn, site.cdm_schema)
+    missing = [t for t in CLINICAL_TABLES if t not in tables]
+    missing += [t for t in VOCABULARY_TABLES if t not in vocab_tables]
+    return CdmInfo(version=version, tables=tables | vocab_tables, missing=missing)
+
+
+def _raw_connection(conn: sa.Connection):
+    return conn.connection.driver_connection
+
+
+def bulk_insert(conn: sa.Connection, schema: str, table: str, frame) -> int:
+    """Append a DataFrame to ``schema.table`` with the backend's bulk path.
+
+    PostgreSQL uses ``COPY ... FROM STDIN`` (CSV) through the open connection's
+    transaction; DuckDB inserts from the registered frame.  Column names of the
+    frame must be a subset of the table's; floats holding whole numbers for an
+    integer column are written as integers.  Returns the number of rows written.
+    """
+    import io
+
+    import pandas as pd
+
+    if len(frame) == 0:
+        return 0
+    target = qualified(schema, table)
+    columns = list(frame.columns)
+    for name in columns:
+        check_identifier(name, f"column of {table}")
+    try:
+        int_columns = {c.name for c in table_columns(table) if c.type == "int"}
+    except KeyError:
+        int_columns = set()
+    frame = frame.copy(deep=False)
+    for name in columns:
+        if name in int_columns and pd.api.types.is_float_dtype(frame[name].dtype):
+            frame[name] = frame[name].astype("Int64")
+    column_list = ", ".join(quote_identifier(c) for c in columns)
+    if conn.dialect.name == "postgresql":
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False, header=False, date_format="%Y-%m-%d %H:%M:%S", na_rep="")
+        buffer.seek(0)
+        raw = _raw_connection(conn)
+        sql = f"COPY {target} ({column_list}) FROM STDIN WITH (FORMAT csv, NULL '')"
+        if hasattr(raw, "cursor") and hasattr(raw.cursor(), "copy_expert"):
+            with raw.cursor() as cursor:
+                cursor.copy_expert(sql, buffer)
+        else:  # psycopg 3
+            with raw.cursor() as cursor, cursor.copy(sql) as copy:
+                while chunk := buffer.read(1 << 20):
+                    copy.write(chunk)
+        return len(frame)
+    if conn.dialect.name == "duckdb":
+        raw = _raw_connection(conn)
+        view = f"omopfl_bulk_{table}"
+        raw.register(view, frame)
+        try:
+            raw.execute(f"INSERT INTO {target} ({column_list}) SELECT {column_list} FROM {view}")
+        finally:
+            raw.unregister(view)
+        return len(frame)
+    raise DatabaseError(f"bulk insert not supported on {conn.dialect.name}")

@@ -1,8 +1,10 @@
-"""Database access: engines for PostgreSQL and DuckDB, identifier quoting, CDM detection.
+"""Database access: engines for PostgreSQL and DuckDB, identifier quoting, CDM version detection.
 
 Every stage takes an open :class:`sqlalchemy.Connection`; this module is where
 URLs become connections and where driver errors become :class:`DatabaseError`
 with a message that is safe to show (no driver text, which can echo values).
+It knows nothing of the CDM's tables: inspecting a site's CDM and writing rows into
+CDM tables are in :mod:`omopfl.cdm`, which builds on this module (never the reverse).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -28,14 +30,35 @@ __all__ = [
     "schema_exists",
     "existing_tables",
     "detect_cdm_version",
-    "CdmInfo",
-    "inspect_cdm",
     "describe_driver_error",
     "is_driver_error",
     "map_driver_error",
+    "sql_text",
 ]
 
-SQL_DIR = Path(__file__).parent / "sql"
+_PACKAGE = Path(__file__).resolve().parent
+# The static queries: the checkout's top-level sql/, which the wheel carries as omopfl/bundled/sql.
+SQL_DIR = _PACKAGE / "bundled" / "sql" if (_PACKAGE / "bundled" / "sql").is_dir() else _PACKAGE.parent / "sql"
+
+
+@cache
+def _sql_file(name: str) -> str:
+    """The query of ``sql/<name>.sql`` without its ``--`` comment lines (read once)."""
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"bad query name {name!r}")
+    text = (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--")).strip()
+
+
+def sql_text(name: str, **identifiers: str) -> str:
+    """The static query ``sql/<name>.sql``, its ``{placeholders}`` filled with ``identifiers``.
+
+    Values are named binds (``:schema``) passed when the query runs; placeholders hold only
+    identifiers the caller has checked and quoted (:func:`qualified`) or column names from omopfl's
+    own CDM catalogue, because a table name cannot be bound.
+    """
+    text = _sql_file(name)
+    return text.format(**identifiers) if identifiers else text
 
 
 def quote_identifier(name: str) -> str:
@@ -54,27 +77,42 @@ _NAME = r'"?([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)"?'
 # table, column, schema or role (``{0}``: an identifier captured by the pattern, checked against the
 # identifier allow-list), never a value.
 _DRIVER_REASONS: tuple[tuple[str, str], ...] = (
-    (r"password authentication failed|password authentication|no password supplied|"
-     r"authentication failed", "authentication failed: check the user name and password in the URL"),
+    (
+        r"password authentication failed|password authentication|no password supplied|"
+        r"authentication failed",
+        "authentication failed: check the user name and password in the URL",
+    ),
     (r"role " + _NAME + r" does not exist", "authentication failed: role {0} does not exist"),
     (r"database " + _NAME + r" does not exist", "database {0} does not exist: check the URL"),
     (r"connection refused", "connection refused: is the database server running on that host and port?"),
-    (r"could not translate host name|name or service not known|nodename nor servname",
-     "unknown host: check the host name in the URL"),
-    (r"canceling statement due to statement timeout",
-     "a statement ran longer than the statement timeout (OMOPFL_STATEMENT_TIMEOUT_MS)"),
+    (
+        r"could not translate host name|name or service not known|nodename nor servname",
+        "unknown host: check the host name in the URL",
+    ),
+    (
+        r"canceling statement due to statement timeout",
+        "a statement ran longer than the statement timeout (OMOPFL_STATEMENT_TIMEOUT_MS)",
+    ),
     (r"canceling statement due to user request|query interrupted", "the statement was cancelled"),
     (r"timeout expired|timed out|timeout", "connection timed out: check the host, port and firewall"),
-    (r"terminating connection|server closed the connection|connection already closed|"
-     r"ssl syscall error|connection not open|could not receive data from server|"
-     r"the database system is shutting down",
-     "the database server closed the connection (database dropped or server restarted); run the command again"),
-    (r"could not set lock|conflicting lock|lock on file",
-     "the DuckDB file is locked by another process: wait for it to finish or close it, then run again"),
-    (r"permission denied to create temporary tables",
-     "permission denied to create temporary tables: grant TEMP on the database to this role"),
-    (r"permission denied for schema " + _NAME, "permission denied on schema {0}: grant USAGE (and CREATE for the "
-     "results schema) to this role"),
+    (
+        r"terminating connection|server closed the connection|connection already closed|"
+        r"ssl syscall error|connection not open|could not receive data from server|"
+        r"the database system is shutting down",
+        "the database server closed the connection (database dropped or server restarted); run the command again",
+    ),
+    (
+        r"could not set lock|conflicting lock|lock on file",
+        "the DuckDB file is locked by another process: wait for it to finish or close it, then run again",
+    ),
+    (
+        r"permission denied to create temporary tables",
+        "permission denied to create temporary tables: grant TEMP on the database to this role",
+    ),
+    (
+        r"permission denied for schema " + _NAME,
+        "permission denied on schema {0}: grant USAGE (and CREATE for the results schema) to this role",
+    ),
     (r"permission denied for (?:table|relation) " + _NAME, "permission denied on table {0}: grant SELECT to this role"),
     (r"permission denied", "permission denied: check the role's grants"),
     (r"relation " + _NAME + r" does not exist", "table {0} does not exist"),
@@ -84,8 +122,10 @@ _DRIVER_REASONS: tuple[tuple[str, str], ...] = (
     (r"schema " + _NAME + r" does not exist", "schema {0} does not exist"),
     (r"does not exist", "object does not exist"),
     (r"value out of range|numeric field overflow|out of range", "a value is out of range for its type"),
-    (r"could not convert|conversion error|invalid input syntax",
-     "a value does not have the type its column should have (check the column types of the CDM tables)"),
+    (
+        r"could not convert|conversion error|invalid input syntax",
+        "a value does not have the type its column should have (check the column types of the CDM tables)",
+    ),
     (r"io error|cannot open file|could not open file|unable to open", "cannot open the database file"),
     (r"syntax error", "SQL syntax error"),
     (r"duplicate key", "duplicate key"),
@@ -162,10 +202,15 @@ def site_engine(site: SiteConfig) -> sa.Engine:
     source = site.url_env or "duckdb_path"
     if site.duckdb_path is not None and not site.duckdb_path.is_file():
         where = f"{site.source}: " if site.source else ""
-        problem = "is in a folder that does not exist" if not site.duckdb_path.parent.is_dir() else \
-            "names a file that does not exist"
-        raise ConfigError(f"{where}[database] duckdb_path {problem}; check the path (relative to the adapter file) "
-                          "or run omopfl synth / omopfl eunomia to create the database")
+        problem = (
+            "is in a folder that does not exist"
+            if not site.duckdb_path.parent.is_dir()
+            else "names a file that does not exist"
+        )
+        raise ConfigError(
+            f"{where}[database] duckdb_path {problem}; check the path (relative to the adapter file) "
+            "or run omopfl synth / omopfl eunomia to create the database"
+        )
     return make_engine(site.database_url(), what=f"site {site.name} ({source})")
 
 
@@ -192,8 +237,8 @@ def dialect_name(conn: sa.Connection) -> str:
 def schema_exists(conn: sa.Connection, schema: str) -> bool:
     check_identifier(schema, "schema")
     row = conn.execute(
-        sa.text("SELECT count(*) FROM information_schema.schemata WHERE lower(schema_name) = lower(:s)"),
-        {"s": schema},
+        sa.text(sql_text("schema_exists")),
+        {"schema": schema},
     ).scalar_one()
     return bool(row)
 
@@ -202,19 +247,16 @@ def existing_tables(conn: sa.Connection, schema: str) -> set[str]:
     """Lower-cased names of the tables and views in a schema."""
     check_identifier(schema, "schema")
     rows = conn.execute(
-        sa.text("SELECT table_name FROM information_schema.tables WHERE lower(table_schema) = lower(:s)"),
-        {"s": schema},
+        sa.text(sql_text("schema_tables")),
+        {"schema": schema},
     ).scalars()
     return {r.lower() for r in rows}
 
 
 def table_columns_in_db(conn: sa.Connection, schema: str, table: str) -> set[str]:
     rows = conn.execute(
-        sa.text(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE lower(table_schema) = lower(:s) AND lower(table_name) = lower(:t)"
-        ),
-        {"s": schema, "t": table},
+        sa.text(sql_text("table_columns")),
+        {"schema": schema, "table": table},
     ).scalars()
     return {r.lower() for r in rows}
 
@@ -248,106 +290,3 @@ def detect_cdm_version(conn: sa.Connection, cdm_schema: str) -> str:
         if "admitting_source_concept_id" in columns:
             return "5.3"
     raise CdmError(f"schema {cdm_schema}: cannot tell the CDM version (no cdm_source.cdm_version, no visit_occurrence)")
-
-
-@dataclass
-class CdmInfo:
-    """What is in a site's CDM schema."""
-
-    version: str
-    tables: set[str] = field(default_factory=set)
-    missing: list[str] = field(default_factory=list)
-
-
-def inspect_cdm(conn: sa.Connection, site: SiteConfig) -> CdmInfo:
-    """Check that the site's schemas hold an OMOP CDM, and return its version and tables.
-
-    Raises
-    ------
-    CdmError
-        When the CDM schema is absent or holds no CDM tables.
-    """
-    from omopfl.cdm import CLINICAL_TABLES, VOCABULARY_TABLES
-
-    where = f"{site.source}: " if site.source else ""
-    if not schema_exists(conn, site.cdm_schema):
-        raise CdmError(
-            f"{where}[database] cdm_schema {site.cdm_schema} does not exist in the database; check the adapter"
-        )
-    tables = existing_tables(conn, site.cdm_schema)
-    if site.vocabulary_schema != site.cdm_schema:
-        if not schema_exists(conn, site.vocabulary_schema):
-            raise CdmError(
-                f"{where}[database] vocabulary_schema {site.vocabulary_schema} does not exist; check the adapter"
-            )
-        vocab_tables = existing_tables(conn, site.vocabulary_schema)
-    else:
-        vocab_tables = tables
-    if "person" not in tables or "observation_period" not in tables:
-        raise CdmError(
-            f"{where}schema {site.cdm_schema} has no OMOP CDM (person and observation_period tables missing); "
-            "load a CDM or fix [database] cdm_schema"
-        )
-    version = detect_cdm_version(conn, site.cdm_schema)
-    missing = [t for t in CLINICAL_TABLES if t not in tables]
-    missing += [t for t in VOCABULARY_TABLES if t not in vocab_tables]
-    return CdmInfo(version=version, tables=tables | vocab_tables, missing=missing)
-
-
-def _raw_connection(conn: sa.Connection):
-    return conn.connection.driver_connection
-
-
-def bulk_insert(conn: sa.Connection, schema: str, table: str, frame) -> int:
-    """Append a DataFrame to ``schema.table`` with the backend's bulk path.
-
-    PostgreSQL uses ``COPY ... FROM STDIN`` (CSV) through the open connection's
-    transaction; DuckDB inserts from the registered frame.  Column names of the
-    frame must be a subset of the table's; floats holding whole numbers for an
-    integer column are written as integers.  Returns the number of rows written.
-    """
-    import io
-
-    import pandas as pd
-
-    if len(frame) == 0:
-        return 0
-    target = qualified(schema, table)
-    columns = list(frame.columns)
-    for name in columns:
-        check_identifier(name, f"column of {table}")
-    try:
-        from omopfl.cdm import table_columns
-
-        int_columns = {c.name for c in table_columns(table) if c.type == "int"}
-    except KeyError:
-        int_columns = set()
-    frame = frame.copy(deep=False)
-    for name in columns:
-        if name in int_columns and pd.api.types.is_float_dtype(frame[name].dtype):
-            frame[name] = frame[name].astype("Int64")
-    column_list = ", ".join(quote_identifier(c) for c in columns)
-    if conn.dialect.name == "postgresql":
-        buffer = io.StringIO()
-        frame.to_csv(buffer, index=False, header=False, date_format="%Y-%m-%d %H:%M:%S", na_rep="")
-        buffer.seek(0)
-        raw = _raw_connection(conn)
-        sql = f"COPY {target} ({column_list}) FROM STDIN WITH (FORMAT csv, NULL '')"
-        if hasattr(raw, "cursor") and hasattr(raw.cursor(), "copy_expert"):
-            with raw.cursor() as cursor:
-                cursor.copy_expert(sql, buffer)
-        else:  # psycopg 3
-            with raw.cursor() as cursor, cursor.copy(sql) as copy:
-                while chunk := buffer.read(1 << 20):
-                    copy.write(chunk)
-        return len(frame)
-    if conn.dialect.name == "duckdb":
-        raw = _raw_connection(conn)
-        view = f"omopfl_bulk_{table}"
-        raw.register(view, frame)
-        try:
-            raw.execute(f"INSERT INTO {target} ({column_list}) SELECT {column_list} FROM {view}")
-        finally:
-            raw.unregister(view)
-        return len(frame)
-    raise DatabaseError(f"bulk insert not supported on {conn.dialect.name}")

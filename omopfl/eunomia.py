@@ -33,7 +33,7 @@ downstream must cope.  :class:`EunomiaSummary` counts them:
 :func:`omopfl.db.detect_cdm_version` answers ``"5.3"``.
 
 Each table is read from the packaged file with DuckDB (casts done in SQL there)
-and streamed in chunks of about 51,000 rows through :func:`omopfl.db.bulk_insert`
+and streamed in chunks of about 51,000 rows through :func:`omopfl.cdm.bulk_insert`
 (COPY on PostgreSQL, a registered frame on DuckDB).  DuckDB targets do not ATTACH
 the packaged file: a database read inside a transaction cannot be detached
 before that transaction ends, and the transaction is the caller's.
@@ -56,10 +56,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from omopfl.cdm import CDM_TABLES, VOCABULARY_TABLES, ColumnSpec, create_cdm, table_columns
+from omopfl.cdm import CDM_TABLES, VOCABULARY_TABLES, ColumnSpec, bulk_insert, create_cdm, table_columns
 from omopfl.config import DEFAULT_MIN_CELL_COUNT, ENV_NAME_RE, IDENTIFIER_RE, SITE_NAME_RE, check_identifier
 from omopfl.db import (
-    bulk_insert,
     describe_driver_error,
     detect_cdm_version,
     existing_tables,

@@ -1,7 +1,8 @@
 """Harmonization: units, categories, plausible ranges and missing values, the same at every site.
 
 This module is pure: it imports numpy, pandas, the standard library and the pure omopfl modules
-(:mod:`omopfl.stats`, :mod:`omopfl.study`) only, so the server and the tests can use it without a
+(:mod:`omopfl.stats`, :mod:`omopfl.units`; :mod:`omopfl.study` for annotations only, since the study
+reader imports this module) only, so the server and the tests can use it without a
 database.
 
 Units
@@ -45,14 +46,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from omopfl.stats import Scaler
-from omopfl.study import StudyConfig
 from omopfl.units import MOLAR_MASSES, UNITS, analyte_table, factor_table
+
+if TYPE_CHECKING:  # annotations only: omopfl.study reads this module's unit tables and suffixes
+    from omopfl.study import StudyConfig
 
 __all__ = [
     "Scaler",

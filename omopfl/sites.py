@@ -10,21 +10,12 @@ from dataclasses import asdict, dataclass, field
 
 import sqlalchemy as sa
 
-from omopfl.cdm import CLINICAL_TABLES, VOCABULARY_TABLES
+from omopfl.cdm import CLINICAL_TABLES, EVENT_TABLES, VOCABULARY_TABLES, CdmInfo, inspect_cdm
 from omopfl.config import SiteConfig
-from omopfl.db import CdmInfo, inspect_cdm, qualified, schema_exists
+from omopfl.db import qualified, schema_exists, sql_text
 
 __all__ = ["SiteReport", "Finding", "check_site"]
 
-# (table, person column, date column, concept column) for event tables.
-EVENT_TABLES: tuple[tuple[str, str, str], ...] = (
-    ("visit_occurrence", "visit_start_date", "visit_concept_id"),
-    ("condition_occurrence", "condition_start_date", "condition_concept_id"),
-    ("drug_exposure", "drug_exposure_start_date", "drug_concept_id"),
-    ("procedure_occurrence", "procedure_date", "procedure_concept_id"),
-    ("measurement", "measurement_date", "measurement_concept_id"),
-    ("observation", "observation_date", "observation_concept_id"),
-)
 PRIMARY_KEYS: dict[str, str] = {
     "person": "person_id",
     "observation_period": "observation_period_id",
@@ -85,65 +76,56 @@ def _findings(conn: sa.Connection, site: SiteConfig, info: CdmInfo) -> list[Find
     period = qualified(cdm, "observation_period")
     add(
         "persons_without_observation_period", "person",
-        _count(conn, f"SELECT count(*) FROM {person} p WHERE NOT EXISTS "
-                     f"(SELECT 1 FROM {period} o WHERE o.person_id = p.person_id)"),
+        _count(conn, sql_text("cdm_persons_without_observation_period", person=person, period=period)),
         "warning", "these persons cannot enter a cohort",
     )
     add(
         "observation_periods_of_absent_persons", "observation_period",
-        _count(conn, f"SELECT count(*) FROM {period} o WHERE NOT EXISTS "
-                     f"(SELECT 1 FROM {person} p WHERE p.person_id = o.person_id)"),
+        _count(conn, sql_text("cdm_observation_periods_of_absent_persons", person=person, period=period)),
         "warning", "rows refer to person_ids missing from person",
     )
     add(
         "observation_period_end_before_start", "observation_period",
-        _count(conn, f"SELECT count(*) FROM {period} "
-                     "WHERE observation_period_end_date < observation_period_start_date"),
+        _count(conn, sql_text("cdm_observation_period_end_before_start", period=period)),
         "error", "fix the ETL: periods must end on or after they start",
     )
     for table, key in PRIMARY_KEYS.items():
         if table not in tables:
             continue
-        target = qualified(cdm, table)
         add(
             "duplicate_primary_key", table,
-            _count(conn, f"SELECT count(*) FROM (SELECT {key} FROM {target} GROUP BY {key} HAVING count(*) > 1) d"),
+            _count(conn, sql_text("cdm_duplicate_primary_keys", table=qualified(cdm, table), key=key)),
             "warning", f"{key} values occur more than once",
         )
-    for table, date_column, concept_column in EVENT_TABLES:
+    for table, (date_column, _, concept_column) in EVENT_TABLES.items():
         if table not in tables:
             continue
         target = qualified(cdm, table)
         add(
             "events_outside_observation", table,
-            _count(conn, f"SELECT count(*) FROM {target} e WHERE NOT EXISTS (SELECT 1 FROM {period} o "
-                         f"WHERE o.person_id = e.person_id AND e.{date_column} BETWEEN "
-                         "o.observation_period_start_date AND o.observation_period_end_date)"),
+            _count(conn, sql_text("cdm_events_outside_observation", table=target, period=period,
+                                  date_column=date_column)),
             "warning", "events outside every observation period are ignored by most cohorts",
         )
         add(
             "unmapped_concept", table,
-            _count(conn, f"SELECT count(*) FROM {target} WHERE {concept_column} = 0 OR {concept_column} IS NULL"),
+            _count(conn, sql_text("cdm_unmapped_concept", table=target, concept_column=concept_column)),
             "warning", f"{concept_column} = 0 (no standard concept); these rows match no concept set",
         )
     if "death" in tables:
-        death = qualified(cdm, "death")
         add(
             "death_before_birth", "death",
-            _count(conn, f"SELECT count(*) FROM {death} d JOIN {person} p ON p.person_id = d.person_id "
-                         "WHERE EXTRACT(YEAR FROM d.death_date) < p.year_of_birth"),
+            _count(conn, sql_text("cdm_death_before_birth", death=qualified(cdm, "death"), person=person)),
             "error", "death dates before the year of birth",
         )
     if "measurement" in tables:
-        measurement = qualified(cdm, "measurement")
         add(
             "measurement_without_unit", "measurement",
-            _count(conn, f"SELECT count(*) FROM {measurement} WHERE value_as_number IS NOT NULL "
-                         "AND (unit_concept_id IS NULL OR unit_concept_id = 0)"),
+            _count(conn, sql_text("cdm_measurement_without_unit", measurement=qualified(cdm, "measurement"))),
             "warning", "numeric values without a unit cannot be harmonized",
         )
     concept = qualified(site.vocabulary_schema, "concept")
-    if "concept" in tables and _count(conn, f"SELECT count(*) FROM {concept}") == 0:
+    if "concept" in tables and _count(conn, sql_text("count_rows", table=concept)) == 0:
         out.append(
             Finding("empty_vocabulary", "concept", 0, "error", "load the OMOP vocabulary into the vocabulary schema")
         )
@@ -164,7 +146,7 @@ def check_site(conn: sa.Connection, site: SiteConfig) -> SiteReport:
         if table not in info.tables:
             continue
         schema = site.vocabulary_schema if table in VOCABULARY_TABLES else site.cdm_schema
-        counts[table] = _count(conn, f"SELECT count(*) FROM {qualified(schema, table)}")
+        counts[table] = _count(conn, sql_text("count_rows", table=qualified(schema, table)))
     results_ready = schema_exists(conn, site.results_schema)
     findings = _findings(conn, site, info)
     if not results_ready:

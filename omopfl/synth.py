@@ -16,7 +16,7 @@ rows.  The clinical story is the one the cohort and feature code is tested on:
 
 Rows are generated in chunks of persons with vectorised numpy, each chunk from its
 own generator seeded by ``(seed, site index, chunk index)``, and written with
-:func:`omopfl.db.bulk_insert` inside one transaction per site, so memory stays flat in
+:func:`omopfl.cdm.bulk_insert` inside one transaction per site, so memory stays flat in
 the number of persons and the same seed and arguments give identical rows.
 
 Everything a correct pipeline must find is returned as :class:`SiteSummary` and
@@ -41,8 +41,8 @@ import pandas as pd
 import sqlalchemy as sa
 
 from omopfl import vocab
-from omopfl.cdm import CDM_TABLES, create_cdm, create_results, table_columns
-from omopfl.db import bulk_insert, describe_driver_error, make_engine, quote_identifier
+from omopfl.cdm import CDM_TABLES, bulk_insert, create_cdm, create_results, table_columns
+from omopfl.db import describe_driver_error, make_engine, quote_identifier
 from omopfl.errors import ConfigError, DatabaseError
 
 __all__ = [

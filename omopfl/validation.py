@@ -86,9 +86,9 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from omopfl.cdm import CLINICAL_TABLES, VOCABULARY_TABLES, table_columns
+from omopfl.cdm import CLINICAL_TABLES, EVENT_TABLES, VOCABULARY_TABLES, table_columns
 from omopfl.config import SiteConfig
-from omopfl.db import describe_driver_error, detect_cdm_version, existing_tables, qualified, quote_identifier
+from omopfl.db import describe_driver_error, detect_cdm_version, existing_tables, qualified, quote_identifier, sql_text
 from omopfl.errors import CdmError, DatabaseError, DataError
 from omopfl.study import StudyConfig
 
@@ -127,15 +127,6 @@ NUMERIC_DTYPES = [
 DEATH_SLACK_DAYS = 60  # DQD's plausibleBeforeDeath allows events up to 60 days after death
 _META = "omopfl"
 
-# Event tables: start date, end date (None if the table has none), concept column.
-EVENT_TABLES: dict[str, tuple[str, str | None, str]] = {
-    "visit_occurrence": ("visit_start_date", "visit_end_date", "visit_concept_id"),
-    "condition_occurrence": ("condition_start_date", "condition_end_date", "condition_concept_id"),
-    "drug_exposure": ("drug_exposure_start_date", "drug_exposure_end_date", "drug_concept_id"),
-    "procedure_occurrence": ("procedure_date", "procedure_end_date", "procedure_concept_id"),
-    "measurement": ("measurement_date", None, "measurement_concept_id"),
-    "observation": ("observation_date", None, "observation_concept_id"),
-}
 # Tables omopfl itself cannot work without (cohorts need the vocabulary hierarchy).
 CORE_TABLES = ("person", "observation_period", "concept", "concept_ancestor")
 # Required fields whose NULLs are fatal: every feature depends on them.
@@ -805,7 +796,7 @@ def _cdm_conformance(
         sums = [f"sum(CASE WHEN {condition} THEN 1 ELSE 0 END)" for _, _, _, condition, _ in parts]
         row = sql.row(f"SELECT {', '.join(['count(*)', *sums])} FROM {target}")
         if isinstance(row, str):
-            total_row = sql.row(f"SELECT count(*) FROM {target}")
+            total_row = sql.row(sql_text("count_rows", table=target))
             if isinstance(total_row, str):
                 add("cdmTable", table, None, FATAL if table in needed else WARNING,
                     None, None, f"table present but could not be read ({total_row})", passed=False)
@@ -875,8 +866,7 @@ def _cdm_conformance(
               "person_id not in person")
     if person_ok and period_ok:
         count("measurePersonCompleteness", "observation_period", None, WARNING,
-              f"SELECT count(*) FROM {person} p WHERE NOT EXISTS "
-              f"(SELECT 1 FROM {period} o WHERE o.person_id = p.person_id)",
+              sql_text("cdm_persons_without_observation_period", person=person, period=period),
               "persons without an observation period", total=totals["person"])
     if period_ok:
         count("measureObservationPeriodOverlap", "observation_period", None, WARNING,

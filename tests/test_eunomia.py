@@ -16,9 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from omopfl import eunomia
-from omopfl.cdm import CDM_TABLES, create_cdm
+from omopfl.cdm import CDM_TABLES, create_cdm, inspect_cdm
 from omopfl.config import load_site
-from omopfl.db import detect_cdm_version, existing_tables, inspect_cdm, make_engine, site_engine
+from omopfl.db import detect_cdm_version, existing_tables, make_engine, site_engine
 from omopfl.errors import ConfigError
 from omopfl.eunomia import eunomia_source_path, infer_column_type, load_eunomia, write_adapter
 

@@ -32,7 +32,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The wheel built from a copy of the checkout's sources (no build/ or egg-info left in the checkout)."""
     src = tmp_path_factory.mktemp("src")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("omopfl", "examples", "cohorts"):
+    for name in ("omopfl", "examples", "cohorts", "sql"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
@@ -60,6 +60,10 @@ def test_the_wheel_carries_every_example_study_and_cohort(wheel: tuple[Path, str
     for path in [*ROOT.glob("examples/*/*.toml"), *ROOT.glob("cohorts/*.yaml"), *ROOT.glob("cohorts/*.json")]:
         assert f"omopfl/bundled/{path.relative_to(ROOT).as_posix()}" in names, path
     assert {"omopfl/federation/run_view.html", "omopfl/federation/run_view.js"} <= names
+    queries = sorted(ROOT.glob("sql/*.sql"))
+    assert queries, "the checkout has no sql/*.sql"
+    for path in queries:
+        assert f"omopfl/bundled/sql/{path.name}" in names, path
     assert not any(n.startswith(("tests/", "bench/", "adapters/")) for n in names)
 
 
@@ -80,13 +84,15 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_in_an_empty_folder(wheel: tuple[Pat
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMOPFL_CACHE_DIR=str(tmp_path / "cache"), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     probe = subprocess.run(
-        [str(python), "-c", "import json, sys, omopfl, omopfl.resources as r; "
+        [str(python), "-c", "import json, sys, omopfl, omopfl.db as db, omopfl.resources as r; "
                             "print(json.dumps({'file': omopfl.__file__, 'root': str(r.resource_root()), "
-                            "'path': sys.path}))"],
+                            "'sql': str(db.SQL_DIR), 'query': db.sql_text('schema_exists'), 'path': sys.path}))"],
         cwd=empty, env=env, capture_output=True, text=True, check=True)
     where = json.loads(probe.stdout)
     assert Path(where["file"]).is_relative_to(purelib), where["file"]
     assert Path(where["root"]) == purelib / "omopfl" / "bundled"
+    assert Path(where["sql"]) == purelib / "omopfl" / "bundled" / "sql"
+    assert where["query"].startswith("SELECT count(*) FROM information_schema.schemata")
     assert not any(p and Path(p).resolve() == ROOT for p in where["path"]), where["path"]
 
     demo = subprocess.run([str(venv / "bin" / "omopfl"), "demo", "--sites", "2"], cwd=empty, env=env,

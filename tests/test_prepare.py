@@ -14,8 +14,9 @@ import pytest
 import sqlalchemy as sa
 from conftest import run_omopfl
 
+from omopfl.cdm import bulk_insert
 from omopfl.config import load_site
-from omopfl.db import bulk_insert, make_engine, qualified
+from omopfl.db import make_engine, qualified
 from omopfl.errors import DataError
 from omopfl.prepare import load_prepared, prepare_site
 from omopfl.study import load_study

@@ -10,10 +10,9 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from omopfl.cdm import create_cdm
+from omopfl.cdm import bulk_insert, create_cdm
 from omopfl.cli import main
 from omopfl.config import load_site
-from omopfl.db import bulk_insert
 from omopfl.sites import check_site
 
 

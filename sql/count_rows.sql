@@ -1,0 +1,2 @@
+-- Rows of one table. Tables: {table}.
+SELECT count(*) FROM {table}
