@@ -161,6 +161,24 @@ def prepared_sites_factory(_three_prepared_sites: Path, tmp_path_factory: pytest
     return make
 
 
+def prepare_and_approve(adapters, spec, prepared) -> None:
+    """Each site prepares the study ``spec`` into ``prepared`` in its own database and approves it, as a
+    site's data engineer does with ``omopfl prepare`` and ``omopfl sites approve`` (a study variant of the
+    shared sites: other DP, split or aggregation settings)."""
+    from omopfl import policy
+    from omopfl.config import load_site
+    from omopfl.prepare import prepare_site
+
+    for adapter in adapters:
+        site = load_site(adapter)
+        engine = make_engine(site.database_url())
+        try:
+            prepare_site(engine, site, spec, prepared)
+        finally:
+            engine.dispose()
+        policy.approve(site, spec)
+
+
 @pytest.fixture()
 def duckdb_backend(tmp_path: Path) -> Iterator[Backend]:
     url = f"duckdb:///{tmp_path / 'test.duckdb'}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import prepare_and_approve
 
 from omopfl import audit, budget, policy
 from omopfl.config import load_site
@@ -32,21 +33,12 @@ def _dp_study(federation: dict[str, Any]) -> Path:
 
 @pytest.fixture(scope="module")
 def dpsgd(prepared_sites_factory) -> dict[str, Any]:
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
 
     federation = prepared_sites_factory("dpsgd", approve=False)
     study = _dp_study(federation)
     spec = load_study(study)
     prepared = federation["tmp"] / "prepared_dp"
-    for adapter in federation["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(federation["adapters"], spec, prepared)
     return {**federation, "dp_study": study, "dp_prepared": prepared, "dp_hash": spec.hash}
 
 

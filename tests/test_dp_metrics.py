@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import prepare_and_approve
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -66,8 +67,6 @@ def test_noisy_evaluation_follows_the_release_rule_on_the_noisy_cells() -> None:
 
 @pytest.fixture(scope="module")
 def private(prepared_sites_factory) -> dict[str, Any]:
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
 
     federation = prepared_sites_factory("dp_metrics")
     study = federation["tmp"] / "study_dp_metrics.toml"
@@ -79,14 +78,7 @@ def private(prepared_sites_factory) -> dict[str, Any]:
     spec = load_study(study)
     assert spec.privacy.metrics_epsilon == EPSILON
     prepared = federation["tmp"] / "prepared_dp_metrics"
-    for adapter in federation["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(federation["adapters"], spec, prepared)
     return {**federation, "dp_study": study, "dp_prepared": prepared, "dp_hash": spec.hash}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_omopfl
+from conftest import prepare_and_approve, run_omopfl
 
 from omopfl.federation.train import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS, run_training
 from omopfl.prepare import load_prepared
@@ -123,12 +123,10 @@ def test_fedavg_inprocess_learns_and_writes_the_run_dir(federation) -> None:
 def test_fedprox_needs_a_fedprox_study(federation) -> None:
     """A coordinator cannot turn the approved FedAvg study into FedProx (the sites refuse the proximal term
     they did not approve); a study that says FedProx is prepared, approved and trains with it."""
-    from omopfl import audit, policy
+    from omopfl import audit
     from omopfl.config import load_site
-    from omopfl.db import make_engine
     from omopfl.errors import FederationError
     from omopfl.federation.site_app import audit_path
-    from omopfl.prepare import prepare_site
     from omopfl.study import load_study
 
     with pytest.raises(FederationError, match="min-sites"):
@@ -142,14 +140,7 @@ def test_fedprox_needs_a_fedprox_study(federation) -> None:
                                                                 'strategy = "fedprox"\nproximal_mu = 0.1'))
     spec = load_study(variant)
     prepared = federation["tmp"] / "prepared_fedprox"
-    for adapter in federation["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(federation["adapters"], spec, prepared)
     run_dir = federation["tmp"] / "run_fedprox"
     manifest = run_training(variant, federation["adapters"], prepared, out_dir=run_dir, rounds=1)
     assert manifest["training"]["strategy"] == "fedprox" and manifest["training"]["proximal_mu"] == 0.1

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import prepare_and_approve
 
 from omopfl import audit, policy
 from omopfl.config import load_site
@@ -28,19 +29,10 @@ def _private_study(federation: dict[str, Any], name: str, extra: str = "") -> Pa
 
 
 def _prepare(federation: dict[str, Any], study: Path, folder: str) -> Path:
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
 
     spec = load_study(study)
     prepared = federation["tmp"] / folder
-    for adapter in federation["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(federation["adapters"], spec, prepared)
     return prepared
 
 

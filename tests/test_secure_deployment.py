@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import prepare_and_approve
 
-from omopfl import audit, policy
+from omopfl import audit
 from omopfl.config import load_site
 from omopfl.federation import site_app
 from omopfl.federation.deploy import free_port
@@ -30,8 +31,6 @@ SITES = ("site_a", "site_b", "site_c")
 
 @pytest.fixture(scope="module")
 def secure(prepared_sites_factory) -> dict[str, Any]:
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
 
     federation = prepared_sites_factory("secagg_deploy")
     study = federation["tmp"] / "study_secure.toml"
@@ -39,14 +38,7 @@ def secure(prepared_sites_factory) -> dict[str, Any]:
     spec = load_study(study)
     assert spec.model.kind == "logistic"
     prepared = federation["tmp"] / "prepared_secure"
-    for adapter in federation["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(federation["adapters"], spec, prepared)
     return {**federation, "study": study, "prepared_dir": prepared, "study_hash": spec.hash}
 
 

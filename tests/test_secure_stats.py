@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import prepare_and_approve
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -27,22 +28,13 @@ SITES = ("site_a", "site_b", "site_c")
 
 @pytest.fixture(scope="module")
 def secure(prepared_sites_factory) -> dict[str, Any]:
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
 
     federation = prepared_sites_factory("secagg")
     study = federation["tmp"] / "study_secagg.toml"
     study.write_text(federation["study"].read_text() + "\n[privacy]\nsecure_aggregation = true\n")
     spec = load_study(study)
     prepared = federation["tmp"] / "prepared_secagg"
-    for adapter in federation["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(federation["adapters"], spec, prepared)
     return {**federation, "secure_study": study, "secure_prepared": prepared, "secure_hash": spec.hash}
 
 
@@ -200,8 +192,6 @@ def json_rounds(run_dir: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def pinned(secure) -> dict[str, Any]:
     """A study that pins the three sites' identity keys ([privacy.participants]), prepared and approved."""
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
 
     keys = {name: site_app.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
                                                                                   strict=True)}
@@ -211,14 +201,7 @@ def pinned(secure) -> dict[str, Any]:
     spec = load_study(study)
     assert dict(spec.privacy.participants) == keys
     prepared = secure["tmp"] / "prepared_pinned"
-    for adapter in secure["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(secure["adapters"], spec, prepared)
     return {"study": study, "prepared": prepared, "hash": spec.hash}
 
 

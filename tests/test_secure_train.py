@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import prepare_and_approve
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -29,21 +30,12 @@ SITES = ("site_a", "site_b", "site_c")
 
 
 def _prepare(federation: dict[str, Any], name: str, extra: str) -> dict[str, Any]:
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
 
     study = federation["tmp"] / f"study_{name}.toml"
     study.write_text(federation["study"].read_text() + extra)
     spec = load_study(study)
     prepared = federation["tmp"] / f"prepared_{name}"
-    for adapter in federation["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(federation["adapters"], spec, prepared)
     return {"study": study, "prepared": prepared, "hash": spec.hash, "spec": spec}
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import prepare_and_approve
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from omopfl.errors import ConfigError
@@ -355,23 +356,12 @@ def federation(prepared_sites_factory) -> dict[str, Any]:
 
 def _variant(federation: dict[str, Any], tag: str, lines: str) -> dict[str, Any]:
     """The federation's study with other ``[training]`` lines, prepared and approved at every site."""
-    from omopfl import policy
-    from omopfl.config import load_site
-    from omopfl.db import make_engine
-    from omopfl.prepare import prepare_site
 
     study = federation["tmp"] / f"study_{tag}.toml"
     study.write_text(_training(federation["study"].read_text(), lines))
     spec = load_study(study)
     prepared = federation["tmp"] / f"prepared_{tag}"
-    for adapter in federation["adapters"]:
-        site = load_site(adapter)
-        engine = make_engine(site.database_url())
-        try:
-            prepare_site(engine, site, spec, prepared)
-        finally:
-            engine.dispose()
-        policy.approve(site, spec)
+    prepare_and_approve(federation["adapters"], spec, prepared)
     return {"study": study, "prepared": prepared, "spec": spec}
 
 
