@@ -82,7 +82,7 @@ def _federated(run: Path, sites: list[Path], prepared: Path, rows: str, out: Pat
     from omopfl.errors import ConfigError, FederationError
     from omopfl.external_validation import write_validation, write_validation_report
     from omopfl.federation import codec
-    from omopfl.federation.federated_validation import run_validation
+    from omopfl.federation.runner import run_validation
 
     if simulate == (superlink is not None):
         raise ConfigError("omopfl evaluate --federated needs --simulate (with --site ADAPTER for each site) "

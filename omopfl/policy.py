@@ -34,12 +34,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omopfl.atomic import write_bytes
 from omopfl.errors import ConfigError
 from omopfl.models import IMAGE_KINDS, MODEL_KINDS
 
@@ -324,21 +324,8 @@ def _load(folder: Path) -> dict[str, Any]:
     return data
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(folder: Path, data: dict[str, Any]) -> None:
-    _write_atomic(folder / APPROVALS_FILE, json.dumps(data, indent=1, sort_keys=True).encode())
+    write_bytes(folder / APPROVALS_FILE, fsync=True, data=json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def _now() -> str:
@@ -364,7 +351,7 @@ def approve(site: SiteConfig, study: StudyConfig) -> ApprovedStudy:
     folder = state_dir(site)
     with _locked(folder):
         (folder / "studies").mkdir(exist_ok=True, mode=0o700)
-        _write_atomic(folder / "studies" / f"{study.hash}.toml", study.text.encode())
+        write_bytes(folder / "studies" / f"{study.hash}.toml", study.text.encode(), fsync=True)
         data = _load(folder)
         entry = ApprovedStudy(hash=study.hash, name=study.name, approved_at=_now(), settings=summary["settings"],
                               cohort_hashes={k: v["sha256"] for k, v in summary["cohorts"].items()}, summary=summary)

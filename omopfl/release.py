@@ -52,15 +52,13 @@ from typing import Any
 
 import numpy as np
 
+from omopfl.errors import ReleaseViolation
+
 __all__ = ["METRIC_DECIMALS", "ReleaseViolation", "small", "moments", "evaluation", "confusion", "may_train",
            "check_reply"]
 
 METRIC_DECIMALS = 4
 """Evaluation metrics leave rounded to this many decimals (coarsening: less room to encode counts)."""
-
-
-class ReleaseViolation(Exception):
-    """A reply about to leave holds a number the release rule forbids (the site sends a fixed code)."""
 
 
 def small(count: float, k: int) -> bool:

@@ -11,6 +11,7 @@ Example: ``examples/t2dm_hf/study.toml``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import tomllib
@@ -170,6 +171,14 @@ class ModelSpec:
     hidden: tuple[int, ...] = (256, 512, 128, 64, 32)
     dropout: tuple[float, float] = (0.4, 0.15)
     l2: float = 0.0  # L2 penalty (weight decay) on the weights; used by covariate studies
+
+    @classmethod
+    def from_settings(cls, kind: str, hidden: str, dropout: str) -> ModelSpec:
+        """The model a message's or run config's settings describe (``model-kind``, and ``model-hidden`` /
+        ``model-dropout`` as JSON lists): the one decoder the coordinator, the site's training and its
+        validation use.  An empty ``hidden`` list means the default widths."""
+        widths = tuple(int(h) for h in json.loads(hidden))
+        return cls(kind=str(kind), hidden=widths or cls().hidden, dropout=tuple(float(d) for d in json.loads(dropout)))
 
 
 @dataclass(frozen=True)

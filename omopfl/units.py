@@ -19,15 +19,17 @@ a few: ``18.016000000000002`` becomes ``18.016``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
+
+from omopfl.atomic import write_json
 
 __all__ = ["UNITS", "MOLAR_MASSES", "MOLAR_CONCENTRATIONS", "MASS_CONCENTRATIONS", "factor_table",
            "analyte_table", "convert"]
@@ -117,14 +119,8 @@ def _tables() -> dict[str, dict[str, list[float]]]:
     except (OSError, ValueError):
         pass
     tables = _compute()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ucum.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(tables, fh)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        write_json(path, tables, indent=None)
     return tables
 
 

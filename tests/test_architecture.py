@@ -11,22 +11,9 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "omopfl"
 
-# Known cycles: each entry is one strongly connected component of the import graph, exactly. All are
-# inside omopfl/federation/, which is restructured later. Do not add to this list: any new cycle, or a
-# known one that grows, fails the test; one that is gone must be removed from here.
-_F = "omopfl.federation."
-KNOWN_CYCLES: list[frozenset[str]] = [
-    # issue 15: federation split (secure_stats takes helpers from server_app, which runs it)
-    frozenset({_F + "secure_stats", _F + "server_app"}),
-    # issue 15: federation split (secure_train and server_train, the round loop and its secure variant)
-    frozenset({_F + "secure_train", _F + "server_train"}),
-    # issue 15: federation split (site_train and worker import each other)
-    frozenset({_F + "site_train", _F + "worker"}),
-    # issue 15: federation split (the site ClientApp, its validate handler and the in-process runner)
-    frozenset({_F + "federated_validation", _F + "runner", _F + "site_app", _F + "site_validate"}),
-    # issue 15: federation split (Flower runtime patches and the site runtime)
-    frozenset({_F + "flower_runtime", _F + "site_runtime"}),
-]
+# Known cycles: none (issue 15 removed the last ones, all in omopfl/federation/).  Do not add to this list:
+# any cycle fails the test.
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 def _module_name(path: Path) -> str:

@@ -25,8 +25,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from omopfl import policy
 from omopfl.config import load_site
+from omopfl.errors import SiteFailure
 from omopfl.federation import codec
-from omopfl.federation.client_app import SCALER_FILE, SiteFailure, site_statistics
+from omopfl.federation.client_app import SCALER_FILE, site_statistics
 from omopfl.federation.runner import run_stats
 from omopfl.federation.site_app import app as client_app
 from omopfl.prepare import load_prepared
@@ -361,11 +362,12 @@ FORBIDDEN = ("omopfl.prepare", "omopfl.features", "omopfl.linking", "omopfl.db",
 
 
 @pytest.mark.parametrize(("module", "allowed"), [
-    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats"}),
+    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats", "omopfl.atomic"}),
     # the training ServerApp builds the initial model (omopfl.models, torch) only when it runs
     # (and, with secure aggregation, the masking's constants; FedNova's and SCAFFOLD's strategies)
     ("server_train", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats", "omopfl.federation.server_app",
-                      "omopfl.models", "omopfl.study", "omopfl.secagg", "omopfl.federation.strategies"}),
+                      "omopfl.models", "omopfl.study", "omopfl.secagg", "omopfl.federation.strategies",
+                      "omopfl.atomic", "omopfl.errors"}),
 ])
 def test_server_apps_import_no_patient_data_code(module: str, allowed: set[str]) -> None:
     tree = ast.parse((ROOT / "omopfl" / "federation" / f"{module}.py").read_text())

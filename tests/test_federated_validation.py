@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omopfl.federation.federated_validation import run_validation
+from omopfl.federation.runner import run_validation
 
 
 @pytest.fixture(scope="module")

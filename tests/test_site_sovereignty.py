@@ -408,5 +408,5 @@ def test_site_node_refuses_to_start_on_an_unchecked_flower(monkeypatch) -> None:
 
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
     with pytest.raises(flower_runtime.FlowerVersionError, match=r"Flower 9\.9\.9"):
-        flower_runtime.site_executor(fork=True)
+        flower_runtime.site_executor(fork=True, run_task=lambda _args: None, module="omopfl.federation.site_runtime")
     assert os.environ.get("OMOPFL_TEST_ROLE") is None

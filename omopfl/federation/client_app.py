@@ -27,10 +27,7 @@ name goes there, since driver messages can echo row contents).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Context, RecordDict
 
+from omopfl.atomic import write_json
 from omopfl.config import load_site
-from omopfl.errors import ConfigError, DataError
+from omopfl.errors import SiteFailure
 from omopfl.federation import codec
 
 if TYPE_CHECKING:  # the data modules (pandas, sqlalchemy) load only where a handler needs them
@@ -47,36 +45,11 @@ if TYPE_CHECKING:  # the data modules (pandas, sqlalchemy) load only where a han
     from omopfl.prepare import PreparedSite
 
 __all__ = ["site_statistics", "site_scaler", "load_site_dataset", "SiteFailure", "SCALER_FILE", "stats_reply",
-           "scaler_reply", "error_code", "same_dataset"]
+           "scaler_reply", "same_dataset"]
 
 SCALER_FILE = "scaler.json"
 
 _log = logging.getLogger("flwr.omopfl")
-
-class SiteFailure(Exception):
-    """A failure the site reports with a fixed code (:data:`codec.ERROR_CODES`)."""
-
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code if code in codec.ERROR_CODES else "internal"
-
-
-def error_code(exc: BaseException) -> str:
-    """The fixed code a failure is reported with (never its text: it may echo data)."""
-    if isinstance(exc, SiteFailure):
-        return exc.code
-    if isinstance(exc, codec.CodecError):
-        return "bad_request"
-    if isinstance(exc, ConfigError):
-        return "config"
-    if isinstance(exc, DataError):
-        return "not_prepared"
-    from omopfl.release import ReleaseViolation
-
-    if isinstance(exc, ReleaseViolation):
-        return "release_rule"
-    return "internal"
-
 
 # --------------------------------------------------------------------------------------------
 # plain functions (callable in tests, no Flower runtime needed)
@@ -175,17 +148,6 @@ def load_site_dataset(node_config: dict) -> tuple[SiteConfig, PreparedSite]:
     return site, prepared
 
 
-def _write_scaler(folder: Path, global_scaler: codec.GlobalScaler) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{SCALER_FILE}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(global_scaler.to_dict(), fh, indent=1)
-        os.replace(tmp, folder / SCALER_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------
 # handlers (called by the site's trust boundary, omopfl.federation.site_app, after its checks)
 # --------------------------------------------------------------------------------------------
@@ -227,5 +189,6 @@ def scaler_reply(content: RecordDict, context: Context, site: SiteConfig,
         raise SiteFailure("study_mismatch")
     for name, record in codec.scaler_record(global_scaler).items():
         context.state[name] = record
-    _write_scaler(Path(str(context.node_config["prepared-dir"])) / site.name, global_scaler)
+    write_json(Path(str(context.node_config["prepared-dir"])) / site.name / SCALER_FILE,
+               global_scaler.to_dict(), allow_nan=True)
     return codec.encode_ack(site.name)

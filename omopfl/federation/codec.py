@@ -44,9 +44,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from omopfl.errors import WIRE_CODES, CodecError
 from omopfl.stats import Released, Scaler
 
 __all__ = [
+    "finite_list",
     "PROTOCOL",
     "STATS_QUERY",
     "SCALER_QUERY",
@@ -85,26 +87,7 @@ PROTOCOL = 1
 STATS_QUERY = "query.stats"
 SCALER_QUERY = "query.scaler"
 
-ERROR_CODES = frozenset({
-    "bad_request",       # the server's message could not be decoded or has another protocol version
-    "config",            # the site's adapter (node config) is missing or invalid
-    "not_prepared",      # no prepared dataset for this site (run omopfl prepare)
-    "study_mismatch",    # the dataset was prepared for another version of the study
-    "feature_mismatch",  # the global scaler's features differ from the site's dataset
-    "dp_bounds",         # differential privacy requested without valid bounds for every feature
-    "internal",          # anything else; the site's own log says more
-    # refusals of the site's trust boundary (omopfl.federation.site_app)
-    "study_not_approved",  # the message names a study the site's data engineer has not approved (or revoked)
-    "settings_mismatch",   # the message's settings differ from the approved study's
-    "policy",              # the site's policy forbids it (model kind, rounds, metrics, DP)
-    "round_limit",         # more rounds than the approved study (or the site's policy) allows
-    "foreign_app",         # the app's components are not omopfl's own
-    "code_in_bundle",      # the app bundle holds more than its pyproject.toml
-    "not_allowed",         # a message type omopfl's site app does not serve
-    "release_rule",        # the reply would break the site's release rule (omopfl.release)
-    "budget_spent",        # the study's privacy budget at this site is spent (omopfl.budget)
-    "secagg_refused",      # a secure-aggregation step was refused (participants, keys, order; omopfl.secagg)
-})
+ERROR_CODES = WIRE_CODES
 """Fixed error codes a site may send; nothing else about an error leaves a site."""
 
 ERROR_TEXT: Mapping[str, str] = {
@@ -190,10 +173,6 @@ _HASH_RE = re.compile(r"^[0-9a-f]{0,128}$")
 _MAX_NAME = 200
 
 
-class CodecError(ValueError):
-    """A message does not follow the wire format; the text names keys, never values."""
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -258,6 +237,11 @@ def _site_name(value: Any) -> str:
     if not isinstance(value, str) or not _SITE_RE.match(value):
         raise CodecError("the site name must be 1-64 letters, digits, '_', '-' or '.'")
     return value
+
+
+def finite_list(values: Sequence[float] | np.ndarray) -> list[float | None]:
+    """The values as JSON numbers, ``None`` where not finite (a result file never holds NaN)."""
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
 
 
 def _floats(values: Sequence[float] | np.ndarray) -> list[float]:

@@ -121,7 +121,7 @@ def federated_discovery(grid: Grid, settings: DiscoverySettings) -> dict[str, An
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: settings from the run config, result JSON to ``result-path``."""
-    from omopfl.federation.server_app import write_json
+    from omopfl.atomic import write_json
 
     settings = DiscoverySettings.from_run_config(dict(context.run_config))
     if not settings.result_path:
@@ -133,25 +133,6 @@ def _app_pyproject() -> str:
     return deploy.app_pyproject(
         name="omopfl-covariates", description="omopfl federated covariate discovery (ids held by >= k persons)",
         serverapp="omopfl.federation.discovery:app", clientapp="omopfl.federation.site_app:app", config=APP_CONFIG)
-
-
-def _run_inprocess(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any]) -> None:
-    from flwr.app import RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from omopfl.federation import site_app
-    from omopfl.federation.runner import InProcessGrid
-
-    grid = InProcessGrid(site_app.app, [{"site-config": str(a), "prepared-dir": str(prepared_dir)}
-                                          for a in adapters], run_config)
-    context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    try:
-        app(grid, context)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def run_discovery(
@@ -195,9 +176,9 @@ def run_discovery(
     dict
         The result (also written to ``result``), with ``list`` naming the CSV.
     """
+    from omopfl.atomic import write_json
     from omopfl.config import load_site
-    from omopfl.federation.runner import _run_deployment
-    from omopfl.federation.server_app import write_json
+    from omopfl.federation.runner import run_deployment, run_inprocess
     from omopfl.study import load_study
 
     if mode not in ("inprocess", "deployment"):
@@ -225,11 +206,11 @@ def run_discovery(
                   "min-persons": int(min_persons), "covariate-min-sites": int(min_sites),
                   "expected-sites": len(adapters), "timeout": float(timeout)}
     if mode == "inprocess":
-        _run_inprocess(adapters, Path(prepared_dir).resolve(), run_config)
+        run_inprocess(app, adapters, Path(prepared_dir).resolve(), run_config)
     else:
         work = Path(tempfile.mkdtemp(prefix="omopfl-covariates-"))
         try:
-            _run_deployment(adapters, Path(prepared_dir).resolve(), run_config, None, work,
+            run_deployment(adapters, Path(prepared_dir).resolve(), run_config, None, work,
                             run_timeout=2 * timeout + 120, timings={}, app_pyproject=_app_pyproject())
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -36,7 +36,7 @@ from omopfl.federation import codec
 
 __all__ = ["VALIDATE_QUERY", "ROWS", "encode_request", "decode_request", "encode_result", "decode_result",
            "ValidateRequest", "validate_app", "federated_validation", "VALIDATE_CONFIG", "MAX_RESULT_BYTES",
-           "run_validation"]
+           "app_pyproject"]
 
 _log = logging.getLogger("flwr.omopfl")
 
@@ -144,7 +144,7 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], codec.GlobalScaler, dict[s
 def federated_validation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Send the run's model to every connected site; collect their released results (written to
     ``result-path``)."""
-    from omopfl.federation.server_app import write_json
+    from omopfl.atomic import write_json
 
     config = {**VALIDATE_CONFIG, **dict(run_config)}
     run_dir = Path(str(config["run-dir"]))
@@ -197,77 +197,10 @@ def _main(grid: Grid, context: Context) -> None:
     federated_validation(grid, dict(context.run_config))
 
 
-def _pyproject() -> str:
+def app_pyproject() -> str:
     from omopfl.federation import deploy
 
     return deploy.app_pyproject(name="omopfl-validate",
                                 description="omopfl federated external validation (a run's model at each site)",
                                 serverapp="omopfl.federation.federated_validation:validate_app",
                                 clientapp="omopfl.federation.site_app:app", config=VALIDATE_CONFIG)
-
-
-def _run_inprocess(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any]) -> None:
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from omopfl.federation import site_app
-    from omopfl.federation.runner import InProcessGrid
-
-    grid = InProcessGrid(site_app.app, [{"site-config": str(a), "prepared-dir": str(prepared_dir)}
-                                          for a in adapters], run_config)
-    context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    try:
-        validate_app(grid, context)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-def run_validation(run_dir: str | Path, adapters: list[Path], prepared_dir: str | Path, *, out: str | Path,
-                   mode: str = "inprocess", superlink: str | None = None, rows: str = "all",
-                   timeout: float = 600.0, keep_logs: bool = False) -> dict[str, Any]:
-    """Federated external validation of the run in ``run_dir`` at the sites; the result written to ``out``.
-
-    ``mode``: ``"inprocess"`` (the sites' ClientApps in this process, :class:`InProcessGrid`) or
-    ``"deployment"`` (a loopback SuperLink with one SuperNode per adapter, or, with ``superlink``, an
-    existing connection of the user's Flower configuration whose SuperNodes run at the sites).
-    """
-    import shutil
-    import tempfile
-
-    from omopfl.errors import ConfigError, FederationError
-    from omopfl.external_validation import load_run
-
-    if mode not in ("inprocess", "deployment"):
-        raise ConfigError("mode must be inprocess or deployment")
-    if rows not in ROWS:
-        raise ConfigError(f"--rows must be one of {', '.join(ROWS)}, not {rows!r}")
-    run_dir = Path(run_dir).resolve()
-    manifest = load_run(run_dir).manifest  # a DataError naming the file if the run is incomplete
-    if not adapters and superlink is None:
-        raise ConfigError("omopfl evaluate --federated --simulate needs --site ADAPTER (repeatable)")
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.unlink(missing_ok=True)
-    run_config = {**VALIDATE_CONFIG, "result-path": str(out), "run-dir": str(run_dir),
-                  "study-hash": str(manifest.get("study_hash", "")), "rows": rows,
-                  "min-sites": max(1, len(adapters)), "timeout": float(timeout)}
-    prepared = Path(prepared_dir).resolve()
-    if mode == "inprocess":
-        _run_inprocess([Path(a).resolve() for a in adapters], prepared, run_config)
-    else:
-        from omopfl.federation.runner import _run_deployment
-
-        work = Path(tempfile.mkdtemp(prefix="omopfl-validate-"))
-        ok = False
-        try:
-            _run_deployment([Path(a).resolve() for a in adapters], prepared, run_config, superlink, work,
-                            run_timeout=2 * timeout + 120, timings={}, app_pyproject=_pyproject())
-            ok = True
-        finally:
-            if ok and not keep_logs:
-                shutil.rmtree(work, ignore_errors=True)
-    if not out.is_file():
-        raise FederationError(f"the validation ServerApp wrote no result to {out}")
-    return json.loads(out.read_text())

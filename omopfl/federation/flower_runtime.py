@@ -19,11 +19,13 @@ import os
 import subprocess
 import sys
 import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from omopfl.errors import FederationError
 
-__all__ = ["CHECKED_FLOWER_VERSIONS", "FlowerVersionError", "check_version", "clientapp_runtime", "site_executor",
+__all__ = ["superlink_task_identity",
+           "CHECKED_FLOWER_VERSIONS", "FlowerVersionError", "check_version", "clientapp_runtime", "site_executor",
            "run_site_superexec", "shorten_clientapp_pulls", "PULL_BACKOFF_SECONDS"]
 
 PULL_BACKOFF_SECONDS = (0.02, 0.25)
@@ -106,11 +108,12 @@ def _task_args(spec: Any) -> list[str]:
     return args
 
 
-def site_executor(*, fork: bool) -> Any:
+def site_executor(*, fork: bool, run_task: Callable[[list[str]], None], module: str) -> Any:
     """A SuperExec executor that runs every ClientApp task as omopfl's site runtime, never ``flwr-clientapp``.
 
-    ``fork``: in a fork of this (pre-imported) process; otherwise in a fresh ``python -I -m
-    omopfl.federation.site_runtime``.  Tasks of any other type are refused.
+    ``fork``: ``run_task(args)`` in a fork of this (pre-imported) process; otherwise a fresh
+    ``python -I -m <module> args``.  Tasks of any other type are refused.  (The runtime is passed in:
+    this module imports nothing of omopfl's that it could not be checked without.)
     """
     check_version()
     from flwr.supercore.constant import TaskType
@@ -131,7 +134,7 @@ def site_executor(*, fork: bool) -> Any:
             args = _task_args(spec)
             if not fork:
                 self.processes.append(subprocess.Popen(
-                    [sys.executable, "-I", "-m", "omopfl.federation.site_runtime", *args], stdin=subprocess.DEVNULL))
+                    [sys.executable, "-I", "-m", module, *args], stdin=subprocess.DEVNULL))
                 return LaunchResult.accepted()
             sys.stdout.flush()
             sys.stderr.flush()
@@ -139,9 +142,7 @@ def site_executor(*, fork: bool) -> Any:
             if pid == 0:  # the child: omopfl's site runtime, then leave without the parent's exit handlers
                 code = 1
                 try:
-                    from omopfl.federation import site_runtime
-
-                    site_runtime.main(args)
+                    run_task(args)
                     code = 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -186,12 +187,27 @@ def shorten_clientapp_pulls() -> None:
 
 
 def run_site_superexec(address: str, *, insecure: bool, root_certificates: str | None, parent_pid: int | None,
-                       fork: bool) -> None:
+                       fork: bool, run_task: Callable[[list[str]], None], module: str) -> None:
     """Flower's SuperExec loop with :func:`site_executor` (until the SuperNode or this process stops)."""
     check_version()
     from flwr.supercore.superexec import run_superexec as superexec
 
-    executor = site_executor(fork=fork)
+    executor = site_executor(fork=fork, run_task=run_task, module=module)
     superexec.get_executor = lambda *_args, **_kwargs: executor  # type: ignore[attr-defined]
     superexec.run_superexec(runtime_api_address=address, insecure=insecure,
                             root_certificates_path=root_certificates, parent_pid=parent_pid)
+
+
+@contextlib.contextmanager
+def superlink_task_identity(run_id: int) -> Iterator[None]:
+    """Messages take their sender from the process's task identity (set by ``flwr-serverapp`` in a deployment):
+    set it for an in-process run of a ServerApp, then restore it."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, int(run_id), SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -37,8 +37,6 @@ import datetime
 import json
 import logging
 import mimetypes
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -47,6 +45,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from omopfl.atomic import write_json
 
 __all__ = ["LIVE_FILE", "SITE_STATES", "LiveState", "RunView", "read_state", "list_files", "mark_failed"]
 
@@ -119,15 +119,7 @@ class LiveState:
         self.state["updated_at"] = _now()
         self.state["elapsed_seconds"] = round(now - self._t0, 3)
         data = {**self.state, "sites": sorted(self.state["sites"].values(), key=lambda s: s["site"])}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{LIVE_FILE}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1, default=str)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(self.path, data, default=str, allow_nan=True)
 
     def _name(self, message: Any) -> str | None:
         node = int(message.metadata.src_node_id)
@@ -303,10 +295,7 @@ def mark_failed(run_dir: Path, message: str) -> None:
         if state.get("phase") in ("done", "failed"):
             return
         state.update(phase="failed", message=str(message)[:2000], updated_at=_now())
-        fd, tmp = tempfile.mkstemp(prefix=f".{LIVE_FILE}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(state, fh, indent=1, default=str)
-        os.replace(tmp, path)
+        write_json(path, state, default=str, allow_nan=True)
     except (OSError, ValueError) as exc:
         _log.debug("omopfl live view: %s", exc)
 

@@ -45,7 +45,8 @@ from omopfl.errors import ConfigError, FederationError
 from omopfl.federation import codec, deploy
 from omopfl.study import load_study
 
-__all__ = ["run_stats", "InProcessGrid", "FederationError", "MODES", "APP_CONFIG"]
+__all__ = ["run_stats", "run_validation", "run_inprocess", "run_deployment", "InProcessGrid", "FederationError",
+           "MODES", "APP_CONFIG"]
 
 MODES = ("simulation", "deployment", "inprocess")
 
@@ -163,27 +164,27 @@ def _app_pyproject() -> str:
         config=APP_CONFIG)
 
 
-def _run_inprocess(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any]) -> None:
+def run_inprocess(server_app: Any, adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any], *,
+                  grid_class: Any = None) -> None:
+    """Run a ServerApp (statistics, training, discovery, validation) over the sites' ClientApps in this process.
+
+    One :class:`InProcessGrid` (or ``grid_class``, same signature) node per adapter, each with the node
+    config a SuperNode would have; the ServerApp gets a Context with ``run_config``.  The one in-process
+    runner of every app (``omopfl stats``/``train``/``covariates``/``evaluate --federated`` on one machine).
+    """
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
 
-    from omopfl.federation import server_app, site_app
+    from omopfl.federation import site_app
+    from omopfl.federation.flower_runtime import superlink_task_identity
 
-    grid = InProcessGrid(site_app.app, [{"site-config": str(a), "prepared-dir": str(prepared_dir)}
-                                          for a in adapters], run_config)
+    grid = (grid_class or InProcessGrid)(site_app.app, [{"site-config": str(a), "prepared-dir": str(prepared_dir)}
+                                                        for a in adapters], run_config)
     context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    # Messages take their sender from the process's task identity (set by flwr-serverapp in a
-    # deployment, by run_simulation in a simulation); set it for this run, then restore it.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    try:
-        server_app.app(grid, context)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with superlink_task_identity(grid.run.run_id):
+        server_app(grid, context)
 
 
-def _run_deployment(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any], superlink: str | None,
+def run_deployment(adapters: list[Path], prepared_dir: Path, run_config: dict[str, Any], superlink: str | None,
                     work: Path, run_timeout: float, timings: dict[str, float], *,
                     app_pyproject: str | None = None, tuned: bool = True) -> str:
     """Run a Flower app with ``flwr run``: on a loopback SuperLink with one SuperNode per site started
@@ -303,13 +304,15 @@ def run_stats(
         _log.warning(note)
         engine_mode = "deployment"
     if engine_mode == "inprocess":
-        _run_inprocess(adapters, Path(prepared_dir).resolve(), run_config)
+        from omopfl.federation import server_app
+
+        run_inprocess(server_app.app, adapters, Path(prepared_dir).resolve(), run_config)
         engine = "inprocess (InProcessGrid)"
     else:
         work = Path(tempfile.mkdtemp(prefix="omopfl-stats-"))
         ok = False
         try:
-            engine = _run_deployment(adapters, Path(prepared_dir).resolve(), run_config, superlink, work,
+            engine = run_deployment(adapters, Path(prepared_dir).resolve(), run_config, superlink, work,
                                      run_timeout=3 * timeout + 120, timings=timings)
             ok = True
         finally:
@@ -320,7 +323,52 @@ def run_stats(
     result = json.loads(out.read_text())
     result["runner"] = {"mode": mode, "engine": engine, "note": note,
                         "seconds": round(time.perf_counter() - started, 3), "phases": timings}
-    from omopfl.federation.server_app import write_json
+    from omopfl.atomic import write_json
 
     write_json(out, result)
     return result
+
+
+def run_validation(run_dir: str | Path, adapters: list[Path], prepared_dir: str | Path, *, out: str | Path,
+                   mode: str = "inprocess", superlink: str | None = None, rows: str = "all",
+                   timeout: float = 600.0, keep_logs: bool = False) -> dict[str, Any]:
+    """Federated external validation of the run in ``run_dir`` at the sites; the result written to ``out``.
+
+    ``mode``: ``"inprocess"`` (the sites' ClientApps in this process, :class:`InProcessGrid`) or
+    ``"deployment"`` (a loopback SuperLink with one SuperNode per adapter, or, with ``superlink``, an
+    existing connection of the user's Flower configuration whose SuperNodes run at the sites).  The
+    ServerApp is :data:`omopfl.federation.federated_validation.validate_app`.
+    """
+    from omopfl.external_validation import load_run
+    from omopfl.federation import federated_validation as fv
+
+    if mode not in ("inprocess", "deployment"):
+        raise ConfigError("mode must be inprocess or deployment")
+    if rows not in fv.ROWS:
+        raise ConfigError(f"--rows must be one of {', '.join(fv.ROWS)}, not {rows!r}")
+    run_dir = Path(run_dir).resolve()
+    manifest = load_run(run_dir).manifest  # a DataError naming the file if the run is incomplete
+    if not adapters and superlink is None:
+        raise ConfigError("omopfl evaluate --federated --simulate needs --site ADAPTER (repeatable)")
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    run_config = {**fv.VALIDATE_CONFIG, "result-path": str(out), "run-dir": str(run_dir),
+                  "study-hash": str(manifest.get("study_hash", "")), "rows": rows,
+                  "min-sites": max(1, len(adapters)), "timeout": float(timeout)}
+    prepared = Path(prepared_dir).resolve()
+    if mode == "inprocess":
+        run_inprocess(fv.validate_app, [Path(a).resolve() for a in adapters], prepared, run_config)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="omopfl-validate-"))
+        ok = False
+        try:
+            run_deployment([Path(a).resolve() for a in adapters], prepared, run_config, superlink, work,
+                           run_timeout=2 * timeout + 120, timings={}, app_pyproject=fv.app_pyproject())
+            ok = True
+        finally:
+            if ok and not keep_logs:
+                shutil.rmtree(work, ignore_errors=True)
+    if not out.is_file():
+        raise FederationError(f"the validation ServerApp wrote no result to {out}")
+    return json.loads(out.read_text())

@@ -228,7 +228,7 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
     """The statistics phase by secure aggregation (module docstring); the same result shape as the plain
     :func:`omopfl.federation.server_app.federated_statistics`, with ``sites.contributing`` the
     participants, ``sites.persons`` empty and ``secure_aggregation`` describing the sums."""
-    from omopfl.federation.server_app import _finite, write_json
+    from omopfl.atomic import write_json
     from omopfl.stats import Moments, Scaler, finalize
 
     failed: list[dict[str, Any]] = []
@@ -338,7 +338,8 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
     mean, std = finalize(merged, ddof=1)
     scaler = Scaler.from_moments(merged, ddof=1)
     result["global"] = {"persons": persons, "feature_names": list(reference), "n": [int(v) for v in n],
-                        "mean": _finite(mean), "std": _finite(std), "scale": [float(v) for v in scaler.scale]}
+                        "mean": codec.finite_list(mean), "std": codec.finite_list(std),
+                        "scale": [float(v) for v in scaler.scale]}
     if contributed < settings.min_contributing:
         _log.warning("omopfl stats: %d site(s) contributed, fewer than min-contributing %d: no scaler",
                      contributed, settings.min_contributing)

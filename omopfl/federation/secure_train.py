@@ -189,7 +189,7 @@ def unmask_round(replies: Sequence[Message], participants: Participants, server_
     not cancel (no dropout tolerance)."""
     from flwr.app import Array
 
-    from omopfl.federation.server_train import RoundsFailed
+    from omopfl.errors import RoundsFailed
 
     by_node = {r.metadata.src_node_id: r for r in replies}
     vectors, lost = [], []

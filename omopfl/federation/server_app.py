@@ -29,24 +29,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from omopfl.atomic import write_json
 from omopfl.federation import codec
 from omopfl.stats import Scaler, finalize, merge_all
 
-__all__ = ["app", "Settings", "federated_statistics", "write_json", "RESULT_VERSION"]
+__all__ = ["app", "Settings", "federated_statistics", "RESULT_VERSION"]
 
 RESULT_VERSION = 1
 
@@ -105,24 +101,6 @@ class Settings:
         if settings.min_sites < 1 or settings.min_contributing < 1:
             raise ValueError("run config min-sites and min-contributing must be at least 1")
         return settings
-
-
-def _finite(values: np.ndarray) -> list[float | None]:
-    return [float(v) if math.isfinite(float(v)) else None for v in values]
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _wait_for_nodes(grid: Grid, settings: Settings) -> list[int]:
@@ -268,7 +246,7 @@ def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
         scaler = Scaler.from_moments(merged, ddof=1)
         result["global"] = {
             "persons": int(merged.persons), "feature_names": list(reference), "n": [int(v) for v in merged.n],
-            "mean": _finite(mean), "std": _finite(std), "scale": [float(v) for v in scaler.scale],
+            "mean": codec.finite_list(mean), "std": codec.finite_list(std), "scale": [float(v) for v in scaler.scale],
         }
         if len(contributing) >= settings.min_contributing:
             global_scaler = codec.GlobalScaler.build(scaler, merged.n, merged.persons, settings.study_hash)

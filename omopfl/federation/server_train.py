@@ -44,8 +44,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -56,13 +54,15 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from omopfl.atomic import write_bytes, write_json
+from omopfl.errors import RoundsFailed
 from omopfl.federation import codec, run_view
 from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
 from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
 from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
 from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
 from omopfl.federation.codec import TRAIN_METRICS as METRICS
-from omopfl.federation.server_app import Settings, federated_statistics, write_json
+from omopfl.federation.server_app import Settings, federated_statistics
 
 __all__ = ["train_app", "federated_training", "run_rounds", "FastGrid", "TRAIN_CONFIG", "write_run_dir",
            "CHECKPOINT_JSON", "CHECKPOINT_NPZ", "RoundsFailed", "site_epsilons", "privacy_summary"]
@@ -105,10 +105,6 @@ TRAIN_CONFIG: dict[str, Any] = {
 """The training ServerApp's run config keys (besides :data:`omopfl.federation.runner.APP_CONFIG`)."""
 
 train_app = ServerApp()
-
-
-class RoundsFailed(RuntimeError):
-    """Too few sites replied in a round to go on (the last checkpoint is kept)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,17 +297,6 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class Checkpoint:
     """The state after a completed round (see the module docstring)."""
@@ -332,12 +317,12 @@ class Checkpoint:
         buffer = io.BytesIO()
         np.savez(buffer, **flat)
         payload = buffer.getvalue()
-        _atomic_write(run_dir / CHECKPOINT_NPZ, payload)
+        write_bytes(run_dir / CHECKPOINT_NPZ, payload)
         meta = {"version": 1, "round": self.round, "arrays_sha256": hashlib.sha256(payload).hexdigest(),
                 "array_names": list(self.arrays),
                 "strategy_state": {k: list(v) for k, v in self.strategy_state.items()},
                 "rows": self.rows, "sites": self.sites, "dropped": self.dropped, "identity": self.identity}
-        _atomic_write(run_dir / CHECKPOINT_JSON, json.dumps(meta, indent=1).encode())
+        write_bytes(run_dir / CHECKPOINT_JSON, json.dumps(meta, indent=1).encode())
 
     @classmethod
     def load(cls, run_dir: Path) -> Checkpoint:
@@ -627,10 +612,7 @@ def write_run_dir(run_dir: Path, *, state: Mapping[str, np.ndarray], scaler: Map
 def _spec(config: Mapping[str, Any]) -> Any:
     from omopfl.study import ModelSpec
 
-    hidden = json.loads(str(config["model-hidden"]))
-    dropout = json.loads(str(config["model-dropout"]))
-    return ModelSpec(kind=str(config["model-kind"]), hidden=tuple(int(h) for h in hidden) or ModelSpec().hidden,
-                     dropout=tuple(float(d) for d in dropout))
+    return ModelSpec.from_settings(str(config["model-kind"]), str(config["model-hidden"]), str(config["model-dropout"]))
 
 
 def initial_model(config: Mapping[str, Any], n_features: int) -> Any:

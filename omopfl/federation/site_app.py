@@ -41,9 +41,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from omopfl import audit, budget, policy, release
+from omopfl.atomic import write_json
 from omopfl.config import SiteConfig, load_site
+from omopfl.errors import Refusal, SiteFailure, wire_code
 from omopfl.federation import codec
-from omopfl.federation.client_app import SiteFailure, error_code, scaler_reply, stats_reply
+from omopfl.federation.client_app import scaler_reply, stats_reply
 
 __all__ = ["app", "serve", "refuse", "check_bundle", "audit_path", "COMPONENT", "MESSAGE_TYPES", "Refusal",
            "identity_public_key"]
@@ -59,10 +61,6 @@ MESSAGE_TYPES = ("train", "evaluate", "query.stats", "query.scaler", codec.COVAR
                  "query.validate")
 
 app = ClientApp()
-
-
-class Refusal(SiteFailure):
-    """The site's trust boundary refuses the message (a fixed code, :data:`codec.ERROR_CODES`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +326,6 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
         from omopfl.federation.site_validate import validate_reply
 
         return validate_reply(content, context, site, approved, _sent(site, run_id, message_type))
-    from omopfl.federation import site_train
 
     secure = bool(_privacy(approved).get("secure_aggregation"))
     from omopfl.federation.secure_train import TRAIN_RECORD
@@ -340,7 +337,7 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
     if secure and message_type == "train":  # the update leaves only masked (omopfl.federation.secure_train)
         reply = _secagg_train(content, context, site, approved, run_id, spent)
     else:
-        reply = site_train.handle(message_type, _admit_training(message_type, content, context, site, approved,
+        reply = handle(message_type, _admit_training(message_type, content, context, site, approved,
                                                                 run_id), context)
     after = ledger.spent()
     if after > before:  # DP-SGD and/or DP metrics spent on this message: the audit log shows it
@@ -350,17 +347,6 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
 
 def _secagg_state(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -> Path:
     return policy.state_dir(site) / "secagg" / f"{approved.hash[:32]}-{int(run_id)}.json"
-
-
-def _write_private(path: Path, data: dict[str, Any]) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
 
 
 def _identity_key(site: SiteConfig) -> Any:
@@ -373,7 +359,7 @@ def _identity_key(site: SiteConfig) -> Any:
         return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(json.loads(path.read_text())["key"]))
     key = Ed25519PrivateKey.generate()
     raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    _write_private(path, {"key": raw.hex()})
+    write_json(path, private=True, data={"key": raw.hex()})
     return key
 
 
@@ -432,7 +418,7 @@ def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: p
         raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                     serialization.NoEncryption())
         record = decoded.released.to_record() if contributed and decoded.released is not None else None
-        _write_private(path, {"key": raw.hex(), "rounds": [], "names": list(decoded.feature_names),
+        write_json(path, private=True, data={"key": raw.hex(), "rounds": [], "names": list(decoded.feature_names),
                               "release": record})
         public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         signature = _identity_key(site).sign(secagg.PublicKeyBundle(site.name, run, public).signed_bytes())
@@ -482,7 +468,7 @@ def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: p
     if request.round == 2:
         path.unlink()  # the run's key is not needed any more
     else:
-        _write_private(path, state)
+        write_json(path, private=True, data=state)
     return secure_stats.encode_masked_reply(masked)
 
 
@@ -510,7 +496,7 @@ def _train_keys(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -
     private = X25519PrivateKey.generate()
     raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                 serialization.NoEncryption())
-    _write_private(path, {"key": raw.hex(), "participants": None, "rounds": []})
+    write_json(path, private=True, data={"key": raw.hex(), "participants": None, "rounds": []})
     public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     signature = _identity_key(site).sign(secagg.PublicKeyBundle(site.name, _train_run(approved, run_id),
                                                                 public).signed_bytes())
@@ -561,7 +547,7 @@ def _secagg_train(content: RecordDict, context: Context, site: SiteConfig, appro
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from omopfl import secagg
-    from omopfl.federation import secure_stats, secure_train, site_train
+    from omopfl.federation import secure_stats, secure_train
 
     request = secure_train.decode_train_request(content)
     admitted = _admit_training("train", content, context, site, approved, run_id)
@@ -587,7 +573,7 @@ def _secagg_train(content: RecordDict, context: Context, site: SiteConfig, appro
     received = admitted.array_records.get(codec.TRAIN_ARRAYS)
     if received is None:
         raise codec.CodecError("arrays record missing")
-    plain = site_train.handle("train", admitted, context)
+    plain = handle("train", admitted, context)
     try:
         vector, _n = secure_train.train_vector(plain, received)
         masked = session.mask(vector, secure_train.round_id(server_round), secure_train.LABEL)
@@ -599,7 +585,7 @@ def _secagg_train(content: RecordDict, context: Context, site: SiteConfig, appro
     state["participants"] = listed
     if server_round >= int(approved.settings["rounds"]):
         state["key"] = ""  # the study's last round: the key is not needed any more
-    _write_private(path, state)
+    write_json(path, private=True, data=state)
     reply = secure_stats.encode_masked_reply(masked)
     if codec.TRAIN_EVALUATE in plain.metric_records:  # the released evaluation of the received model (clear)
         reply[codec.TRAIN_EVALUATE] = plain.metric_records[codec.TRAIN_EVALUATE]
@@ -700,7 +686,7 @@ def serve(message: Message, context: Context) -> Message:
         release.check_reply(message_type, {name: dict(record) for name, record in reply.items()
                                            if not isinstance(record, ArrayRecord)}, site.min_cell_count)
     except Exception as exc:  # every failure is a fixed code; the text may echo data and stays here
-        code = error_code(exc)
+        code = wire_code(exc)
         _log.warning("omopfl site %s: %s -> %s (%s)", site.name if site else "?", message_type, code,
                      type(exc).__name__)
         reply = codec.encode_error(site.name if site else None, code)
@@ -716,6 +702,20 @@ def refuse(message: Message, context: Context, code: str) -> Message:
         site = None
     _log.warning("omopfl site %s: %s refused: %s", site.name if site else "?", message.metadata.message_type, code)
     return _send(message, context, site, "", codec.encode_error(site.name if site else None, code), code)
+
+
+def handle(message_type: str, content: RecordDict, context: Context) -> RecordDict:
+    """Run an admitted ``train``/``evaluate`` here, or in the node's long-lived worker if it has one
+    (:mod:`omopfl.federation.worker`: torch loaded, tensors cached)."""
+    from omopfl.federation import site_train, worker
+
+    socket_path = context.node_config.get("worker-socket")
+    if isinstance(socket_path, str) and socket_path:
+        try:
+            return worker.call(socket_path, message_type, content, context)
+        except worker.WorkerUnavailable:
+            _log.warning("omopfl: the site worker is not reachable; running %s in this process", message_type)
+    return site_train.HANDLERS[message_type](content, context)
 
 
 @app.train()

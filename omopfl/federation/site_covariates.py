@@ -15,8 +15,8 @@ from flwr.app import Context, RecordDict
 
 from omopfl import release
 from omopfl.config import SiteConfig
+from omopfl.errors import SiteFailure
 from omopfl.federation import codec
-from omopfl.federation.client_app import SiteFailure
 
 __all__ = ["covariates_reply", "released_covariates"]
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preload-torch", action="store_true", help="also import torch (no site worker)")
     args = parser.parse_args(argv)
 
-    from omopfl.federation import flower_runtime
+    from omopfl.federation import flower_runtime, site_runtime
 
     flower_runtime.check_version()
     if args.fork:  # what every ClientApp message needs, imported once (the forks inherit it)
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         flower_runtime.shorten_clientapp_pulls()
     flower_runtime.run_site_superexec(args.runtime_api_address, insecure=args.insecure,
                                       root_certificates=args.root_certificates, parent_pid=args.parent_pid,
-                                      fork=args.fork)
+                                      fork=args.fork, run_task=site_runtime.main,
+                                      module="omopfl.federation.site_runtime")
 
 
 if __name__ == "__main__":

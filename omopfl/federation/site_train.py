@@ -50,15 +50,16 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
+from omopfl.errors import SiteFailure
 from omopfl.federation import codec
-from omopfl.federation.client_app import SCALER_FILE, SiteFailure, check_scaler, load_site_dataset
+from omopfl.federation.client_app import SCALER_FILE, check_scaler, load_site_dataset
 from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
 from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
 from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
 from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
 from omopfl.federation.codec import TRAIN_METRICS as METRICS
 
-__all__ = ["site_train", "site_evaluate", "handle", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
+__all__ = ["site_train", "site_evaluate", "HANDLERS", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
            "EVALUATE_METRICS", "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY"]
 
 _log = logging.getLogger("flwr.omopfl")
@@ -100,11 +101,8 @@ def spec_from_config(config: Mapping[str, Any]) -> Any:
     """The :class:`omopfl.study.ModelSpec` a training/evaluate config describes."""
     from omopfl.study import ModelSpec
 
-    hidden = json.loads(_cfg(config, "model-hidden", str, "[]"))
-    dropout = json.loads(_cfg(config, "model-dropout", str, "[0.0, 0.0]"))
-    kind = _cfg(config, "model-kind", str, "logistic")
-    return ModelSpec(kind=kind, hidden=tuple(int(h) for h in hidden) or ModelSpec().hidden,
-                     dropout=tuple(float(d) for d in dropout))
+    return ModelSpec.from_settings(_cfg(config, "model-kind", str, "logistic"), _cfg(config, "model-hidden", str, "[]"),
+                                   _cfg(config, "model-dropout", str, "[0.0, 0.0]"))
 
 
 def _tensors_and_split(context: Context, config: Mapping[str, Any]) -> tuple[Any, Any, Any, int]:
@@ -336,16 +334,12 @@ def _load_control(path: Path, like: Mapping[str, np.ndarray]) -> dict[str, np.nd
 
 def _save_control(path: Path, control: Mapping[str, np.ndarray]) -> None:
     import io
-    import os
-    import tempfile
 
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from omopfl.atomic import write_bytes
+
     buffer = io.BytesIO()
     np.savez(buffer, **{k: np.asarray(v) for k, v in control.items()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(buffer.getvalue())
-    os.replace(tmp, path)
+    write_bytes(path, buffer.getvalue(), private=True)
 
 
 def _train_dp(model: Any, tensors: Any, train_idx: Any, config: Mapping[str, Any], context: Context, mu: float,
@@ -389,16 +383,3 @@ def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
 
 
 HANDLERS = {"train": site_train, "evaluate": site_evaluate}
-
-
-def handle(message_type: str, content: RecordDict, context: Context) -> RecordDict:
-    """Run the handler of ``message_type`` here, or in the node's long-lived worker if it has one."""
-    socket_path = context.node_config.get("worker-socket")
-    if isinstance(socket_path, str) and socket_path:
-        from omopfl.federation import worker
-
-        try:
-            return worker.call(socket_path, message_type, content, context)
-        except worker.WorkerUnavailable:
-            _log.warning("omopfl: the site worker is not reachable; running %s in this process", message_type)
-    return HANDLERS[message_type](content, context)

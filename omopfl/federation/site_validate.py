@@ -17,17 +17,12 @@ from flwr.app import Context, RecordDict
 
 from omopfl import policy
 from omopfl.config import SiteConfig
+from omopfl.errors import Refusal
 from omopfl.federation import codec
-from omopfl.federation.client_app import SiteFailure, check_scaler, load_site_dataset
+from omopfl.federation.client_app import check_scaler, load_site_dataset
 from omopfl.federation.federated_validation import decode_request, encode_result
 
 __all__ = ["validate_reply"]
-
-
-def _refuse(code: str) -> SiteFailure:
-    from omopfl.federation.site_app import Refusal
-
-    return Refusal(code)
 
 
 def validate_reply(content: RecordDict, context: Context, site: SiteConfig, approved: policy.ApprovedStudy,
@@ -42,13 +37,13 @@ def validate_reply(content: RecordDict, context: Context, site: SiteConfig, appr
     settings = dict(approved.settings)
     rules = site.policy
     if not rules.release_metrics or rules.dp_required or settings.get("model-kind") not in rules.allowed_models:
-        raise _refuse("policy")
+        raise Refusal("policy")
     if settings.get("model-covariates"):  # sparse covariate models are not validated this way (yet)
-        raise _refuse("not_allowed")
+        raise Refusal("not_allowed")
     if already_sent >= 1:  # one validation per run (each is a release of metrics of an arbitrary model)
-        raise _refuse("round_limit")
+        raise Refusal("round_limit")
     if request.model["kind"] != settings.get("model-kind"):
-        raise _refuse("settings_mismatch")
+        raise Refusal("settings_mismatch")
     if settings["model-kind"] in ("mlp", "fusion"):  # the kinds whose widths and dropout shape the model
         for key in ("hidden", "dropout"):
             try:
@@ -56,7 +51,7 @@ def validate_reply(content: RecordDict, context: Context, site: SiteConfig, appr
             except ValueError:
                 raise codec.CodecError(f"model-{key} is not JSON") from None
             if sent != json.loads(settings[f"model-{key}"]):
-                raise _refuse("settings_mismatch")
+                raise Refusal("settings_mismatch")
     _site, prepared = load_site_dataset(dict(context.node_config))
     scaler = check_scaler(prepared, request.scaler, approved.hash)
     if not (np.all(np.isfinite(scaler.scaler.mean)) and np.all(np.isfinite(scaler.scaler.scale))
@@ -64,9 +59,8 @@ def validate_reply(content: RecordDict, context: Context, site: SiteConfig, appr
         raise codec.CodecError("the scaler holds non-finite or non-positive values")
     from omopfl.study import ModelSpec
 
-    hidden = tuple(int(h) for h in json.loads(settings["model-hidden"]))
-    dropout = tuple(float(d) for d in json.loads(settings["model-dropout"]))
-    spec = ModelSpec(kind=str(settings["model-kind"]), hidden=hidden or ModelSpec().hidden, dropout=dropout)
+    spec = ModelSpec.from_settings(str(settings["model-kind"]), str(settings["model-hidden"]),
+                                   str(settings["model-dropout"]))
     n_genes = len(prepared.gene_names) if spec.kind == "fusion" else 0
     image_size = int(prepared.images.shape[-1]) if spec.kind in IMAGE_KINDS and prepared.images is not None \
         else 0

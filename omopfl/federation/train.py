@@ -76,28 +76,15 @@ def _failure(run_dir: Path) -> str:
 
 def _run_inprocess(adapters: list[Path], prepared: Path, run_config: dict[str, Any], *,
                    grid_class: Any = None) -> None:
-    """Run the training ServerApp on an :class:`InProcessGrid` (or ``grid_class``, same signature)."""
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    """The training ServerApp in process (:func:`omopfl.federation.runner.run_inprocess`); its own failures
+    become one-line :class:`FederationError` (sites send fixed codes only)."""
+    from omopfl.errors import FederationError, RoundsFailed
+    from omopfl.federation.runner import run_inprocess
 
-    from omopfl.errors import FederationError
-    from omopfl.federation.runner import InProcessGrid
-    from omopfl.federation.server_train import RoundsFailed
-
-    nodes = [{"site-config": str(a), "prepared-dir": str(prepared)} for a in adapters]
-    grid = (grid_class or InProcessGrid)(client_app, nodes, run_config)
-    context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    # Messages take their sender from the process's task identity (set by flwr-serverapp in a
-    # deployment); set it for this run, then restore it.
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
     try:
-        train_app(grid, context)
-    except (RoundsFailed, ValueError) as exc:  # the ServerApp's own messages (sites send fixed codes only)
+        run_inprocess(train_app, adapters, prepared, run_config, grid_class=grid_class)
+    except (RoundsFailed, ValueError) as exc:
         raise FederationError(f"the run failed: {exc}") from None
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def run_training(study: str | Path, adapters: Sequence[str | Path], prepared_dir: str | Path, *,
@@ -176,12 +163,12 @@ def run_training(study: str | Path, adapters: Sequence[str | Path], prepared_dir
     (run_dir / "manifest.json").unlink(missing_ok=True)
     timings: dict[str, float] = {}
     if mode == "deployment":
-        from omopfl.federation.runner import _run_deployment
+        from omopfl.federation.runner import run_deployment
 
         work = Path(tempfile.mkdtemp(prefix="omopfl-train-"))
         ok = False
         try:
-            engine = _run_deployment(adapters, prepared, run_config, None, work, timeout, timings,
+            engine = run_deployment(adapters, prepared, run_config, None, work, timeout, timings,
                                      app_pyproject=training_pyproject(), tuned=tuned)
             ok = True
         finally:

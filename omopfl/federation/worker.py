@@ -4,7 +4,7 @@ Flower 1.41's SuperNode runs every message in a new ``flwr-clientapp`` process, 
 starting Python, importing torch and loading the prepared dataset on every message (seconds each
 time).  ``omopfl train --site`` therefore starts this worker next to the SuperNode: a thread of the
 same long-lived process, listening on a Unix socket in a fresh folder only the site's user can
-enter (mode 0700).  The ClientApp handlers (:func:`omopfl.federation.site_train.handle`) forward
+enter (mode 0700).  The ClientApp handlers (:func:`omopfl.federation.site_app.handle`) forward
 the message content and the context state to it; the worker runs the very same handler functions
 with torch imported and the dataset cached (:func:`omopfl.federation.site_train._tensors_and_split`).
 
@@ -30,6 +30,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from omopfl.errors import WorkerUnavailable
+
 __all__ = ["SiteWorker", "WorkerUnavailable", "call", "SOCKET_NAME"]
 
 _log = logging.getLogger("omopfl.worker")
@@ -37,10 +39,6 @@ _log = logging.getLogger("omopfl.worker")
 SOCKET_NAME = "worker.sock"
 _LENGTH = struct.Struct("!Q")
 _MAX_FRAME = 1 << 32
-
-
-class WorkerUnavailable(Exception):
-    """The worker socket does not answer (not started, or gone)."""
 
 
 def _send_frames(sock: socket.socket, *frames: bytes) -> None:
@@ -74,7 +72,7 @@ def call(socket_path: str, message_type: str, content: Any, context: Any, timeou
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
 
-    from omopfl.federation.client_app import SiteFailure
+    from omopfl.errors import SiteFailure
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -106,8 +104,8 @@ class _Handler(socketserver.BaseRequestHandler):
         from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
         from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
 
+        from omopfl.errors import wire_code
         from omopfl.federation import site_train
-        from omopfl.federation.client_app import error_code
 
         try:
             header = json.loads(_recv_frame(self.request))
@@ -130,7 +128,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 reply = recorddict_to_proto(handler(content, context)).SerializeToString()
                 status = {"code": ""}
             except Exception as exc:  # only a fixed code leaves this process
-                status = {"code": "bad_request" if handler is None else error_code(exc)}
+                status = {"code": "bad_request" if handler is None else wire_code(exc)}
                 reply = b""
                 _log.error("omopfl worker %s failed: %s (%s)", header.get("type"), status["code"],
                            type(exc).__name__)
