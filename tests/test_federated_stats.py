@@ -29,9 +29,10 @@ from omopfl.federation import codec
 from omopfl.federation.client_app import SCALER_FILE, SiteFailure, site_statistics
 from omopfl.federation.runner import run_stats
 from omopfl.federation.site_app import app as client_app
+from omopfl.moments import Moments, Scaler
 from omopfl.prepare import load_prepared
-from omopfl.stats import Moments, Scaler, binary_columns, suppress
 from omopfl.study import load_study
+from omopfl.suppression import binary_columns, suppress
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site_a", "site_b", "site_c")
@@ -361,10 +362,11 @@ FORBIDDEN = ("omopfl.prepare", "omopfl.features", "omopfl.linking", "omopfl.db",
 
 
 @pytest.mark.parametrize(("module", "allowed"), [
-    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats"}),
+    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.moments", "omopfl.suppression"}),
     # the training ServerApp builds the initial model (omopfl.models, torch) only when it runs
     # (and, with secure aggregation, the masking's constants; FedNova's and SCAFFOLD's strategies)
-    ("server_train", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats", "omopfl.federation.server_app",
+    ("server_train", {"omopfl.federation", "omopfl.federation.codec", "omopfl.moments", "omopfl.suppression",
+                      "omopfl.federation.server_app",
                       "omopfl.models", "omopfl.study", "omopfl.secagg", "omopfl.federation.strategies"}),
 ])
 def test_server_apps_import_no_patient_data_code(module: str, allowed: set[str]) -> None:

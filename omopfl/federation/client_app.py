@@ -119,7 +119,8 @@ def site_statistics(
         not about noisy numbers); with ``dp`` only the released numbers are noisy.
     """
     from omopfl import release
-    from omopfl.stats import Released, noisy_moments
+    from omopfl.moment_noise import noisy_moments
+    from omopfl.suppression import Released
 
     names = list(prepared.feature_names)
     released = release.moments(prepared.x, names, prepared.n, min_cell_count, groups=groups, counts=counts)

@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from omopfl.stats import Released, Scaler
+from omopfl.moments import Scaler
+from omopfl.suppression import Released
 
 __all__ = [
     "PROTOCOL",

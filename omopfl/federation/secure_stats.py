@@ -229,7 +229,7 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
     :func:`omopfl.federation.server_app.federated_statistics`, with ``sites.contributing`` the
     participants, ``sites.persons`` empty and ``secure_aggregation`` describing the sums."""
     from omopfl.federation.server_app import _finite, write_json
-    from omopfl.stats import Moments, Scaler, finalize
+    from omopfl.moments import Moments, Scaler, finalize
 
     failed: list[dict[str, Any]] = []
     result: dict[str, Any] = {

@@ -44,7 +44,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from omopfl.federation import codec
-from omopfl.stats import Scaler, finalize, merge_all
+from omopfl.moments import Scaler, finalize, merge_all
 
 __all__ = ["app", "Settings", "federated_statistics", "write_json", "RESULT_VERSION"]
 
