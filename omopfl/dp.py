@@ -42,7 +42,7 @@ What it does not cover
   computed on the private rows and is NOT private, nor is the number of train rows (``n``, the
   FedAvg weight; the accounting treats ``n_train`` and hence ``q`` as public), nor evaluation
   metrics or federated statistics.  Those need the site's release rule or their own DP mechanism
-  (:mod:`omopfl.stats` has one for the moments), and their epsilons add to this one.
+  (:mod:`omopfl.moment_noise` has one for the moments), and their epsilons add to this one.
 * Rows outside the train split (the test rows are never trained on: they are not at risk from the
   weights, but from the evaluation metrics).
 * Repeated studies over the same persons: each approved study has its own budget; epsilons of

@@ -1,7 +1,7 @@
 """Harmonization: units, categories, plausible ranges and missing values, the same at every site.
 
 This module is pure: it imports numpy, pandas, the standard library and the pure omopfl modules
-(:mod:`omopfl.stats`, :mod:`omopfl.units`; :mod:`omopfl.study` for annotations only, since the study
+(:mod:`omopfl.moments`, :mod:`omopfl.units`; :mod:`omopfl.study` for annotations only, since the study
 reader imports this module) only, so the server and the tests can use it without a
 database.
 
@@ -38,7 +38,7 @@ the database) and returns the columns of :func:`harmonized_columns`:
   database query could not use) are summed into the report and dropped.
 
 Imputation needs the federated means, so it is a separate step: :func:`impute` (after
-:func:`Scaler.from_moments <omopfl.stats.Scaler.from_moments>` on the merged moments).
+:func:`Scaler.from_moments <omopfl.moments.Scaler.from_moments>` on the merged moments).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from omopfl.stats import Scaler
+from omopfl.moments import Scaler
 from omopfl.units import MOLAR_MASSES, UNITS, analyte_table, factor_table
 
 if TYPE_CHECKING:  # annotations only: omopfl.study reads this module's unit tables and suffixes

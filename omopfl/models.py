@@ -43,7 +43,7 @@ exactly 0 (its ``<m>__missing`` indicator column keeps the fact that it was miss
 
 Omics: ``log1p(max(v, 0))`` per gene (when ``omics_log1p``), standardized per gene, then NaN
 becomes 0; a person with no finite omics value has ``omics_mask = 0``.  The standardization uses
-``omics_scaler`` (a :class:`omopfl.stats.Scaler` over the log1p values, e.g. federated gene
+``omics_scaler`` (a :class:`omopfl.moments.Scaler` over the log1p values, e.g. federated gene
 moments) when given, else a LOCAL fallback: this site's per-gene mean and sample standard
 deviation (scale 1 for genes with fewer than two values or no spread).  The local fallback is
 not identical across sites (each site is centred on its own mean, which removes a site-level
@@ -94,8 +94,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from omopfl.moments import Scaler
     from omopfl.prepare import PreparedSite
-    from omopfl.stats import Scaler
     from omopfl.study import ModelSpec
 
 __all__ = [
@@ -428,7 +428,7 @@ class SiteTensors:
         prepared:
             The site's :class:`omopfl.prepare.PreparedSite`.
         scaler:
-            The global :class:`omopfl.stats.Scaler` (or an object with a ``.scaler`` attribute such
+            The global :class:`omopfl.moments.Scaler` (or an object with a ``.scaler`` attribute such
             as the federation's ``GlobalScaler``); its feature names must equal the dataset's.
         image_size:
             Resize images to this side (default: as prepared).

@@ -6,8 +6,8 @@ mentioning one of :data:`POOLABLE_MARKERS`, as :mod:`omopfl.synth` and Eunomia's
 otherwise :func:`train_pooled` raises :class:`omopfl.errors.ConfigError` before loading any rows.
 
 What matches the federated run (:func:`omopfl.federation.train.run_training`)
-    * the scaler rule: :meth:`omopfl.stats.Scaler.from_moments` of the moments
-      (:meth:`omopfl.stats.Moments.from_array`) of the *pooled* ``x``;
+    * the scaler rule: :meth:`omopfl.moments.Scaler.from_moments` of the moments
+      (:meth:`omopfl.moments.Moments.from_array`) of the *pooled* ``x``;
     * the per-site train/test split: ``split(n, test_fraction, seed, y)`` on each site with the
       study's ``[training] test_fraction`` and ``seed``, exactly as the sites do;
     * the model: ``build_model(spec.model, n_features, seed=seed)``; ``batch_size``,
@@ -116,8 +116,8 @@ def train_pooled(study_path: str | Path, adapters: Sequence[str | Path], prepare
     from omopfl.config import load_site
     from omopfl.errors import ConfigError
     from omopfl.models import SiteTensors, build_model, evaluate, split, train_local, weighted_average
+    from omopfl.moments import Moments, Scaler
     from omopfl.prepare import load_prepared
-    from omopfl.stats import Moments, Scaler
     from omopfl.study import load_study
 
     started = time.perf_counter()

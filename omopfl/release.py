@@ -33,7 +33,7 @@ What remains, and how differential privacy covers it
     person, each pass the rule while their difference is one person's label.  The site bounds this
     (only approved studies, a round limit per run, every release in its audit log) and removes it
     formally with differential privacy where its policy asks for it: noise on released statistics
-    (:func:`omopfl.stats.noisy_moments`) and DP-SGD for training updates, with a privacy budget per
+    (:func:`omopfl.moment_noise.noisy_moments`) and DP-SGD for training updates, with a privacy budget per
     approved study.  Model weights themselves are not cells; without DP-SGD they carry no formal
     protection.
 
@@ -73,7 +73,7 @@ def small(count: float, k: int) -> bool:
 
 def moments(x: np.ndarray, names: Sequence[str], persons: int, k: int, *,
             groups: Mapping[str, Sequence[str]] | None = None, counts: Iterable[str] = ()) -> Any:
-    """The :class:`omopfl.stats.Released` moments of ``x`` under the rule (see the module docstring).
+    """The :class:`omopfl.suppression.Released` moments of ``x`` under the rule (see the module docstring).
 
     Parameters
     ----------
@@ -88,7 +88,8 @@ def moments(x: np.ndarray, names: Sequence[str], persons: int, k: int, *,
     counts:
         Names of count features.
     """
-    from omopfl.stats import Moments, Released, binary_columns, suppress
+    from omopfl.moments import Moments
+    from omopfl.suppression import Released, binary_columns, suppress
 
     names = list(names)
     exact = Moments.from_array(x, names, persons=persons)

@@ -26,7 +26,7 @@ Threat model
   (the difference of the two masked vectors would be the difference of the plaintexts).
 * What the **sum** reveals is not this module's business: with two sites either site's value follows from
   the sum and the other's, so at least three sites are required; small counts inside a sum still need the
-  release rule (``omopfl.release``) and DP (``omopfl.stats``) at each site before masking.
+  release rule (``omopfl.release``) and DP (``omopfl.moment_noise``) at each site before masking.
 
 Precision
 ---------

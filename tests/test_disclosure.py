@@ -21,7 +21,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from omopfl import audit, release
 from omopfl.config import load_site
 from omopfl.federation import codec, site_app
-from omopfl.stats import Moments, binary_columns, suppress
+from omopfl.moments import Moments
+from omopfl.suppression import binary_columns, suppress
 
 K = 10
 PROBE_K = 3

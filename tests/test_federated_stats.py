@@ -30,9 +30,10 @@ from omopfl.federation import codec
 from omopfl.federation.client_app import SCALER_FILE, site_statistics
 from omopfl.federation.runner import run_stats
 from omopfl.federation.site_app import app as client_app
+from omopfl.moments import Moments, Scaler
 from omopfl.prepare import load_prepared
-from omopfl.stats import Moments, Scaler, binary_columns, suppress
 from omopfl.study import load_study
+from omopfl.suppression import binary_columns, suppress
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site_a", "site_b", "site_c")
@@ -362,10 +363,12 @@ FORBIDDEN = ("omopfl.prepare", "omopfl.features", "omopfl.linking", "omopfl.db",
 
 
 @pytest.mark.parametrize(("module", "allowed"), [
-    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats", "omopfl.atomic"}),
+    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.moments", "omopfl.suppression",
+                    "omopfl.atomic"}),
     # the training ServerApp builds the initial model (omopfl.models, torch) only when it runs
     # (and, with secure aggregation, the masking's constants; FedNova's and SCAFFOLD's strategies)
-    ("server_train", {"omopfl.federation", "omopfl.federation.codec", "omopfl.stats", "omopfl.federation.server_app",
+    ("server_train", {"omopfl.federation", "omopfl.federation.codec", "omopfl.moments", "omopfl.suppression",
+                      "omopfl.federation.server_app",
                       "omopfl.models", "omopfl.study", "omopfl.secagg", "omopfl.federation.strategies",
                       "omopfl.atomic", "omopfl.errors"}),
 ])

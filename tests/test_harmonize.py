@@ -33,7 +33,7 @@ from omopfl.harmonize import (
     impute,
     model_feature_names,
 )
-from omopfl.stats import Moments, merge
+from omopfl.moments import Moments, merge
 from omopfl.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def test_harmonize_is_pure() -> None:
     third_party = {name.split(".")[0] for name in imported if not name.startswith("omopfl")}
     assert third_party <= {"__future__", "math", "collections", "dataclasses", "typing", "numpy", "pandas"}
     # omopfl.units: the UCUM factors (standard library at import; ucumvert only to fill its cache)
-    assert {name for name in imported if name.startswith("omopfl")} <= {"omopfl.stats", "omopfl.study",
+    assert {name for name in imported if name.startswith("omopfl")} <= {"omopfl.moments", "omopfl.study",
                                                                          "omopfl.units"}
     code = ("import sys, omopfl.harmonize; "
             "print(sorted(m for m in ('sqlalchemy', 'flwr', 'torch', 'pydicom', 'great_expectations') "

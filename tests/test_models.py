@@ -31,8 +31,8 @@ from omopfl.models import (
     train_local,
     weighted_average,
 )
+from omopfl.moments import Moments, Scaler
 from omopfl.prepare import PreparedSite
-from omopfl.stats import Moments, Scaler
 from omopfl.study import ModelSpec
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from omopfl import stats
+from omopfl import moments
 from omopfl.secagg import (
     DEFAULT_FRAC_BITS,
     MaskedVector,
@@ -208,7 +208,7 @@ def test_moments_aggregate_to_chan_merge():
     sessions = _sessions(len(data))
     fed = unmask_sum(s.mask(moment_sums(x, centre), "stats") for s, x in zip(sessions, data, strict=True))
     n, mean, m2 = merge_moment_sums(fed, centre)
-    chan = stats.merge_all(stats.Moments.from_array(x, names) for x in data)
+    chan = moments.merge_all(moments.Moments.from_array(x, names) for x in data)
     assert np.array_equal(n, chan.n)
     np.testing.assert_allclose(mean, chan.mean, rtol=1e-10, atol=1e-9)
     np.testing.assert_allclose(m2, chan.m2, rtol=1e-9)

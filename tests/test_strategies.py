@@ -159,8 +159,8 @@ def test_fedadam_applies_the_studys_settings_by_hand() -> None:
 
 def _tiny_tensors(n: int = 10, k: int = 3) -> Any:
     from omopfl.models import SiteTensors
+    from omopfl.moments import Moments, Scaler
     from omopfl.prepare import PreparedSite
-    from omopfl.stats import Moments, Scaler
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(n, k)).astype(np.float32)

@@ -12,8 +12,8 @@ Handlers
 --------
 ``query.stats``
     Loads the prepared dataset and replies with :func:`site_statistics`: the moments of every
-    feature after :func:`omopfl.stats.suppress` with the site's own ``min_cell_count``
-    (optionally with Gaussian noise, :func:`omopfl.stats.noisy_moments`).  A site with fewer
+    feature after :func:`omopfl.suppression.suppress` with the site's own ``min_cell_count``
+    (optionally with Gaussian noise, :func:`omopfl.moment_noise.noisy_moments`).  A site with fewer
     persons than ``min_cell_count`` replies "withheld", without its count.
 ``query.scaler``
     Receives the global scaler, checks it against the dataset's features and keeps it: in the
@@ -75,7 +75,7 @@ def site_statistics(
     min_cell_count:
         The site's own minimum cell count (its adapter's ``min_cell_count``).
     dp:
-        If given, the released moments are :func:`omopfl.stats.noisy_moments` with this budget and
+        If given, the released moments are :func:`omopfl.moment_noise.noisy_moments` with this budget and
         public bounds (every feature needs bounds, else :class:`SiteFailure` ``dp_bounds``).
     site:
         The site's name from its adapter (default: the name the dataset was prepared under).
@@ -92,7 +92,8 @@ def site_statistics(
         not about noisy numbers); with ``dp`` only the released numbers are noisy.
     """
     from omopfl import release
-    from omopfl.stats import Released, noisy_moments
+    from omopfl.moment_noise import noisy_moments
+    from omopfl.suppression import Released
 
     names = list(prepared.feature_names)
     released = release.moments(prepared.x, names, prepared.n, min_cell_count, groups=groups, counts=counts)

@@ -1,7 +1,7 @@
 """Wire format of the federated statistics: the only module that knows record names and keys.
 
-Everything a site sends is built here from a :class:`omopfl.stats.Released` (the output of
-:func:`omopfl.stats.suppress`) or from a fixed status code, and everything the server reads is
+Everything a site sends is built here from a :class:`omopfl.suppression.Released` (the output of
+:func:`omopfl.suppression.suppress`) or from a fixed status code, and everything the server reads is
 checked here against an allow-list.  A message holds plain numbers, lists of numbers, the
 site's name (from its own adapter), the study's feature names and fixed status/error codes:
 never a person id, a date, a path, a raw value or exception text.
@@ -24,7 +24,7 @@ stats reply (site -> server), :func:`encode_site_stats` / :func:`encode_error`
 ``query.scaler`` (server -> site), :func:`encode_scaler`
     ConfigRecord ``omopfl.scaler``: ``protocol``, ``study-hash``, ``feature-names``.
     MetricRecord ``omopfl.scaler-values``: ``mean``, ``scale`` (the global
-    :class:`omopfl.stats.Scaler`), ``n`` (global non-missing count per feature), ``persons``
+    :class:`omopfl.moments.Scaler`), ``n`` (global non-missing count per feature), ``persons``
     (persons over the contributing sites), ``indicator`` (1 for a missingness-indicator column).
 
 scaler reply (site -> server), :func:`encode_ack`
@@ -45,7 +45,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from omopfl.errors import WIRE_CODES, CodecError
-from omopfl.stats import Released, Scaler
+from omopfl.moments import Scaler
+from omopfl.suppression import Released
 
 __all__ = [
     "finite_list",
@@ -261,7 +262,7 @@ class DPRequest:
     """Differential privacy asked of every site: budget and public clipping bounds per feature name.
 
     Bounds are fixed before any data is seen (from the study's plausible ranges, say), never
-    derived from a site's data.  A site computes :func:`omopfl.stats.noisy_moments` with them.
+    derived from a site's data.  A site computes :func:`omopfl.moment_noise.noisy_moments` with them.
     """
 
     epsilon: float
@@ -370,12 +371,12 @@ def encode_site_stats(site: str, released: Released, dp: tuple[float, float] | N
     site:
         The site's name from its adapter.
     released:
-        Output of :func:`omopfl.stats.suppress`; nothing else is accepted.
+        Output of :func:`omopfl.suppression.suppress`; nothing else is accepted.
     dp:
         ``(epsilon, delta)`` if the moments are differentially private (noise already added).
     """
     if not isinstance(released, Released):
-        raise TypeError("encode_site_stats takes the Released output of omopfl.stats.suppress")
+        raise TypeError("encode_site_stats takes the Released output of omopfl.suppression.suppress")
     meta: dict[str, Any] = {
         "protocol": PROTOCOL, "site": _site_name(site), "status": "withheld" if released.withheld else "ok",
         "code": "", "feature-names": list(released.feature_names),
@@ -470,7 +471,7 @@ class GlobalScaler:
     Attributes
     ----------
     scaler:
-        Global mean and scale per feature (:meth:`omopfl.stats.Scaler.from_moments`).
+        Global mean and scale per feature (:meth:`omopfl.moments.Scaler.from_moments`).
     n:
         Global number of non-missing values per feature over the contributing sites.
     persons:

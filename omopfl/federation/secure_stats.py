@@ -41,7 +41,7 @@ participant sets still differ by one site; DP on the statistics (``statistics_ep
 
 This module is the coordinator's side and the wire format; the site's side is in
 :mod:`omopfl.federation.site_app` (it imports this module for the codec only).  Imports: Flower's
-records, numpy, :mod:`omopfl.secagg`, :mod:`omopfl.stats` (pure).
+records, numpy, :mod:`omopfl.secagg`, :mod:`omopfl.moments` (pure).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def decode_reply(content: RecordDict) -> tuple[str, dict[str, Any]] | codec.Site
 
 
 def round1_vector(released: Any, contributed: bool) -> np.ndarray:
-    """``[contributed, persons, n..., n*mean...]`` of a site's release (:class:`omopfl.stats.Released`)."""
+    """``[contributed, persons, n..., n*mean...]`` of a site's release (:class:`omopfl.suppression.Released`)."""
     m = released.to_moments()
     k = len(m.feature_names)
     if not contributed:
@@ -229,7 +229,7 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
     :func:`omopfl.federation.server_app.federated_statistics`, with ``sites.contributing`` the
     participants, ``sites.persons`` empty and ``secure_aggregation`` describing the sums."""
     from omopfl.atomic import write_json
-    from omopfl.stats import Moments, Scaler, finalize
+    from omopfl.moments import Moments, Scaler, finalize
 
     failed: list[dict[str, Any]] = []
     result: dict[str, Any] = {

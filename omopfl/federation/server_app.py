@@ -9,7 +9,7 @@ It imports the wire format (:mod:`omopfl.federation.codec`), the pure statistics
 1. waits until ``min-sites`` SuperNodes are connected (at most ``wait-seconds``);
 2. sends ``query.stats`` to every node and waits for the replies (at most ``timeout`` seconds);
 3. merges the released moments of the sites that contributed (Chan et al., :func:`omopfl.stats.merge_all`,
-   in site-name order) into the global :class:`omopfl.stats.Scaler`; logs the sites that withheld
+   in site-name order) into the global :class:`omopfl.moments.Scaler`; logs the sites that withheld
    (by the name each site reports) and the ones that failed (by their fixed error code);
 4. sends the global scaler to every site whose features match (``query.scaler``) unless
    ``send-scaler`` is false, and collects their acknowledgements;
@@ -40,7 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from omopfl.atomic import write_json
 from omopfl.federation import codec
-from omopfl.stats import Scaler, finalize, merge_all
+from omopfl.moments import Scaler, finalize, merge_all
 
 __all__ = ["app", "Settings", "federated_statistics", "RESULT_VERSION"]
 

@@ -384,7 +384,7 @@ def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: p
 
     from omopfl import secagg
     from omopfl.federation import secure_stats
-    from omopfl.stats import Released
+    from omopfl.suppression import Released
 
     if not _privacy(approved).get("secure_aggregation"):
         raise Refusal("settings_mismatch")
