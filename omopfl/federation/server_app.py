@@ -1,14 +1,14 @@
 """The coordinator's Flower ServerApp for federated statistics.
 
 It imports the wire format (:mod:`omopfl.federation.codec`), the pure statistics
-(:mod:`omopfl.stats`) and Flower, nothing that reads patient data: no ``omopfl.prepare``,
+(:mod:`omopfl.moments`) and Flower, nothing that reads patient data: no ``omopfl.prepare``,
 ``features``, ``linking``, ``db``, no database driver (``tests/test_federated_stats.py`` checks).
 
 ``main(grid, context)``:
 
 1. waits until ``min-sites`` SuperNodes are connected (at most ``wait-seconds``);
 2. sends ``query.stats`` to every node and waits for the replies (at most ``timeout`` seconds);
-3. merges the released moments of the sites that contributed (Chan et al., :func:`omopfl.stats.merge_all`,
+3. merges the released moments of the sites that contributed (Chan et al., :func:`omopfl.moments.merge_all`,
    in site-name order) into the global :class:`omopfl.moments.Scaler`; logs the sites that withheld
    (by the name each site reports) and the ones that failed (by their fixed error code);
 4. sends the global scaler to every site whose features match (``query.scaler``) unless
