@@ -26,7 +26,8 @@ from omopfl.errors import FederationError
 
 __all__ = ["superlink_task_identity",
            "CHECKED_FLOWER_VERSIONS", "FlowerVersionError", "check_version", "clientapp_runtime", "site_executor",
-           "run_site_superexec", "shorten_clientapp_pulls", "PULL_BACKOFF_SECONDS"]
+           "run_site_superexec", "shorten_clientapp_pulls", "PULL_BACKOFF_SECONDS", "is_checked",
+           "tune_supernode_polling", "shorten_grid_pulls"]
 
 PULL_BACKOFF_SECONDS = (0.02, 0.25)
 """(initial, cap) of the retry backoff while a message's objects are still arriving (Flower: 1 s doubling)."""
@@ -37,6 +38,13 @@ CHECKED_FLOWER_VERSIONS = ("1.41.0",)
 
 class FlowerVersionError(FederationError):
     """The installed Flower is not one omopfl's site runtime was checked against."""
+
+
+def is_checked() -> bool:
+    """Is the installed Flower one this module was checked against (the one gate of every patch here)?"""
+    import flwr
+
+    return str(getattr(flwr, "__version__", "")) in CHECKED_FLOWER_VERSIONS
 
 
 def check_version() -> str:
@@ -211,3 +219,63 @@ def superlink_task_identity(run_id: int) -> Iterator[None]:
         yield
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class _CappedSleepTime(types.SimpleNamespace):
+    """The ``time`` module as seen by Flower's SuperNode loop, with ``sleep`` capped."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self._cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        import time
+
+        time.sleep(min(float(seconds), self._cap))
+
+    def __getattr__(self, name: str) -> Any:
+        import time
+
+        return getattr(time, name)
+
+
+def tune_supernode_polling(poll_seconds: float) -> bool:
+    """Cap Flower's SuperNode idle sleeps (hard-coded 3 s / 0.5 s) at ``poll_seconds`` and retry a message's
+    objects sooner (:data:`PULL_BACKOFF_SECONDS`); False (stock SuperNode) on an unchecked Flower."""
+    import functools
+
+    if not is_checked():
+        return False
+    from flwr.supernode import start_client_internal
+
+    if not hasattr(start_client_internal, "time"):
+        return False
+    start_client_internal.time = _CappedSleepTime(poll_seconds)  # type: ignore[attr-defined]
+    # A message is visible before the server has pushed all its objects; Flower's pull then backs
+    # off 1 s (doubling to 10 s).  Retry sooner (the same race is handled on the server's side).
+    start_client_internal.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        start_client_internal.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS[0],
+        backoff_cap=PULL_BACKOFF_SECONDS[1])
+    return True
+
+
+def shorten_grid_pulls(grid: Any) -> bool:
+    """Retry a reply's objects sooner on Flower's HTTP grid (the coordinator's side of the same race).
+
+    A reply becomes visible to ``pull_messages`` as soon as the SuperNode has sent its metadata, while its
+    objects (the weights) are still being pushed; Flower's pull then backs off 1 s, doubling to 10 s.
+    Over a fast link the objects arrive within milliseconds: retry after 20 ms, at most 250 ms apart.
+    """
+    import functools
+
+    if not is_checked():
+        return False
+    try:
+        from flwr.superlink.grid import http_grid
+    except ImportError:
+        return False
+    if not isinstance(grid, http_grid.HttpGrid) or isinstance(http_grid.pull_objects, functools.partial):
+        return False
+    http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS[0],
+                                               backoff_cap=PULL_BACKOFF_SECONDS[1])
+    return True
