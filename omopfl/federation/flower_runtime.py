@@ -24,7 +24,7 @@ from typing import Any
 
 from omopfl.errors import FederationError
 
-__all__ = ["superlink_task_identity",
+__all__ = ["superlink_task_identity", "delivered_message",
            "CHECKED_FLOWER_VERSIONS", "FlowerVersionError", "check_version", "clientapp_runtime", "site_executor",
            "run_site_superexec", "shorten_clientapp_pulls", "PULL_BACKOFF_SECONDS", "is_checked",
            "tune_supernode_polling", "shorten_grid_pulls"]
@@ -207,14 +207,15 @@ def run_site_superexec(address: str, *, insecure: bool, root_certificates: str |
 
 
 @contextlib.contextmanager
-def superlink_task_identity(run_id: int) -> Iterator[None]:
+def superlink_task_identity(run_id: int, node_id: int | None = None) -> Iterator[None]:
     """Messages take their sender from the process's task identity (set by ``flwr-serverapp`` in a deployment):
-    set it for an in-process run of a ServerApp, then restore it."""
+    set it (node ``node_id``, default the SuperLink's) for an in-process run of a ServerApp, then restore it."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, int(run_id), SUPERLINK_NODE_ID
+    TaskIdentity._task_id, TaskIdentity._run_id = 1, int(run_id)
+    TaskIdentity._node_id = SUPERLINK_NODE_ID if node_id is None else int(node_id)
     try:
         yield
     finally:
@@ -279,3 +280,14 @@ def shorten_grid_pulls(grid: Any) -> bool:
     http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS[0],
                                                backoff_cap=PULL_BACKOFF_SECONDS[1])
     return True
+
+
+def delivered_message(content: Any, *, dst_node_id: int, message_type: str, message_id: str, run_id: int) -> Any:
+    """A Message as a SuperNode hands it to its ClientApp (its id and run set as the SuperLink sets them).
+
+    Needs a task identity (:func:`superlink_task_identity`).  For tests and in-process delivery only."""
+    from flwr.app import Message
+
+    message = Message(content, dst_node_id=dst_node_id, message_type=message_type)
+    message.metadata.__dict__.update({"_message_id": str(message_id), "_run_id": int(run_id)})
+    return message
