@@ -179,6 +179,17 @@ def prepare_and_approve(adapters, spec, prepared) -> None:
         policy.approve(site, spec)
 
 
+def serve_at_site(content, context, message_type: str, *, run_id: int, message_id: str, node_id: int = 1):
+    """What a coordinator receives when ``content`` reaches a site's trust boundary (``site_app.serve``) as a
+    SuperNode delivers it: the one way the tests hand a crafted message to a site."""
+    from omopfl.federation import flower_runtime, site_app
+
+    with flower_runtime.superlink_task_identity(run_id, node_id):
+        message = flower_runtime.delivered_message(content, dst_node_id=int(context.node_id),
+                                                   message_type=message_type, message_id=message_id, run_id=run_id)
+        return site_app.serve(message, context)
+
+
 @pytest.fixture()
 def duckdb_backend(tmp_path: Path) -> Iterator[Backend]:
     url = f"duckdb:///{tmp_path / 'test.duckdb'}"

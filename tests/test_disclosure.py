@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import serve_at_site
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from omopfl import audit, release
 from omopfl.config import load_site
@@ -143,15 +143,8 @@ def _ask(federation: dict[str, Any], message_type: str, weight: np.ndarray, bias
     context = Context(run_id=run_id, node_id=1, node_config={"site-config": str(federation["adapters"][0]),
                                                               "prepared-dir": str(federation["prepared_dir"])},
                       state=RecordDict(), run_config={})
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, run_id, 1
-    try:
-        message = Message(content, dst_node_id=1, message_type=message_type)
-        message.metadata.__dict__["_message_id"] = f"m{run_id}"
-        message.metadata.__dict__["_run_id"] = run_id
-        return site_app.serve(message, context).content
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return serve_at_site(content, context, message_type, run_id=run_id, message_id=f"m{run_id}",
+                          node_id=1).content
 
 
 def _array(values: np.ndarray) -> Any:

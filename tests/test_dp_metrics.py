@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import prepare_and_approve
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import prepare_and_approve, serve_at_site
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from omopfl import audit, budget, dp_metrics, policy
 from omopfl.config import load_site
@@ -89,15 +88,8 @@ def _evaluate(private: dict[str, Any], arrays: ArrayRecord, run_id: int) -> Reco
     content = RecordDict({codec.TRAIN_CONFIG: ConfigRecord({codec.STUDY_HASH_KEY: private["dp_hash"],
                                                             "server-round": 1}),
                           codec.TRAIN_ARRAYS: arrays})
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, run_id, 1
-    try:
-        message = Message(content, dst_node_id=1, message_type="evaluate")
-        message.metadata.__dict__["_message_id"] = f"e{run_id}"
-        message.metadata.__dict__["_run_id"] = run_id
-        return site_app.serve(message, context).content
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return serve_at_site(content, context, "evaluate", run_id=run_id, message_id=f"e{run_id}",
+                          node_id=1).content
 
 
 def test_a_site_releases_noisy_metrics_charges_its_budget_and_then_refuses(private) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import prepare_and_approve, run_omopfl
+from conftest import prepare_and_approve, run_omopfl, serve_at_site
 
 from omopfl.federation.train import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS, run_training
 from omopfl.prepare import load_prepared
@@ -169,10 +169,9 @@ def test_site_failure_leaves_only_a_fixed_code(federation, tmp_path: Path) -> No
     """Without a global scaler the site refuses to train; the error text is a fixed code only."""
     import shutil
 
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-    from omopfl.federation import codec, site_app
+    from omopfl.federation import codec
     from omopfl.models import build_model
     from omopfl.study import load_study
 
@@ -185,14 +184,8 @@ def test_site_failure_leaves_only_a_fixed_code(federation, tmp_path: Path) -> No
     context = Context(run_id=7, node_id=42, node_config={"site-config": str(federation["adapters"][0]),
                                                           "prepared-dir": str(tmp_path)},
                       state=RecordDict(), run_config={})
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 7, 1
-    try:
-        message = Message(content, dst_node_id=42, message_type="train")
-        message.metadata.__dict__["_message_id"] = "m1"
-        reply = site_app.serve(message, context)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    reply = serve_at_site(content, context, "train", run_id=7, message_id="m1",
+                          node_id=1)
     assert codec.reply_refusal(reply.content) == ("site_a", "not_prepared")
     assert codec.to_plain(reply.content) == {"omopfl.site": {"protocol": 1, "site": "site_a", "status": "error",
                                                              "code": "not_prepared"}}

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import prepare_and_approve
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import prepare_and_approve, serve_at_site
+from flwr.app import Context, RecordDict
 
 from omopfl import policy, secagg
 from omopfl.config import load_site
@@ -45,15 +44,8 @@ def _serve(secure: dict[str, Any], index: int, content: RecordDict, run_id: int,
                       node_config={"site-config": str(secure["adapters"][index]),
                                    "prepared-dir": str(prepared or secure["secure_prepared"])},
                       state=RecordDict(), run_config={})
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, run_id, index + 1
-    try:
-        message = Message(content, dst_node_id=index + 1, message_type=message_type)
-        message.metadata.__dict__["_message_id"] = f"m{run_id}-{index}"
-        message.metadata.__dict__["_run_id"] = run_id
-        return site_app.serve(message, context).content
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return serve_at_site(content, context, message_type, run_id=run_id, message_id=f"m{run_id}-{index}",
+                          node_id=index + 1).content
 
 
 def _code(reply: RecordDict) -> str:

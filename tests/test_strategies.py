@@ -61,14 +61,10 @@ def _study(tmp_path: Path, lines: str) -> Path:
 @contextlib.contextmanager
 def _task() -> Iterator[None]:
     """Flower's task identity, which a Message needs when it is made outside a running app."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from omopfl.federation.flower_runtime import superlink_task_identity
 
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 7, 1
-    try:
+    with superlink_task_identity(7, 1):
         yield
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def _reply(arrays: dict[str, np.ndarray], metrics: dict[str, Any], node: int) -> Message:

@@ -186,19 +186,14 @@ def test_no_message_moves_the_fixed_test_set(prepared_sites_factory) -> None:
     grid = InProcessGrid(site_app.app, [node], {})
     names = json_names(fed["prepared_dir"] / "site_a")
     arrays = ArrayRecord(build_model(spec.model, len(names)).state_dict())
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    from omopfl.federation.flower_runtime import superlink_task_identity
 
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
-    try:
+    with superlink_task_identity(grid.run.run_id):
         for override in ({"split-method": "random"}, {"test-fraction": 0.9}, {"split-method": "hash"}):
             config = ConfigRecord({codec.STUDY_HASH_KEY: spec.hash, "server-round": 1, **override})
             content = RecordDict({codec.TRAIN_CONFIG: config, codec.TRAIN_ARRAYS: arrays})
             reply = grid.send_and_receive([grid.create_message(content, "train", 1000, "g")])[0]
             assert codec.reply_refusal(reply.content) == ("site_a", "settings_mismatch"), override
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def json_names(folder: Path) -> list[str]:

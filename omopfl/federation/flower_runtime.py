@@ -24,9 +24,10 @@ from typing import Any
 
 from omopfl.errors import FederationError
 
-__all__ = ["superlink_task_identity",
+__all__ = ["superlink_task_identity", "delivered_message",
            "CHECKED_FLOWER_VERSIONS", "FlowerVersionError", "check_version", "clientapp_runtime", "site_executor",
-           "run_site_superexec", "shorten_clientapp_pulls", "PULL_BACKOFF_SECONDS"]
+           "run_site_superexec", "shorten_clientapp_pulls", "PULL_BACKOFF_SECONDS", "is_checked",
+           "tune_supernode_polling", "shorten_grid_pulls"]
 
 PULL_BACKOFF_SECONDS = (0.02, 0.25)
 """(initial, cap) of the retry backoff while a message's objects are still arriving (Flower: 1 s doubling)."""
@@ -37,6 +38,13 @@ CHECKED_FLOWER_VERSIONS = ("1.41.0",)
 
 class FlowerVersionError(FederationError):
     """The installed Flower is not one omopfl's site runtime was checked against."""
+
+
+def is_checked() -> bool:
+    """Is the installed Flower one this module was checked against (the one gate of every patch here)?"""
+    import flwr
+
+    return str(getattr(flwr, "__version__", "")) in CHECKED_FLOWER_VERSIONS
 
 
 def check_version() -> str:
@@ -199,15 +207,87 @@ def run_site_superexec(address: str, *, insecure: bool, root_certificates: str |
 
 
 @contextlib.contextmanager
-def superlink_task_identity(run_id: int) -> Iterator[None]:
+def superlink_task_identity(run_id: int, node_id: int | None = None) -> Iterator[None]:
     """Messages take their sender from the process's task identity (set by ``flwr-serverapp`` in a deployment):
-    set it for an in-process run of a ServerApp, then restore it."""
+    set it (node ``node_id``, default the SuperLink's) for an in-process run of a ServerApp, then restore it."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, int(run_id), SUPERLINK_NODE_ID
+    TaskIdentity._task_id, TaskIdentity._run_id = 1, int(run_id)
+    TaskIdentity._node_id = SUPERLINK_NODE_ID if node_id is None else int(node_id)
     try:
         yield
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class _CappedSleepTime(types.SimpleNamespace):
+    """The ``time`` module as seen by Flower's SuperNode loop, with ``sleep`` capped."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self._cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        import time
+
+        time.sleep(min(float(seconds), self._cap))
+
+    def __getattr__(self, name: str) -> Any:
+        import time
+
+        return getattr(time, name)
+
+
+def tune_supernode_polling(poll_seconds: float) -> bool:
+    """Cap Flower's SuperNode idle sleeps (hard-coded 3 s / 0.5 s) at ``poll_seconds`` and retry a message's
+    objects sooner (:data:`PULL_BACKOFF_SECONDS`); False (stock SuperNode) on an unchecked Flower."""
+    import functools
+
+    if not is_checked():
+        return False
+    from flwr.supernode import start_client_internal
+
+    if not hasattr(start_client_internal, "time"):
+        return False
+    start_client_internal.time = _CappedSleepTime(poll_seconds)  # type: ignore[attr-defined]
+    # A message is visible before the server has pushed all its objects; Flower's pull then backs
+    # off 1 s (doubling to 10 s).  Retry sooner (the same race is handled on the server's side).
+    start_client_internal.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        start_client_internal.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS[0],
+        backoff_cap=PULL_BACKOFF_SECONDS[1])
+    return True
+
+
+def shorten_grid_pulls(grid: Any) -> bool:
+    """Retry a reply's objects sooner on Flower's HTTP grid (the coordinator's side of the same race).
+
+    A reply becomes visible to ``pull_messages`` as soon as the SuperNode has sent its metadata, while its
+    objects (the weights) are still being pushed; Flower's pull then backs off 1 s, doubling to 10 s.
+    Over a fast link the objects arrive within milliseconds: retry after 20 ms, at most 250 ms apart.
+    """
+    import functools
+
+    if not is_checked():
+        return False
+    try:
+        from flwr.superlink.grid import http_grid
+    except ImportError:
+        return False
+    if not isinstance(grid, http_grid.HttpGrid) or isinstance(http_grid.pull_objects, functools.partial):
+        return False
+    http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS[0],
+                                               backoff_cap=PULL_BACKOFF_SECONDS[1])
+    return True
+
+
+def delivered_message(content: Any, *, dst_node_id: int, message_type: str, message_id: str, run_id: int) -> Any:
+    """A Message as a SuperNode hands it to its ClientApp (its id and run set as the SuperLink sets them).
+
+    Needs a task identity (:func:`superlink_task_identity`).  For tests and in-process delivery only."""
+    from flwr.app import Message
+
+    message = Message(content, dst_node_id=dst_node_id, message_type=message_type)
+    message.metadata.__dict__.update({"_message_id": str(message_id), "_run_id": int(run_id)})
+    return message

@@ -120,34 +120,6 @@ def _content_bytes(message: Message) -> int:
     return int(recorddict_to_proto(message.content).ByteSize())
 
 
-TUNED_FLOWER_VERSIONS = ("1.41.0",)
-PULL_BACKOFF_SECONDS = (0.02, 0.25)
-
-
-def shorten_pull_backoff(grid: Grid) -> bool:
-    """Retry a reply's objects sooner on Flower's HTTP grid (checked against :data:`TUNED_FLOWER_VERSIONS`).
-
-    A reply becomes visible to ``pull_messages`` as soon as the SuperNode has sent its metadata, while its
-    objects (the weights) are still being pushed; Flower's pull then backs off 1 s, doubling to 10 s.
-    Over a fast link the objects arrive within milliseconds, so retry after 20 ms, at most 250 ms apart.
-    """
-    import functools
-
-    import flwr
-
-    if getattr(flwr, "__version__", "") not in TUNED_FLOWER_VERSIONS:
-        return False
-    try:
-        from flwr.superlink.grid import http_grid
-    except ImportError:
-        return False
-    if not isinstance(grid, http_grid.HttpGrid) or isinstance(http_grid.pull_objects, functools.partial):
-        return False
-    http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS[0],
-                                               backoff_cap=PULL_BACKOFF_SECONDS[1])
-    return True
-
-
 class FastGrid:
     """A Grid whose ``send_and_receive`` pulls replies in a tight loop (public push/pull calls).
 
@@ -663,7 +635,9 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     audit: list[dict[str, Any]] | None = [] if config["audit"] else None
     fast = FastGrid(grid, poll=float(config["poll-interval"]), audit=audit)
     if bool(config["tune-pulls"]):
-        shorten_pull_backoff(grid)
+        from omopfl.federation.flower_runtime import shorten_grid_pulls
+
+        shorten_grid_pulls(grid)
     settings = Settings.from_run_config({**dict(run_config), "send-scaler": True})
     fast.observer = run_view.LiveState(run_dir, study=str(config["study-name"]), rounds=int(config["rounds"]),
                                        expected_sites=max(settings.expected_sites, settings.min_sites),

@@ -10,8 +10,9 @@ The SuperNode is Flower's own (``flower-supernode``'s entry point, run in this p
   machine;
 * shorter polling (``poll_seconds``): Flower 1.41's SuperNode sleeps a hard-coded 3 s whenever the
   SuperLink has no message for it and 0.5 s while it waits for its ClientApp's reply.  On the Flower
-  version this was checked against (:data:`TUNED_FLOWER_VERSIONS`) those sleeps are capped at
-  ``poll_seconds``; on any other version the stock SuperNode runs unchanged and a warning says so.
+  version this was checked against (:data:`omopfl.federation.flower_runtime.CHECKED_FLOWER_VERSIONS`)
+  those sleeps are capped at ``poll_seconds``; on any other version the site does not serve at all
+  (its code gate needs the checked runtime).
   The SuperExec's task poll is Flower's own setting ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; the retry
   backoff of pulling a message's objects (1 s, doubling, when a message is seen before all its objects
   arrived) starts at 20 ms.
@@ -26,59 +27,19 @@ the site refuses to start (:mod:`omopfl.federation.flower_runtime`).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import subprocess
 import sys
-import time
-import types
 from pathlib import Path
-from typing import Any
 
 from omopfl.federation.deploy import TASK_POLL_SECONDS, flower_env, free_port, node_config_text
 
-__all__ = ["serve_site", "TUNED_FLOWER_VERSIONS", "DEFAULT_POLL_SECONDS"]
+__all__ = ["serve_site", "DEFAULT_POLL_SECONDS"]
 
 _log = logging.getLogger("omopfl.federation")
 
-TUNED_FLOWER_VERSIONS = ("1.41.0",)
 DEFAULT_POLL_SECONDS = 0.1
-PULL_BACKOFF_SECONDS = (0.02, 0.25)
-
-
-class _CappedSleepTime(types.SimpleNamespace):
-    """The ``time`` module as seen by Flower's SuperNode loop, with ``sleep`` capped."""
-
-    def __init__(self, cap: float) -> None:
-        super().__init__()
-        self._cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(float(seconds), self._cap))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def _tune_polling(poll_seconds: float) -> bool:
-    import flwr
-    from flwr.supernode import start_client_internal
-
-    version = getattr(flwr, "__version__", "")
-    if version not in TUNED_FLOWER_VERSIONS:
-        _log.warning("Flower %s: SuperNode polling not tuned (checked against %s only)", version,
-                     ", ".join(TUNED_FLOWER_VERSIONS))
-        return False
-    if not hasattr(start_client_internal, "time"):
-        return False
-    start_client_internal.time = _CappedSleepTime(poll_seconds)  # type: ignore[attr-defined]
-    # A message is visible before the server has pushed all its objects; Flower's pull then backs
-    # off 1 s (doubling to 10 s).  Retry sooner (the same race is handled on the server's side).
-    start_client_internal.pull_objects = functools.partial(  # type: ignore[attr-defined]
-        start_client_internal.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS[0],
-        backoff_cap=PULL_BACKOFF_SECONDS[1])
-    return True
 
 
 def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certificates: Path | None = None,
@@ -108,6 +69,7 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
     max_wait_time:
         Give up after this many seconds without reaching the SuperLink (default: keep trying).
     """
+    import flwr
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     from omopfl.federation import flower_runtime
@@ -119,7 +81,10 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
         os.environ.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)  # Flower's default
     else:
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_SECONDS))
-    warm = poll_seconds is not None and _tune_polling(poll_seconds)
+    warm = poll_seconds is not None and flower_runtime.tune_supernode_polling(poll_seconds)
+    if poll_seconds is not None and not warm:
+        _log.warning("Flower %s: SuperNode polling not tuned (checked against %s only)", flwr.__version__,
+                     ", ".join(flower_runtime.CHECKED_FLOWER_VERSIONS))
     site_worker = SiteWorker({"site-config": str(Path(adapter).resolve()),
                               "prepared-dir": str(Path(prepared_dir).resolve())}).start() if worker else None
     executor = None
