@@ -99,7 +99,9 @@ def test_a_site_releases_noisy_metrics_charges_its_budget_and_then_refuses(priva
     run_training(private["dp_study"], private["adapters"], private["dp_prepared"], mode="inprocess",
                  out_dir=run_dir, rounds=2)
     rows = json.loads((run_dir / "metrics.json").read_text())["rounds"]
-    assert rows[-1]["eval_accuracy"] is not None and rows[-1]["eval_auc"] is None  # AUC is not released under DP
+    # the noisy cells may fall below k in one round (then that round's evaluation is withheld): some round
+    # releases noisy accuracy, and no round ever releases AUC (not released under DP)
+    assert any(r["eval_accuracy"] is not None for r in rows) and all(r["eval_auc"] is None for r in rows)
     with np.load(io.BytesIO((run_dir / "model.npz").read_bytes())) as saved:
         arrays = ArrayRecord({k: Array(saved[k]) for k in saved.files})
     site = load_site(private["adapters"][0])
