@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from omopfl import audit, release
 from omopfl.config import load_site
-from omopfl.federation import codec, site_app
+from omopfl.federation import codec
+from omopfl.federation.site import app as site_app
 from omopfl.moments import Moments
 from omopfl.suppression import binary_columns, suppress
 
@@ -105,7 +106,7 @@ def test_evaluation_needs_every_confusion_cell() -> None:
 
 @pytest.fixture(scope="module")
 def probed(prepared_sites_factory) -> dict[str, Any]:
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     federation = prepared_sites_factory("disclosure")
     # site_a's test split holds 9 outcomes: with k = 10 no evaluation can ever leave it; with k = 3 some can
@@ -119,7 +120,7 @@ def probed(prepared_sites_factory) -> dict[str, Any]:
 
 def _site_truth(federation: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray]:
     """The site's tensors and its test rows, as the approved study splits them."""
-    from omopfl.federation.client_app import load_site_dataset
+    from omopfl.federation.site.statistics import load_site_dataset
     from omopfl.models import SiteTensors, split
     from omopfl.study import load_study
 

@@ -27,9 +27,9 @@ from omopfl import policy
 from omopfl.config import load_site
 from omopfl.errors import SiteFailure
 from omopfl.federation import codec
-from omopfl.federation.client_app import SCALER_FILE, site_statistics
-from omopfl.federation.runner import run_stats
-from omopfl.federation.site_app import app as client_app
+from omopfl.federation.local import run_stats
+from omopfl.federation.site.app import app as client_app
+from omopfl.federation.site.statistics import SCALER_FILE, site_statistics
 from omopfl.moments import Moments, Scaler
 from omopfl.prepare import load_prepared
 from omopfl.study import load_study
@@ -358,27 +358,26 @@ def test_client_app_keeps_the_scaler_and_refuses_a_mismatched_one(federation, mo
 
 FORBIDDEN = ("omopfl.prepare", "omopfl.features", "omopfl.linking", "omopfl.db", "omopfl.cohort", "omopfl.synth",
              "omopfl.validation", "omopfl.sites", "omopfl.eunomia", "omopfl.config",
-             "omopfl.federation.client_app", "omopfl.federation.runner", "sqlalchemy", "duckdb", "psycopg",
+             "omopfl.federation.site.statistics", "omopfl.federation.local", "sqlalchemy", "duckdb", "psycopg",
              "psycopg2", "pydicom", "great_expectations", "torch")
 
 
-@pytest.mark.parametrize(("module", "allowed"), [
-    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.moments", "omopfl.suppression",
-                    "omopfl.atomic"}),
-    # the training ServerApp builds the initial model (omopfl.models, torch) only when it runs
-    # (and, with secure aggregation, the masking's constants; FedNova's and SCAFFOLD's strategies)
-    ("server_train", {"omopfl.federation", "omopfl.federation.codec", "omopfl.moments", "omopfl.suppression",
-                      "omopfl.federation.server_app",
-                      "omopfl.models", "omopfl.study", "omopfl.secagg", "omopfl.federation.strategies",
-                      "omopfl.atomic", "omopfl.errors", "omopfl.federation.flower_runtime"}),
-])
-def test_server_apps_import_no_patient_data_code(module: str, allowed: set[str]) -> None:
-    tree = ast.parse((ROOT / "omopfl" / "federation" / f"{module}.py").read_text())
+COORDINATOR = sorted(p.stem for p in (ROOT / "omopfl" / "federation" / "coordinator").glob("*.py")
+                     if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", COORDINATOR)
+def test_coordinator_modules_import_no_patient_data_code(module: str) -> None:
+    """No coordinator module imports (at any level, function-local imports included) code that reads patient
+    data or the site side, and importing it loads none of that.  (The training ServerApp builds the initial
+    model through omopfl.models, which loads torch, only when it runs.)"""
+    assert len(COORDINATOR) >= 9
+    tree = ast.parse((ROOT / "omopfl" / "federation" / "coordinator" / f"{module}.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    omopfl = {name for name in imported if name.split(".")[0] == "omopfl"}
-    assert omopfl <= allowed, omopfl
-    code = (f"import json, sys; import omopfl.federation.{module}; "
+    bad = [m for m in imported if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
+    assert not bad, bad
+    code = (f"import json, sys; import omopfl.federation.coordinator.{module}; "
             "print(json.dumps(sorted(sys.modules)))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                        text=True).stdout)

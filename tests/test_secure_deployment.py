@@ -20,8 +20,8 @@ from conftest import prepare_and_approve
 
 from omopfl import audit
 from omopfl.config import load_site
-from omopfl.federation import site_app
-from omopfl.federation.deploy import free_port
+from omopfl.federation.processes import free_port
+from omopfl.federation.site import app as site_app
 from omopfl.study import load_study
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def _model(run_dir: Path) -> dict[str, np.ndarray]:
 def test_secure_aggregation_in_a_loopback_deployment(secure, tmp_path: Path) -> None:
     from test_deployment import _server_args, _site_args, _Started, _wait
 
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     port = free_port()
     run_dir = tmp_path / "run"

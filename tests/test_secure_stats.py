@@ -19,7 +19,9 @@ from flwr.app import Context, RecordDict
 
 from omopfl import policy, secagg
 from omopfl.config import load_site
-from omopfl.federation import codec, secure_stats, site_app
+from omopfl.federation import codec
+from omopfl.federation.coordinator import secure_statistics as secure_stats
+from omopfl.federation.site import app as site_app
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")
@@ -54,7 +56,7 @@ def _code(reply: RecordDict) -> str:
 
 
 def test_secure_statistics_equal_the_plain_federated_result(secure) -> None:
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     plain = run_stats(secure["study"], secure["adapters"], secure["prepared_dir"], mode="inprocess",
                       out=secure["tmp"] / "plain.json")
@@ -77,7 +79,7 @@ def test_secure_statistics_equal_the_plain_federated_result(secure) -> None:
 
 
 def test_a_hostile_coordinator_sees_only_random_looking_vectors_whose_sum_is_the_pooled_result(secure) -> None:
-    from omopfl.federation.client_app import site_statistics
+    from omopfl.federation.site.statistics import site_statistics
     from omopfl.prepare import load_prepared
 
     run_id = 4242
@@ -166,7 +168,7 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_study_without_it(secu
 
 
 def test_training_runs_after_a_secure_statistics_phase(secure) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     run_dir = secure["tmp"] / "run_secure"
     manifest = run_training(secure["secure_study"], secure["adapters"], secure["secure_prepared"],
@@ -202,7 +204,7 @@ def test_pinned_participants_work_and_a_sybil_coordinator_is_refused(secure, pin
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     result = run_stats(pinned["study"], secure["adapters"], pinned["prepared"], mode="inprocess",
                        out=secure["tmp"] / "pinned.json")

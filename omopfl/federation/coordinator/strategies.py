@@ -1,8 +1,8 @@
 """FedNova and SCAFFOLD as Flower strategies (subclasses of :class:`flwr.serverapp.strategy.FedAvg`).
 
 Both use only Flower's public Message API (``configure_train`` / ``aggregate_train``) so that
-:func:`omopfl.federation.server_train.run_rounds` drives and checkpoints them like Flower's own
-strategies.  The site's side is in :mod:`omopfl.federation.site_train` (``_train_fednova``,
+:func:`omopfl.federation.coordinator.training.run_rounds` drives and checkpoints them like Flower's own
+strategies.  The site's side is in :mod:`omopfl.federation.site.training` (``_train_fednova``,
 ``_train_scaffold``); what a site computes comes from the study it approved.
 
 FedNova (Wang et al., 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous Federated

@@ -7,8 +7,8 @@ own prepared dataset, at the site, and replies with the PLP-style measures of
 fixed code.  Sites that never trained take part like any other: what they need is the approval of
 the study and its prepared dataset (the same dataset hash).
 
-What a site checks (its trust boundary, :mod:`omopfl.federation.site_app`, then
-:func:`omopfl.federation.site_validate.validate_reply`): the study hash is approved and the
+What a site checks (its trust boundary, :mod:`omopfl.federation.site.app`, then
+:func:`omopfl.federation.site.validation.validate_reply`): the study hash is approved and the
 prepared dataset is that study's; the model kind, layer widths and dropout are the approved
 study's (``settings_mismatch``); the scaler is for the approved study and the site's features
 (``study_mismatch``/``feature_mismatch``); every weight has the shape the approved model has and
@@ -33,10 +33,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from omopfl.federation import codec
+from omopfl.federation.run_config import VALIDATE_CONFIG
 
 __all__ = ["VALIDATE_QUERY", "ROWS", "encode_request", "decode_request", "encode_result", "decode_result",
-           "ValidateRequest", "validate_app", "federated_validation", "VALIDATE_CONFIG", "MAX_RESULT_BYTES",
-           "app_pyproject"]
+           "ValidateRequest", "validate_app", "federated_validation", "VALIDATE_CONFIG", "MAX_RESULT_BYTES"]
 
 _log = logging.getLogger("flwr.omopfl")
 
@@ -46,12 +46,6 @@ _REQUEST = "omopfl.validate"
 _RESULT = "omopfl.validation"
 _ARRAYS = "arrays"
 MAX_RESULT_BYTES = 1 << 20
-VALIDATE_CONFIG: dict[str, Any] = {
-    "result-path": "", "run-dir": "", "study-hash": "", "rows": "all", "min-sites": 1, "expected-sites": 0,
-    "wait-seconds": 120.0, "timeout": 600.0,
-}
-"""The validation ServerApp's run config keys and defaults."""
-
 validate_app = ServerApp()
 
 
@@ -195,12 +189,3 @@ def federated_validation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str,
 @validate_app.main()
 def _main(grid: Grid, context: Context) -> None:
     federated_validation(grid, dict(context.run_config))
-
-
-def app_pyproject() -> str:
-    from omopfl.federation import deploy
-
-    return deploy.app_pyproject(name="omopfl-validate",
-                                description="omopfl federated external validation (a run's model at each site)",
-                                serverapp="omopfl.federation.federated_validation:validate_app",
-                                clientapp="omopfl.federation.site_app:app", config=VALIDATE_CONFIG)

@@ -1,9 +1,9 @@
 """Secure aggregation of training weights: the coordinator sees only the sums of the sites' updates.
 
 Used when the approved study says ``[privacy] secure_aggregation = true`` (the statistics phase is then
-masked too, :mod:`omopfl.federation.secure_stats`).  Same construction (:mod:`omopfl.secagg`: X25519 pair
-keys, ChaCha20 masks mod 2^64, optional pinned Ed25519 participants), the same site trust boundary
-(:func:`omopfl.federation.site_app._secagg_train`).
+masked too, :mod:`omopfl.federation.coordinator.secure_statistics`).  Same construction
+(:mod:`omopfl.secagg`: X25519 pair keys, ChaCha20 masks mod 2^64, optional pinned Ed25519 participants),
+the same site trust boundary (:func:`omopfl.federation.site.app._secagg_train`).
 
 Protocol
     1. Key round, once at the start of training (also on resume): ``query.secagg`` phase ``train-keys``.
@@ -29,7 +29,7 @@ for three sites of 100 rows).  A site whose ``|n * w|`` would leave the range (:
 1.8e11 for three sites) refuses the round with ``secagg_refused``; nothing is clipped.
 
 Dropout: no tolerance.  If a participant's masked vector does not arrive in a round, the round's sum is
-lost: :func:`unmask_round` raises :class:`omopfl.federation.server_train.RoundsFailed` naming the sites that
+lost: :func:`unmask_round` raises :class:`omopfl.federation.coordinator.training.RoundsFailed` naming the sites that
 did not send and the run stops (the last checkpoint kept; resume starts a new run with a new key round).
 
 What the coordinator learns per round: the summed update, the summed train rows, the number of sites that
@@ -48,7 +48,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from omopfl import secagg
-from omopfl.federation import codec, secure_stats
+from omopfl.federation import codec
+from omopfl.federation.coordinator import secure_statistics as secure_stats
 
 __all__ = ["TRAIN_KEYS_PHASE", "TRAIN_RECORD", "FRAC_BITS", "LABEL", "Participants", "round_id", "train_vector",
            "encode_keys_request", "encode_train_request",
@@ -185,7 +186,7 @@ def attach(messages: Sequence[Message], participants: Participants) -> None:
 def unmask_round(replies: Sequence[Message], participants: Participants, server_round: int,
                  current: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
     """The FedAvg mean of the masked train replies and ``{trained, n, loss}``; raises
-    :class:`omopfl.federation.server_train.RoundsFailed` when a participant's vector is missing or the masks do
+    :class:`omopfl.federation.coordinator.training.RoundsFailed` when a participant's vector is missing or the masks do
     not cancel (no dropout tolerance)."""
     from flwr.app import Array
 

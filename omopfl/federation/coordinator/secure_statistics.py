@@ -40,7 +40,7 @@ others' signatures against the pinned keys, :meth:`omopfl.secagg.SecAggSession.s
 participant sets still differ by one site; DP on the statistics (``statistics_epsilon``) bounds what that reveals.
 
 This module is the coordinator's side and the wire format; the site's side is in
-:mod:`omopfl.federation.site_app` (it imports this module for the codec only).  Imports: Flower's
+:mod:`omopfl.federation.site.app` (it imports this module for the codec only).  Imports: Flower's
 records, numpy, :mod:`omopfl.secagg`, :mod:`omopfl.moments` (pure).
 """
 
@@ -105,7 +105,8 @@ def decode_request(content: RecordDict) -> SecAggRequest:
     study_hash, phase = record.get("study-hash"), record.get("phase")
     if not isinstance(study_hash, str) or not isinstance(phase, str):
         raise codec.CodecError(f"record {_RECORD!r} needs study-hash and phase")
-    if phase in ("keys", "train-keys"):  # train-keys: the training key round (omopfl.federation.secure_train)
+    # train-keys: the training key round (omopfl.federation.coordinator.secure_rounds)
+    if phase in ("keys", "train-keys"):
         if set(record.keys()) != {"protocol", "study-hash", "phase"}:
             raise codec.CodecError(f"record {_RECORD!r}: unknown keys in a keys request")
         return SecAggRequest(study_hash, phase)
@@ -226,7 +227,7 @@ def _masked(replies: Mapping[int, Message], participants: Mapping[int, str], fai
 def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[dict[str, Any]] | None,
                       started: float, waited: float) -> dict[str, Any]:
     """The statistics phase by secure aggregation (module docstring); the same result shape as the plain
-    :func:`omopfl.federation.server_app.federated_statistics`, with ``sites.contributing`` the
+    :func:`omopfl.federation.coordinator.statistics.federated_statistics`, with ``sites.contributing`` the
     participants, ``sites.persons`` empty and ``secure_aggregation`` describing the sums."""
     from omopfl.atomic import write_json
     from omopfl.moments import Moments, Scaler, finalize

@@ -1,7 +1,7 @@
 """The Flower internals a site's ClientApp process and SuperExec use, behind one version gate.
 
 Flower has no public API for "run this installed ClientApp for a task, but do not install or import
-the run's app bundle", which is what a site needs (:mod:`omopfl.federation.site_runtime`).  This module
+the run's app bundle", which is what a site needs (:mod:`omopfl.federation.site.runtime`).  This module
 wraps the pieces of Flower's own ``flwr-clientapp`` runtime (``flwr.supernode.runtime.run_clientapp``:
 the Runtime API client, pulling the task input and the message, pushing the reply and the task status,
 heartbeats, signal handlers) and Flower's SuperExec loop with an executor of omopfl's

@@ -4,9 +4,9 @@ Flower 1.41's SuperNode runs every message in a new ``flwr-clientapp`` process, 
 starting Python, importing torch and loading the prepared dataset on every message (seconds each
 time).  ``omopfl train --site`` therefore starts this worker next to the SuperNode: a thread of the
 same long-lived process, listening on a Unix socket in a fresh folder only the site's user can
-enter (mode 0700).  The ClientApp handlers (:func:`omopfl.federation.site_app.handle`) forward
+enter (mode 0700).  The ClientApp handlers (:func:`omopfl.federation.site.app.handle`) forward
 the message content and the context state to it; the worker runs the very same handler functions
-with torch imported and the dataset cached (:func:`omopfl.federation.site_train._tensors_and_split`).
+with torch imported and the dataset cached (:func:`omopfl.federation.site.training._tensors_and_split`).
 
 It is local inter-process communication at the site, not a network service: the socket is a file
 path, nothing listens on a port, and the node config the worker uses is its own (the request cannot
@@ -67,7 +67,7 @@ def call(socket_path: str, message_type: str, content: Any, context: Any, timeou
     """Run ``message_type`` on ``content`` in the worker; returns the reply RecordDict.
 
     Raises :class:`WorkerUnavailable` if nothing answers at ``socket_path`` and
-    :class:`omopfl.federation.client_app.SiteFailure` with the worker's fixed code if it failed.
+    :class:`omopfl.federation.site.statistics.SiteFailure` with the worker's fixed code if it failed.
     """
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
@@ -105,7 +105,7 @@ class _Handler(socketserver.BaseRequestHandler):
         from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
 
         from omopfl.errors import wire_code
-        from omopfl.federation import site_train
+        from omopfl.federation.site import training as site_train
 
         try:
             header = json.loads(_recv_frame(self.request))
@@ -203,6 +203,6 @@ def _warm() -> None:
         import sklearn.metrics  # noqa: F401
         import torch  # noqa: F401
 
-        import omopfl.federation.site_train
+        import omopfl.federation.site.training
         import omopfl.models
         import omopfl.prepare  # noqa: F401

@@ -1,8 +1,8 @@
 """The coordinator's training ServerApp: statistics, global scaler, rounds, checkpoints, run directory.
 
-``main(grid, context)`` (component ``omopfl.federation.server_train:train_app``):
+``main(grid, context)`` (component ``omopfl.federation.coordinator.training:train_app``):
 
-1. the statistics phase (:func:`omopfl.federation.server_app.federated_statistics`): global scaler,
+1. the statistics phase (:func:`omopfl.federation.coordinator.statistics.federated_statistics`): global scaler,
    sent to every site; the sites that acknowledged it take part in training;
 2. ``rounds`` rounds of Flower's FedAvg / FedProx / FedAdam (``flwr.serverapp.strategy``), driven
    by :func:`run_rounds` through the strategy's public ``configure_train`` / ``aggregate_train``
@@ -56,13 +56,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from omopfl.atomic import write_bytes, write_json
 from omopfl.errors import RoundsFailed
-from omopfl.federation import codec, run_view
+from omopfl.federation import codec
 from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
 from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
 from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
 from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
 from omopfl.federation.codec import TRAIN_METRICS as METRICS
-from omopfl.federation.server_app import Settings, federated_statistics
+from omopfl.federation.coordinator import run_view
+from omopfl.federation.coordinator.statistics import Settings, federated_statistics
+from omopfl.federation.run_config import TRAIN_CONFIG
 
 __all__ = ["train_app", "federated_training", "run_rounds", "FastGrid", "TRAIN_CONFIG", "write_run_dir",
            "CHECKPOINT_JSON", "CHECKPOINT_NPZ", "RoundsFailed", "site_epsilons", "privacy_summary"]
@@ -72,37 +74,6 @@ _log = logging.getLogger("flwr.omopfl")
 CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_NPZ = "checkpoint.npz"
 _STRATEGY_STATE = ("m_t", "v_t", "c_global")  # FedOpt's moments, SCAFFOLD's control variate
-
-TRAIN_CONFIG: dict[str, Any] = {
-    "run-dir": "",
-    "audit": False,
-    "resume": False,
-    "study-name": "",
-    "cohort-hashes": "{}",
-    "model-kind": "logistic",
-    "model-hidden": "[]",
-    "model-dropout": "[0.0, 0.0]",
-    "model-image-size": 0,
-    "model-genes": 0,
-    "rounds": 5,
-    "local-epochs": 1,
-    "batch-size": 64,
-    "learning-rate": 0.01,
-    "strategy": "fedavg",
-    "proximal-mu": 0.0,
-    "test-fraction": 0.25,
-    "seed": 0,
-    "optimizer": "adam",
-    "momentum": 0.0,
-    "weight-decay": 0.0,
-    "local-steps": 0,
-    "strategy-options": "{}",
-    "round-timeout": 600.0,
-    "evaluate-on-train": True,
-    "poll-interval": 0.02,
-    "tune-pulls": True,
-}
-"""The training ServerApp's run config keys (besides :data:`omopfl.federation.runner.APP_CONFIG`)."""
 
 train_app = ServerApp()
 
@@ -231,14 +202,14 @@ def _eval_fields(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def make_strategy(name: str, mu: float, options: Mapping[str, float] | None = None) -> Any:
     """Flower's FedAvg / FedProx / FedAdam / FedYogi / FedAdagrad or omopfl's FedNova / SCAFFOLD
-    (:mod:`omopfl.federation.strategies`), weighting by ``num-examples``; sampling every site left.
+    (:mod:`omopfl.federation.coordinator.strategies`), weighting by ``num-examples``; sampling every site left.
 
     ``options``: the study's server optimizer settings (``eta``, ``eta_l``, ``beta_1``, ``beta_2``,
     ``tau``; :meth:`omopfl.study.TrainingSpec.server_options`); absent ones keep Flower's defaults.
     """
     from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 
-    from omopfl.federation.strategies import FedNova, Scaffold
+    from omopfl.federation.coordinator.strategies import FedNova, Scaffold
 
     options = {k: float(v) for k, v in dict(options or {}).items()}
     common = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1,
@@ -394,7 +365,7 @@ def _weight(reply: Message) -> int:
 def site_epsilons(replies: Sequence[Message], sites: Mapping[str, int]) -> dict[str, float]:
     """Each site's ``epsilon`` of its train reply (spent in all on the study at that site), by site name.
 
-    Sites that train with DP-SGD report it (:func:`omopfl.federation.site_train._train_dp`); a site
+    Sites that train with DP-SGD report it (:func:`omopfl.federation.site.training._train_dp`); a site
     without DP reports none and is left out.
     """
     names = {node: name for name, node in sites.items()}
@@ -438,7 +409,7 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
         config = ConfigRecord({**plan.train_config, "evaluate-received": evaluate_received})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         if participants is not None:
-            from omopfl.federation import secure_train
+            from omopfl.federation.coordinator import secure_rounds as secure_train
 
             secure_train.attach(messages, participants)
         # with secure aggregation every participant must reply (secure_train.unmask_round names who did not)
@@ -508,7 +479,7 @@ def run_rounds(grid: FastGrid, strategy: Any, plan: RoundPlan, start: Checkpoint
 def _train_keys(grid: FastGrid, plan: RoundPlan, sites: dict[str, int], dropped: list[dict[str, Any]]) -> Any:
     """Secure aggregation's key round at the start of training: the participants (the sites that published a
     key; the others are dropped before any update is masked)."""
-    from omopfl.federation import secure_train
+    from omopfl.federation.coordinator import secure_rounds as secure_train
     from omopfl.secagg import MIN_SITES
 
     participants, failed = secure_train.collect_keys(grid, sites, plan.study_hash, plan.round_timeout)
@@ -635,7 +606,7 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     audit: list[dict[str, Any]] | None = [] if config["audit"] else None
     fast = FastGrid(grid, poll=float(config["poll-interval"]), audit=audit)
     if bool(config["tune-pulls"]):
-        from omopfl.federation.flower_runtime import shorten_grid_pulls
+        from omopfl.federation.flower_internals import shorten_grid_pulls
 
         shorten_grid_pulls(grid)
     settings = Settings.from_run_config({**dict(run_config), "send-scaler": True})

@@ -20,7 +20,7 @@
 What a coordinator sends is data, never code and never a setting that overrides the site: the
 coordinator's run config (``context.run_config``) is not read here at all, and the message's config
 is only compared with the approved study.  The code gate (:func:`check_bundle`) runs in omopfl's
-ClientApp process (:mod:`omopfl.federation.site_runtime`) before the message is served; Flower's
+ClientApp process (:mod:`omopfl.federation.site.runtime`) before the message is served; Flower's
 ``flwr-clientapp`` (which extracts the bundle and imports its components) is never run at a site.
 
 The in-process grid (``omopfl train --simulate``, tests) calls :data:`app` and so takes the same path.
@@ -45,14 +45,14 @@ from omopfl.atomic import write_json
 from omopfl.config import SiteConfig, load_site
 from omopfl.errors import Refusal, SiteFailure, wire_code
 from omopfl.federation import codec
-from omopfl.federation.client_app import scaler_reply, stats_reply
+from omopfl.federation.site.statistics import scaler_reply, stats_reply
 
 __all__ = ["app", "serve", "refuse", "check_bundle", "audit_path", "COMPONENT", "MESSAGE_TYPES", "Refusal",
            "identity_public_key"]
 
 _log = logging.getLogger("omopfl.site")
 
-COMPONENT = "omopfl.federation.site_app:app"
+COMPONENT = "omopfl.federation.site.app:app"
 """The only ClientApp component a site runs (what omopfl's own app bundles name)."""
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 """What an app bundle may hold: its pyproject and Flower's content manifest, nothing else."""
@@ -116,11 +116,11 @@ def _requested_study(message_type: str, content: RecordDict) -> str:
     if message_type == codec.COVARIATES_QUERY:
         return codec.decode_covariates_request(content).study_hash
     if message_type == "query.secagg":
-        from omopfl.federation import secure_stats
+        from omopfl.federation.coordinator import secure_statistics as secure_stats
 
         return secure_stats.decode_request(content).study_hash
     if message_type == "query.validate":
-        from omopfl.federation.federated_validation import decode_request
+        from omopfl.federation.coordinator.validation import decode_request
 
         return decode_request(content).study_hash
     config = content.config_records.get(codec.TRAIN_CONFIG)
@@ -319,22 +319,23 @@ def _handle(message_type: str, content: RecordDict, context: Context, site: Site
     if message_type == "query.scaler":
         return scaler_reply(content, context, site, approved.summary)
     if message_type == codec.COVARIATES_QUERY:  # covariate discovery (issue 13b)
-        from omopfl.federation.site_covariates import covariates_reply
+        from omopfl.federation.site.covariates import covariates_reply
 
         return covariates_reply(content, context, site)
     if message_type == "query.validate":  # federated external validation (issue 14)
-        from omopfl.federation.site_validate import validate_reply
+        from omopfl.federation.site.validation import validate_reply
 
         return validate_reply(content, context, site, approved, _sent(site, run_id, message_type))
 
     secure = bool(_privacy(approved).get("secure_aggregation"))
-    from omopfl.federation.secure_train import TRAIN_RECORD
+    from omopfl.federation.coordinator.secure_rounds import TRAIN_RECORD
 
     if TRAIN_RECORD in content.config_records and not (secure and message_type == "train"):
         raise Refusal("settings_mismatch")
     ledger, _limit = _ledger(site, approved)
     before = ledger.spent()
-    if secure and message_type == "train":  # the update leaves only masked (omopfl.federation.secure_train)
+    # the update leaves only masked (omopfl.federation.coordinator.secure_rounds)
+    if secure and message_type == "train":
         reply = _secagg_train(content, context, site, approved, run_id, spent)
     else:
         reply = handle(message_type, _admit_training(message_type, content, context, site, approved,
@@ -373,7 +374,8 @@ def identity_public_key(site: SiteConfig) -> str:
 
 def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: policy.ApprovedStudy, run_id: int,
             spent: dict[str, float]) -> RecordDict:
-    """The site's side of :mod:`omopfl.federation.secure_stats`: publish a run key, then mask its release.
+    """The site's side of :mod:`omopfl.federation.coordinator.secure_statistics`: publish a run key, then mask
+    its release.
 
     The run's X25519 private key and the release stay in the site's state folder between the steps; each
     mask round is answered once per run; the participant list must name this site with its own key and
@@ -383,7 +385,7 @@ def _secagg(content: RecordDict, context: Context, site: SiteConfig, approved: p
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from omopfl import secagg
-    from omopfl.federation import secure_stats
+    from omopfl.federation.coordinator import secure_statistics as secure_stats
     from omopfl.suppression import Released
 
     if not _privacy(approved).get("secure_aggregation"):
@@ -486,7 +488,7 @@ def _train_keys(site: SiteConfig, approved: policy.ApprovedStudy, run_id: int) -
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from omopfl import secagg
-    from omopfl.federation import secure_stats
+    from omopfl.federation.coordinator import secure_statistics as secure_stats
 
     path = _train_state(site, approved, run_id)
     if path.is_file():
@@ -547,7 +549,8 @@ def _secagg_train(content: RecordDict, context: Context, site: SiteConfig, appro
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from omopfl import secagg
-    from omopfl.federation import secure_stats, secure_train
+    from omopfl.federation.coordinator import secure_rounds as secure_train
+    from omopfl.federation.coordinator import secure_statistics as secure_stats
 
     request = secure_train.decode_train_request(content)
     admitted = _admit_training("train", content, context, site, approved, run_id)
@@ -706,8 +709,9 @@ def refuse(message: Message, context: Context, code: str) -> Message:
 
 def handle(message_type: str, content: RecordDict, context: Context) -> RecordDict:
     """Run an admitted ``train``/``evaluate`` here, or in the node's long-lived worker if it has one
-    (:mod:`omopfl.federation.worker`: torch loaded, tensors cached)."""
-    from omopfl.federation import site_train, worker
+    (:mod:`omopfl.federation.site.worker`: torch loaded, tensors cached)."""
+    from omopfl.federation.site import training as site_train
+    from omopfl.federation.site import worker
 
     socket_path = context.node_config.get("worker-socket")
     if isinstance(socket_path, str) and socket_path:
