@@ -16,6 +16,7 @@ __all__ = [
     "CdmError",
     "DataError",
     "FederationError",
+    "FlowerVersionError",
     "RoundsFailed",
     "CodecError",
     "ReleaseViolation",
@@ -99,6 +100,11 @@ class FederationError(OmopflError):
     """A federated run could not be started or did not produce a result."""
 
     exit_code = 7
+
+
+class FlowerVersionError(FederationError):
+    """The installed Flower is not one omopfl's site runtime was checked against (a site does not serve)."""
+
 
 
 class RoundsFailed(FederationError):

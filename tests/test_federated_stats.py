@@ -19,14 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_omopfl
-from flwr.app import Context, Message, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, RecordDict
 
 from omopfl import policy
 from omopfl.config import load_site
 from omopfl.errors import SiteFailure
-from omopfl.federation import codec
+from omopfl.federation import codec, flower_internals
 from omopfl.federation.local import run_stats
 from omopfl.federation.site.app import app as client_app
 from omopfl.federation.site.statistics import SCALER_FILE, site_statistics
@@ -69,7 +67,7 @@ def federation(prepared_sites_factory) -> dict[str, Any]:
 
 def _wire(content: RecordDict) -> RecordDict:
     """What arrives on the other side: Flower's protobuf serialization and back."""
-    return recorddict_from_proto(recorddict_to_proto(content))
+    return flower_internals.recorddict_from_bytes(flower_internals.recorddict_to_bytes(content))
 
 
 def _numbers(value: Any) -> list[float]:
@@ -296,14 +294,13 @@ def test_site_statistics_with_differential_privacy(federation) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _call(node_config: dict[str, Any], content: RecordDict, monkeypatch, message_type: str = codec.STATS_QUERY):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    message = Message(content, dst_node_id=42, message_type=message_type)
-    message.metadata.__dict__["_message_id"] = "m1"
+def _call(node_config: dict[str, Any], content: RecordDict, message_type: str = codec.STATS_QUERY):
+    """The site's ClientApp object on a message as its SuperNode delivers it."""
     context = Context(run_id=7, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
-    reply = client_app(message, context)
+    with flower_internals.superlink_task_identity(7, 1):
+        message = flower_internals.delivered_message(content, dst_node_id=42, message_type=message_type,
+                                                     message_id="m1", run_id=7)
+        reply = client_app(message, context)
     assert not reply.has_error()
     return codec.decode_site_reply(_wire(reply.content)), codec.to_plain(reply.content), context
 
@@ -312,7 +309,7 @@ def test_client_app_replies_with_fixed_error_codes(federation, monkeypatch, tmp_
     adapter = str(federation["adapters"][0])
     prepared_dir = str(federation["prepared_dir"])
     request = codec.encode_stats_request(federation["study_hash"])
-    ok, _, _ = _call({"site-config": adapter, "prepared-dir": prepared_dir}, request, monkeypatch)
+    ok, _, _ = _call({"site-config": adapter, "prepared-dir": prepared_dir}, request)
     assert ok.status == "ok" and ok.site == "site_a"
 
     cases = {
@@ -323,7 +320,7 @@ def test_client_app_replies_with_fixed_error_codes(federation, monkeypatch, tmp_
         "bad_request": ({"site-config": adapter, "prepared-dir": prepared_dir}, RecordDict()),
     }
     for code, (node_config, content) in cases.items():
-        reply, plain, _ = _call(node_config, content, monkeypatch)
+        reply, plain, _ = _call(node_config, content)
         assert (reply.status, reply.code) == ("error", code), code
         assert set(plain) == {"omopfl.site"} and set(plain["omopfl.site"]) == {"protocol", "site", "status", "code"}
     # an unexpected exception inside: the reply says "internal", not what happened
@@ -332,7 +329,7 @@ def test_client_app_replies_with_fixed_error_codes(federation, monkeypatch, tmp_
     (broken / "site_a" / "manifest.json").write_text(json.dumps({"format_version": 1, "site": "site_a",
                                                                  "study_hash": federation["study_hash"]}))
     (broken / "site_a" / "tabular.npz").write_bytes(b"patient 12345 secret")
-    reply, plain, _ = _call({"site-config": adapter, "prepared-dir": str(broken)}, request, monkeypatch)
+    reply, plain, _ = _call({"site-config": adapter, "prepared-dir": str(broken)}, request)
     assert (reply.status, reply.code) == ("error", "internal")
     assert "12345" not in json.dumps(plain) and str(broken) not in json.dumps(plain)
 
@@ -343,12 +340,12 @@ def test_client_app_keeps_the_scaler_and_refuses_a_mismatched_one(federation, mo
     k = len(prepared.feature_names)
     scaler = codec.GlobalScaler.build(Scaler(tuple(prepared.feature_names), np.zeros(k), np.ones(k)), [1] * k, 1,
                                       federation["study_hash"])
-    reply, _, context = _call(node_config, codec.encode_scaler(scaler), monkeypatch, codec.SCALER_QUERY)
+    reply, _, context = _call(node_config, codec.encode_scaler(scaler), codec.SCALER_QUERY)
     assert (reply.site, reply.status) == ("site_b", "ok")
     assert codec.decode_scaler(context.state).scaler == scaler.scaler  # kept for a training phase
     assert json.loads((federation["prepared_dir"] / "site_b" / SCALER_FILE).read_text()) == scaler.to_dict()
     wrong = codec.GlobalScaler.build(Scaler(("other",), np.zeros(1), np.ones(1)), [1], 1, federation["study_hash"])
-    reply, _, _ = _call(node_config, codec.encode_scaler(wrong), monkeypatch, codec.SCALER_QUERY)
+    reply, _, _ = _call(node_config, codec.encode_scaler(wrong), codec.SCALER_QUERY)
     assert (reply.status, reply.code) == ("error", "feature_mismatch")
 
 

@@ -175,7 +175,7 @@ def test_no_message_moves_the_fixed_test_set(prepared_sites_factory) -> None:
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     from omopfl.federation import codec
-    from omopfl.federation.local import InProcessGrid
+    from omopfl.federation.flower_internals import InProcessGrid
     from omopfl.federation.site import app as site_app
     from omopfl.models import build_model
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import numpy as np
 import pytest
 
 from omopfl.errors import FederationError
-from omopfl.federation.local import InProcessGrid, run_training, train_inprocess
+from omopfl.federation.flower_internals import InProcessGrid
+from omopfl.federation.local import run_training, train_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,7 @@ def _silent_grid(site_index: int, from_round: int):
                 dead = (message.metadata.dst_node_id == node and message.metadata.message_type in ("train", "evaluate")
                         and int(config.get("server-round", 0)) >= from_round)
                 if dead:  # accepted by the link, never answered: the node is gone
-                    message.metadata.__dict__["_message_id"] = uuid4().hex
-                    ids.append(message.metadata.message_id)
+                    ids.append(self.lose(message))
                 else:
                     live.append(message)
             return ids + list(super().push_messages(live))

@@ -41,15 +41,13 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
-
-from flwr.serverapp import Grid
 
 from omopfl.config import load_site
 from omopfl.errors import ConfigError, FederationError
 from omopfl.federation import codec
 from omopfl.federation import processes as deploy
 from omopfl.federation import run_config as schema
+from omopfl.federation.flower_internals import InProcessGrid, superlink_task_identity
 from omopfl.study import load_study
 
 __all__ = ["run_stats", "run_training", "run_validation", "run_discovery", "run_inprocess", "run_deployment",
@@ -67,84 +65,6 @@ FLOWER_ENV = deploy.FLOWER_ENV
 
 
 # --------------------------------------------------------------------------------------------
-# in-process grid
-# --------------------------------------------------------------------------------------------
-
-
-class InProcessGrid(Grid):
-    """A Flower ``Grid`` whose nodes are ClientApps in this process (no network, no Ray).
-
-    Each message and each reply goes through ``message_to_proto``/``message_from_proto``, so
-    only what Flower can put on the wire reaches the other side; each node keeps its own
-    ``Context`` (node config, state) across messages, as a SuperNode does.
-    """
-
-    def __init__(self, client_app: Any, node_configs: Iterable[dict[str, Any]], run_config: dict[str, Any],
-                 run_id: int | None = None) -> None:
-        from flwr.app import Context, RecordDict
-        from flwr.supercore.run import Run
-
-        self._run = Run.create_empty(run_id if run_id is not None else int(uuid4().int % (1 << 63)))
-        self._app = client_app
-        self._contexts = {}
-        for i, node_config in enumerate(node_configs):
-            node_id = 1000 + i
-            self._contexts[node_id] = Context(run_id=self._run.run_id, node_id=node_id, node_config=dict(node_config),
-                                              state=RecordDict(), run_config=dict(run_config))
-        self._replies: dict[str, Any] = {}
-
-    def set_run(self, run: Any) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Any:
-        return self._run
-
-    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Any:
-        from flwr.app import Message
-
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._contexts)
-
-    def context(self, node_id: int) -> Any:
-        """The node's Context (its state holds what the ClientApp kept)."""
-        return self._contexts[node_id]
-
-    def push_messages(self, messages: Iterable[Any]) -> list[str]:
-        from flwr.app import Error, Message
-        from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-        from flwr.common.serde import message_from_proto, message_to_proto
-
-        ids = []
-        for message in messages:
-            message.metadata.__dict__.update({"_message_id": uuid4().hex, "_run_id": self._run.run_id,
-                                              "_src_node_id": SUPERLINK_NODE_ID})
-            received = message_from_proto(message_to_proto(message))
-            context = self._contexts.get(received.metadata.dst_node_id)
-            if context is None:
-                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=received)
-            else:
-                try:
-                    reply = self._app(received, context)
-                except Exception:  # as a SuperNode does: an error reply (here without the text)
-                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ClientApp raised"),
-                                    reply_to=received)
-            reply.metadata.__dict__["_message_id"] = uuid4().hex
-            self._replies[message.metadata.message_id] = message_from_proto(message_to_proto(reply))
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
-        return self.pull_messages(self.push_messages(messages))
-
-
-# --------------------------------------------------------------------------------------------
 # modes
 # --------------------------------------------------------------------------------------------
 
@@ -159,7 +79,6 @@ def run_inprocess(server_app: Any, adapters: list[Path], prepared_dir: Path, run
     """
     from flwr.app import Context, RecordDict
 
-    from omopfl.federation.flower_internals import superlink_task_identity
     from omopfl.federation.site import app as site_app
 
     grid = (grid_class or InProcessGrid)(site_app.app, [{"site-config": str(a), "prepared-dir": str(prepared_dir)}

@@ -64,6 +64,7 @@ from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
 from omopfl.federation.codec import TRAIN_METRICS as METRICS
 from omopfl.federation.coordinator import run_view
 from omopfl.federation.coordinator.statistics import Settings, federated_statistics
+from omopfl.federation.flower_internals import content_bytes
 from omopfl.federation.run_config import TRAIN_CONFIG
 
 __all__ = ["train_app", "federated_training", "run_rounds", "FastGrid", "TRAIN_CONFIG", "write_run_dir",
@@ -81,14 +82,6 @@ train_app = ServerApp()
 # --------------------------------------------------------------------------------------------
 # grid
 # --------------------------------------------------------------------------------------------
-
-
-def _content_bytes(message: Message) -> int:
-    from flwr.common.serde import recorddict_to_proto
-
-    if message.has_error():
-        return 0
-    return int(recorddict_to_proto(message.content).ByteSize())
 
 
 class FastGrid:
@@ -128,7 +121,7 @@ class FastGrid:
         if not messages:
             return []
         types = {m.metadata.message_type for m in messages}
-        self.bytes_sent += sum(_content_bytes(m) for m in messages)
+        self.bytes_sent += sum(content_bytes(m) for m in messages)
         pending = {i for i in self._grid.push_messages(messages) if i}
         replies: list[Message] = []
         started = time.monotonic()
@@ -149,7 +142,7 @@ class FastGrid:
                 break
             time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
             wait = wait if got else min(self.max_poll, wait * 1.5)
-        self.bytes_received += sum(_content_bytes(m) for m in replies)
+        self.bytes_received += sum(content_bytes(m) for m in replies)
         if self.audit is not None:
             for reply in replies:
                 self.audit.append(codec.audit_entry(reply, "/".join(sorted(types))))

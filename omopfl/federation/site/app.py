@@ -622,7 +622,7 @@ def _plain(value: Any) -> Any:
 
 def describe(content: RecordDict) -> tuple[list[dict[str, Any]], int]:
     """(records as the audit log lists them, bytes of the serialized reply)."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from omopfl.federation.flower_internals import wire_bytes
 
     records = []
     for name, record in content.items():
@@ -636,8 +636,7 @@ def describe(content: RecordDict) -> tuple[list[dict[str, Any]], int]:
         elif isinstance(record, ConfigRecord):
             records.append({"name": name, "kind": "config", "keys": list(record.keys()),
                             "values": {k: _plain(v) for k, v in record.items()}})
-    size = sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
-    return records, size
+    return records, wire_bytes(content)
 
 
 def _send(message: Message, context: Context, site: SiteConfig | None, study_hash: str, reply: RecordDict,

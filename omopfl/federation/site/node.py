@@ -69,13 +69,11 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
     max_wait_time:
         Give up after this many seconds without reaching the SuperLink (default: keep trying).
     """
-    import flwr
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
     from omopfl.federation import flower_internals as flower_runtime
+    from omopfl.federation.site.superexec import require_checked_flower
     from omopfl.federation.site.worker import SiteWorker
 
-    flower_runtime.check_version()  # fail closed: the site's code gate needs omopfl's own ClientApp runtime
+    require_checked_flower()  # fail closed: the site's code gate needs omopfl's own ClientApp runtime
     os.environ.update(flower_env(dict(os.environ), tuned=poll_seconds is not None))
     if poll_seconds is None:
         os.environ.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)  # Flower's default
@@ -83,7 +81,8 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_SECONDS))
     warm = poll_seconds is not None and flower_runtime.tune_supernode_polling(poll_seconds)
     if poll_seconds is not None and not warm:
-        _log.warning("Flower %s: SuperNode polling not tuned (checked against %s only)", flwr.__version__,
+        _log.warning("Flower %s: SuperNode polling not tuned (checked against %s only)",
+                     flower_runtime.installed_version(),
                      ", ".join(flower_runtime.CHECKED_FLOWER_VERSIONS))
     site_worker = SiteWorker({"site-config": str(Path(adapter).resolve()),
                               "prepared-dir": str(Path(prepared_dir).resolve())}).start() if worker else None
@@ -108,11 +107,7 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
                 args += ["--auth-supernode-public-key", str(auth_keys[1])]
         if max_wait_time is not None:
             args += ["--max-wait-time", str(float(max_wait_time))]
-        saved, sys.argv = sys.argv, args
-        try:
-            flower_supernode()
-        finally:
-            sys.argv = saved
+        flower_runtime.run_supernode(args)
     finally:
         if executor is not None and executor.poll() is None:  # our child, stopped by its PID
             executor.terminate()

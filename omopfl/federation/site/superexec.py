@@ -27,7 +27,19 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["main"]
+__all__ = ["main", "require_checked_flower"]
+
+
+def require_checked_flower() -> None:
+    """Raise :class:`~omopfl.errors.FlowerVersionError` (one line: what is installed, what to install) unless
+    the installed Flower is one :mod:`omopfl.federation.flower_internals` was checked against."""
+    from omopfl.errors import FlowerVersionError
+    from omopfl.federation.flower_internals import version_problem
+
+    problem = version_problem()
+    if problem:
+        raise FlowerVersionError(problem)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="omopfl's Flower SuperExec for a site's SuperNode")
@@ -44,11 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     from omopfl.federation import flower_internals as flower_runtime
     from omopfl.federation.site import runtime as site_runtime
 
-    flower_runtime.check_version()
+    require_checked_flower()
     if args.fork:  # what every ClientApp message needs, imported once (the forks inherit it)
-        import flwr.common.serde
-        import flwr.supernode.runtime.run_clientapp  # noqa: F401
-
+        flower_runtime.preload_clientapp_runtime()
         import omopfl.federation.site.app
         import omopfl.federation.site.runtime
         import omopfl.federation.site.training

@@ -69,10 +69,8 @@ def call(socket_path: str, message_type: str, content: Any, context: Any, timeou
     Raises :class:`WorkerUnavailable` if nothing answers at ``socket_path`` and
     :class:`omopfl.federation.site.statistics.SiteFailure` with the worker's fixed code if it failed.
     """
-    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
-
     from omopfl.errors import SiteFailure
+    from omopfl.federation.flower_internals import recorddict_from_bytes, recorddict_to_bytes
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -83,17 +81,14 @@ def call(socket_path: str, message_type: str, content: Any, context: Any, timeou
             raise WorkerUnavailable(socket_path) from None
         sock.settimeout(timeout)
         header = json.dumps({"type": message_type}).encode()
-        _send_frames(sock, header, recorddict_to_proto(content).SerializeToString(),
-                     recorddict_to_proto(context.state).SerializeToString())
+        _send_frames(sock, header, recorddict_to_bytes(content), recorddict_to_bytes(context.state))
         status = json.loads(_recv_frame(sock))
         body = _recv_frame(sock)
     finally:
         sock.close()
     if status.get("code"):
         raise SiteFailure(str(status["code"]))
-    proto = ProtoRecordDict()
-    proto.ParseFromString(body)
-    return recorddict_from_proto(proto)
+    return recorddict_from_bytes(body)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -101,19 +96,14 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         from flwr.app import Context
-        from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-        from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
 
         from omopfl.errors import wire_code
+        from omopfl.federation.flower_internals import recorddict_from_bytes, recorddict_to_bytes
         from omopfl.federation.site import training as site_train
 
         try:
             header = json.loads(_recv_frame(self.request))
-            records = []
-            for _ in range(2):
-                proto = ProtoRecordDict()
-                proto.ParseFromString(_recv_frame(self.request))
-                records.append(recorddict_from_proto(proto))
+            records = [recorddict_from_bytes(_recv_frame(self.request)) for _ in range(2)]
         except (ConnectionError, ValueError, OSError) as exc:
             _log.warning("omopfl worker: bad request (%s)", type(exc).__name__)
             return
@@ -125,7 +115,7 @@ class _Handler(socketserver.BaseRequestHandler):
             try:
                 if handler is None:
                     raise ValueError("unknown message type")
-                reply = recorddict_to_proto(handler(content, context)).SerializeToString()
+                reply = recorddict_to_bytes(handler(content, context))
                 status = {"code": ""}
             except Exception as exc:  # only a fixed code leaves this process
                 status = {"code": "bad_request" if handler is None else wire_code(exc)}
