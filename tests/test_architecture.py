@@ -302,3 +302,16 @@ def test_only_flower_internals_touches_flowers_private_names():
     others = [p for p in PACKAGE_DIR.rglob("*.py") if p != FLOWER_INTERNALS
               and re.search(r"(FLOWER_VERSIONS|BACKOFF_SECONDS)\s*=", p.read_text(encoding="utf-8"))]
     assert not others, others
+
+
+def test_site_and_coordinator_sides_share_only_the_wire():
+    """The site side imports nothing of the coordinator's and the coordinator nothing of the site's: what they
+    share is the wire format (the codec modules), the run config and the Flower internals."""
+    graph = import_graph()
+    site, coordinator = "omopfl.federation.site", "omopfl.federation.coordinator"
+    crossings = {m: sorted(t for t in targets if t.startswith(other))
+                 for side, other in ((site, coordinator), (coordinator, site))
+                 for m, targets in graph.items() if m.startswith(side)}
+    assert len([m for m in graph if m.startswith(site)]) >= 9
+    assert len([m for m in graph if m.startswith(coordinator)]) >= 9
+    assert not {m: t for m, t in crossings.items() if t}

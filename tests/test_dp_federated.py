@@ -14,7 +14,7 @@ from conftest import prepare_and_approve
 from omopfl import audit, budget, policy
 from omopfl.config import load_site
 from omopfl.errors import FederationError
-from omopfl.federation.site.app import audit_path
+from omopfl.federation.site.audit_trail import audit_path
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")

@@ -127,7 +127,7 @@ def test_fedprox_needs_a_fedprox_study(federation) -> None:
     from omopfl import audit
     from omopfl.config import load_site
     from omopfl.errors import FederationError
-    from omopfl.federation.site.app import audit_path
+    from omopfl.federation.site.audit_trail import audit_path
     from omopfl.study import load_study
 
     with pytest.raises(FederationError, match="min-sites"):

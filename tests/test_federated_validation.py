@@ -41,7 +41,7 @@ def _cli(args: list) -> subprocess.CompletedProcess:
 def test_a_site_that_never_trained_gets_the_local_result(trained, tmp_path: Path) -> None:
     from omopfl import audit
     from omopfl.config import load_site
-    from omopfl.federation.site.app import audit_path
+    from omopfl.federation.site.audit_trail import audit_path
 
     result = run_validation(trained["run_dir"], trained["adapters"], trained["prepared_dir"],
                             out=tmp_path / "federated.json")

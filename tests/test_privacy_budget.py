@@ -11,7 +11,7 @@ from conftest import prepare_and_approve
 from omopfl import audit, policy
 from omopfl.config import load_site
 from omopfl.errors import ConfigError
-from omopfl.federation.site.app import audit_path
+from omopfl.federation.site.audit_trail import audit_path
 from omopfl.study import load_study
 
 STATISTICS_EPSILON = 1.0

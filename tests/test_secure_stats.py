@@ -20,8 +20,8 @@ from flwr.app import Context, RecordDict
 from omopfl import policy, secagg
 from omopfl.config import load_site
 from omopfl.federation import codec
-from omopfl.federation.coordinator import secure_statistics as secure_stats
-from omopfl.federation.site import app as site_app
+from omopfl.federation import codec_secure_statistics as secure_stats
+from omopfl.federation.site import secure as site_secure
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")
@@ -187,7 +187,7 @@ def json_rounds(run_dir: Path) -> list[dict[str, Any]]:
 def pinned(secure) -> dict[str, Any]:
     """A study that pins the three sites' identity keys ([privacy.participants]), prepared and approved."""
 
-    keys = {name: site_app.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
+    keys = {name: site_secure.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
                                                                                   strict=True)}
     study = secure["tmp"] / "study_pinned.toml"
     study.write_text(secure["study"].read_text() + "\n[privacy]\nsecure_aggregation = true\n\n"
@@ -235,4 +235,4 @@ def test_cli_prints_the_sites_identity_key_as_a_study_line(secure, capsys) -> No
 
     code = run_omopfl(["sites", "identity", str(secure["adapters"][1])])
     out = capsys.readouterr().out.strip()
-    assert code == 0 and out == f'site_b = "{site_app.identity_public_key(load_site(secure["adapters"][1]))}"'
+    assert code == 0 and out == f'site_b = "{site_secure.identity_public_key(load_site(secure["adapters"][1]))}"'

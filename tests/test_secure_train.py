@@ -23,9 +23,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from omopfl import policy, secagg
 from omopfl.config import load_site
 from omopfl.federation import codec
-from omopfl.federation.coordinator import secure_rounds as secure_train
-from omopfl.federation.coordinator import secure_statistics as secure_stats
-from omopfl.federation.site import app as site_app
+from omopfl.federation import codec_secure_rounds as secure_train
+from omopfl.federation import codec_secure_statistics as secure_stats
+from omopfl.federation.site import audit_trail
+from omopfl.federation.site import secure as site_secure
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")
@@ -134,7 +135,7 @@ def test_the_secure_run_gives_the_plain_fedavg_model(secure, runs) -> None:
     for adapter in secure["adapters"]:
         from omopfl import audit
 
-        entries = [e for e in audit.read(site_app.audit_path(load_site(adapter)))
+        entries = [e for e in audit.read(audit_trail.audit_path(load_site(adapter)))
                    if e["study_hash"] == secure["secure_hash"] and e["message_type"] == "train"
                    and e["outcome"] == "sent"]
         assert [e["server_round"] for e in entries][-2:] == [1, 2]
@@ -196,7 +197,7 @@ def test_pinned_participants_refuse_substituted_keys(secure, runs) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    keys = {name: site_app.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
+    keys = {name: site_secure.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
                                                                                   strict=True)}
     pinned = _prepare(secure, "pinned_train", "\n[privacy]\nsecure_aggregation = true\n\n[privacy.participants]\n"
                       + "".join(f'{n} = "{k}"\n' for n, k in keys.items()))

@@ -25,7 +25,8 @@ from omopfl.errors import ConfigError
 from omopfl.federation import codec
 from omopfl.federation import processes as deploy
 from omopfl.federation.run_config import toml_table
-from omopfl.federation.site.app import COMPONENT, audit_path, check_bundle
+from omopfl.federation.site.audit_trail import audit_path
+from omopfl.federation.site.bundle import COMPONENT, check_bundle
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")

@@ -28,8 +28,9 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from omopfl.errors import ConfigError
 from omopfl.federation.codec import FEDNOVA_A, SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX
-from omopfl.federation.coordinator.strategies import FedNova, Scaffold, fednova_normaliser
-from omopfl.federation.coordinator.training import make_strategy
+from omopfl.federation.coordinator.rounds import make_strategy
+from omopfl.federation.coordinator.strategies import FedNova, Scaffold
+from omopfl.federation.site.training import fednova_normaliser
 from omopfl.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -466,7 +467,7 @@ def test_sites_refuse_local_settings_other_than_the_approved_ones(federation) ->
     from omopfl.config import load_site
     from omopfl.errors import ConfigError, FederationError
     from omopfl.federation.local import run_training
-    from omopfl.federation.site.app import audit_path
+    from omopfl.federation.site.audit_trail import audit_path
 
     variant = _variant(federation, "nova_refuse", 'strategy = "fednova"\noptimizer = "sgd"\nlocal_steps = 3')
     with pytest.raises(FederationError, match="min-sites"):

@@ -124,7 +124,7 @@ def test_a_test_cohort_is_every_site_s_evaluation(prepared_sites_factory) -> Non
     from omopfl import audit
     from omopfl.config import load_site
     from omopfl.federation.local import run_training
-    from omopfl.federation.site.app import audit_path
+    from omopfl.federation.site.audit_trail import audit_path
     from omopfl.prepare import load_prepared
 
     fed = prepared_sites_factory("split_cohort", approve=False)
@@ -157,7 +157,7 @@ def test_a_cohort_split_study_without_its_mask_is_refused(prepared_sites_factory
     from omopfl.config import load_site
     from omopfl.errors import FederationError
     from omopfl.federation.local import run_training
-    from omopfl.federation.site.app import audit_path
+    from omopfl.federation.site.audit_trail import audit_path
 
     fed = prepared_sites_factory("split_nomask", approve=False)
     study, _counts = _with_test_cohort(fed)

@@ -47,6 +47,7 @@ from omopfl.errors import ConfigError, FederationError
 from omopfl.federation import codec
 from omopfl.federation import processes as deploy
 from omopfl.federation import run_config as schema
+from omopfl.federation.coordinator.run_dir import check_resume
 from omopfl.federation.flower_internals import InProcessGrid, superlink_task_identity
 from omopfl.study import load_study
 
@@ -337,9 +338,7 @@ def run_training(study: str | Path, adapters: Sequence[str | Path], prepared_dir
     spec = load_study(study)
     adapters = _site_adapters(adapters, "run_training needs at least one site adapter")
     run_dir = Path(out_dir).resolve()
-    if resume and not (run_dir / "checkpoint.json").is_file():
-        raise ConfigError(f"--resume: {run_dir / 'checkpoint.json'} not found: resume needs the run directory "
-                          "of an interrupted run")
+    check_resume(run_dir, resume)
     run_config = schema.training_run_config(
         spec, run_dir, min_sites=min_sites or len(adapters), expected_sites=len(adapters), audit=audit,
         rounds=rounds, strategy=strategy, proximal_mu=proximal_mu, resume=resume, round_timeout=round_timeout,
@@ -461,12 +460,13 @@ def run_validation(run_dir: str | Path, adapters: list[Path], prepared_dir: str 
     ServerApp is :data:`omopfl.federation.coordinator.validation.validate_app`.
     """
     from omopfl.external_validation import load_run
+    from omopfl.federation.codec_validation import ROWS
     from omopfl.federation.coordinator import validation as fv
 
     if mode not in TRAIN_MODES:
         raise ConfigError("mode must be inprocess or deployment")
-    if rows not in fv.ROWS:
-        raise ConfigError(f"--rows must be one of {', '.join(fv.ROWS)}, not {rows!r}")
+    if rows not in ROWS:
+        raise ConfigError(f"--rows must be one of {', '.join(ROWS)}, not {rows!r}")
     run_dir = Path(run_dir).resolve()
     manifest = load_run(run_dir).manifest  # a DataError naming the file if the run is incomplete
     if not adapters and superlink is None:

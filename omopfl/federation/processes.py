@@ -10,7 +10,7 @@ Round-trip tuning (Flower 1.41)
       :data:`TASK_POLL_SECONDS` for the SuperNodes omopfl starts;
     * the SuperNode's idle sleep (hard-coded 3 s) and reply wait (0.5 s) are shortened by
       :mod:`omopfl.federation.site.node` (only on the Flower version it was checked against);
-    * the ServerApp collects replies in a tight loop (:class:`omopfl.federation.coordinator.training.FastGrid`).
+    * the ServerApp collects replies in a tight loop (:class:`omopfl.federation.coordinator.grid.FastGrid`).
 """
 
 from __future__ import annotations

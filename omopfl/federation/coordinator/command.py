@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from omopfl.errors import ConfigError, FederationError
+from omopfl.federation.coordinator.run_dir import check_resume
 from omopfl.federation.run_config import app_pyproject, training_run_config
 
 __all__ = ["ServerOptions", "serve_study"]
@@ -57,14 +58,6 @@ class ServerOptions:
     view: bool = False
     view_port: int = 8088
     extra_run_config: dict[str, Any] = field(default_factory=dict)
-
-
-def _check_resume(run_dir: Path, resume: bool) -> None:
-    from omopfl.federation.coordinator.training import CHECKPOINT_JSON
-
-    if resume and not (run_dir / CHECKPOINT_JSON).is_file():
-        raise ConfigError(f"--resume: {run_dir / CHECKPOINT_JSON} not found: resume needs the run directory "
-                          "of an interrupted run")
 
 
 def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str], None] | None = None,
@@ -103,7 +96,7 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
 
     spec = load_study(study)
     run_dir = Path(options.out or Path("runs") / spec.name).resolve()
-    _check_resume(run_dir, options.resume)
+    check_resume(run_dir, options.resume)
     min_sites = int(options.min_sites if options.min_sites is not None else spec.training.min_sites)
     if min_sites < 1:
         raise ConfigError("--min-sites must be at least 1")

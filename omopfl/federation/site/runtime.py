@@ -12,7 +12,7 @@ builds its own bundle is the case to defend against.
 This process uses the same Runtime API calls (pull the task input and the message, push the reply
 and the task's status) but:
 
-1. checks the bundle's bytes in memory with :func:`omopfl.federation.site.app.check_bundle`
+1. checks the bundle's bytes in memory with :func:`omopfl.federation.site.bundle.check_bundle`
    (only a ``pyproject.toml`` naming omopfl's own component, nothing else); a bundle that fails
    gets a refusal code back and nothing of it is extracted, put on the import path or imported;
 2. never extracts or installs the bundle: the ClientApp that runs is the one installed with omopfl,
@@ -63,8 +63,9 @@ def run_task(runtime_api_address: str, token: str, insecure: bool, certificates:
         message, context, _run, fab = rt.pull_task_input(client)
         state["context"] = context
         from omopfl.federation.site import app as site_app
+        from omopfl.federation.site import bundle as site_bundle
 
-        refusal = site_app.check_bundle(fab.content)
+        refusal = site_bundle.check_bundle(fab.content)
         reply = site_app.refuse(message, context, refusal) if refusal else site_app.serve(message, context)
         state["status"], state["details"] = rt.COMPLETED, ""
     except Exception as exc:  # no text leaves: the coordinator sees a failed task and no reply

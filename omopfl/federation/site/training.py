@@ -59,8 +59,8 @@ from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
 from omopfl.federation.codec import TRAIN_METRICS as METRICS
 from omopfl.federation.site.statistics import SCALER_FILE, check_scaler, load_site_dataset
 
-__all__ = ["site_train", "site_evaluate", "HANDLERS", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
-           "EVALUATE_METRICS", "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY"]
+__all__ = ["site_train", "site_evaluate", "HANDLERS", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS", "EVALUATE_METRICS",
+           "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY", "fednova_normaliser"]
 
 _log = logging.getLogger("flwr.omopfl")
 
@@ -283,8 +283,6 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
         metrics["loss"] = float(stats["loss"])
     arrays = ArrayRecord(model.state_dict())
     if strategy == "fednova":
-        from omopfl.federation.coordinator.strategies import fednova_normaliser
-
         metrics[codec.FEDNOVA_A] = fednova_normaliser(int(stats["steps"]), float(local["momentum"]))
     elif strategy == "scaffold" and c_global is not None and c_local is not None:
         steps = max(1, int(stats["steps"]))
@@ -383,3 +381,11 @@ def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
 
 
 HANDLERS = {"train": site_train, "evaluate": site_evaluate}
+
+
+def fednova_normaliser(steps: int, momentum: float = 0.0) -> float:
+    """FedNova's ``a_i`` for ``steps`` local SGD steps with heavy-ball ``momentum`` (torch's SGD)."""
+    tau, rho = int(steps), float(momentum)
+    if rho == 0.0:
+        return float(tau)
+    return (tau - rho * (1.0 - rho**tau) / (1.0 - rho)) / (1.0 - rho)

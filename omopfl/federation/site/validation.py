@@ -19,7 +19,7 @@ from omopfl import policy
 from omopfl.config import SiteConfig
 from omopfl.errors import Refusal
 from omopfl.federation import codec
-from omopfl.federation.coordinator.validation import decode_request, encode_result
+from omopfl.federation.codec_validation import decode_request, encode_result
 from omopfl.federation.site.statistics import check_scaler, load_site_dataset
 
 __all__ = ["validate_reply"]

@@ -32,7 +32,7 @@ from typing import Any
 
 from omopfl.errors import WorkerUnavailable
 
-__all__ = ["SiteWorker", "WorkerUnavailable", "call", "SOCKET_NAME"]
+__all__ = ["SiteWorker", "WorkerUnavailable", "call", "handle", "SOCKET_NAME"]
 
 _log = logging.getLogger("omopfl.worker")
 
@@ -196,3 +196,17 @@ def _warm() -> None:
         import omopfl.federation.site.training
         import omopfl.models
         import omopfl.prepare  # noqa: F401
+
+
+def handle(message_type: str, content: Any, context: Any) -> Any:
+    """Run an admitted ``train``/``evaluate`` here, or in the node's long-lived worker if it has one
+    (torch loaded, tensors cached)."""
+    from omopfl.federation.site import training as site_train
+
+    socket_path = context.node_config.get("worker-socket")
+    if isinstance(socket_path, str) and socket_path:
+        try:
+            return call(socket_path, message_type, content, context)
+        except WorkerUnavailable:
+            _log.warning("omopfl: the site worker is not reachable; running %s in this process", message_type)
+    return site_train.HANDLERS[message_type](content, context)
