@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -177,6 +178,36 @@ def prepare_and_approve(adapters, spec, prepared) -> None:
         finally:
             engine.dispose()
         policy.approve(site, spec)
+
+
+SECURE_AGGREGATION = "\n[privacy]\nsecure_aggregation = true\n"
+"""The study lines that ask for secure aggregation (appended to a study without a [privacy] table)."""
+
+
+@dataclass(frozen=True)
+class StudyVariant:
+    """A study written beside the shared sites, prepared and approved at every site."""
+
+    study: Path
+    spec: Any
+    prepared: Path
+
+    @property
+    def hash(self) -> str:
+        return self.spec.hash
+
+
+def study_variant(federation: dict[str, Any], tag: str, text: str) -> StudyVariant:
+    """Write ``text`` as ``study_<tag>.toml`` beside the shared sites; each site prepares it into
+    ``prepared_<tag>`` and approves it (:func:`prepare_and_approve`)."""
+    from omopfl.study import load_study
+
+    study = federation["tmp"] / f"study_{tag}.toml"
+    study.write_text(text)
+    spec = load_study(study)
+    prepared = federation["tmp"] / f"prepared_{tag}"
+    prepare_and_approve(federation["adapters"], spec, prepared)
+    return StudyVariant(study, spec, prepared)
 
 
 def serve_at_site(content, context, message_type: str, *, run_id: int, message_id: str, node_id: int = 1):
@@ -355,3 +386,15 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, l
     code = run_omopfl([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+def serve_site(adapters, index: int, content, run_id: int, message_type: str, prepared: Path):
+    """What a coordinator receives (the reply's content) from the site of ``adapters[index]`` (node
+    ``index + 1``, its dataset in ``prepared``) for one crafted message: :func:`serve_at_site`."""
+    from flwr.app import Context, RecordDict
+
+    context = Context(run_id=run_id, node_id=index + 1,
+                      node_config={"site-config": str(adapters[index]), "prepared-dir": str(prepared)},
+                      state=RecordDict(), run_config={})
+    return serve_at_site(content, context, message_type, run_id=run_id, message_id=f"m{run_id}-{index}",
+                         node_id=index + 1).content

@@ -9,37 +9,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import prepare_and_approve
+from conftest import study_variant
 
 from omopfl import audit, budget, policy
 from omopfl.config import load_site
 from omopfl.errors import FederationError
 from omopfl.federation.site.audit_trail import audit_path
-from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")
 TARGET = 3.0
 DELTA = 1e-6
 
 
-def _dp_study(federation: dict[str, Any]) -> Path:
+def _dp_study_text(federation: dict[str, Any]) -> str:
     text = federation["study"].read_text().replace("rounds = 5", "rounds = 2").replace("local_epochs = 2",
                                                                                       "local_epochs = 1")
-    path = federation["tmp"] / "study_dpsgd.toml"
-    path.write_text(text + f"\n[privacy]\ndp_sgd = true\ntarget_epsilon = {TARGET}\ndelta = {DELTA}\n"
-                    f"max_grad_norm = 1.0\nbudget_epsilon = {TARGET}\n")
-    return path
+    return text + (f"\n[privacy]\ndp_sgd = true\ntarget_epsilon = {TARGET}\ndelta = {DELTA}\n"
+                   f"max_grad_norm = 1.0\nbudget_epsilon = {TARGET}\n")
 
 
 @pytest.fixture(scope="module")
 def dpsgd(prepared_sites_factory) -> dict[str, Any]:
-
     federation = prepared_sites_factory("dpsgd", approve=False)
-    study = _dp_study(federation)
-    spec = load_study(study)
-    prepared = federation["tmp"] / "prepared_dp"
-    prepare_and_approve(federation["adapters"], spec, prepared)
-    return {**federation, "dp_study": study, "dp_prepared": prepared, "dp_hash": spec.hash}
+    variant = study_variant(federation, "dpsgd", _dp_study_text(federation))
+    return {**federation, "dp_study": variant.study, "dp_prepared": variant.prepared, "dp_hash": variant.hash}
 
 
 def _train_epsilons(site_name: str, adapter: Path) -> list[tuple[str, float | None]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import prepare_and_approve, serve_at_site
+from conftest import serve_at_site, study_variant
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from omopfl import audit, budget, dp_metrics, policy
@@ -69,17 +69,14 @@ def test_noisy_evaluation_follows_the_release_rule_on_the_noisy_cells() -> None:
 def private(prepared_sites_factory) -> dict[str, Any]:
 
     federation = prepared_sites_factory("dp_metrics")
-    study = federation["tmp"] / "study_dp_metrics.toml"
     # a per-person hash split: the test rows (and so the true cells the release rule sees) do not depend on
     # the order in which the database returns the cohort
-    study.write_text(federation["study"].read_text().replace("test_fraction = 0.25\n", "")
-                     + f"\n[privacy]\nmetrics_epsilon = {EPSILON}\nbudget_epsilon = {BUDGET}\n"
-                     + '\n[split]\nmethod = "hash"\ntest_fraction = 0.3\nseed = 5\n')
-    spec = load_study(study)
-    assert spec.privacy.metrics_epsilon == EPSILON
-    prepared = federation["tmp"] / "prepared_dp_metrics"
-    prepare_and_approve(federation["adapters"], spec, prepared)
-    return {**federation, "dp_study": study, "dp_prepared": prepared, "dp_hash": spec.hash}
+    variant = study_variant(federation, "dp_metrics",
+                            federation["study"].read_text().replace("test_fraction = 0.25\n", "")
+                            + f"\n[privacy]\nmetrics_epsilon = {EPSILON}\nbudget_epsilon = {BUDGET}\n"
+                            + '\n[split]\nmethod = "hash"\ntest_fraction = 0.3\nseed = 5\n')
+    assert variant.spec.privacy.metrics_epsilon == EPSILON
+    return {**federation, "dp_study": variant.study, "dp_prepared": variant.prepared, "dp_hash": variant.hash}
 
 
 def _evaluate(private: dict[str, Any], arrays: ArrayRecord, run_id: int) -> RecordDict:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import prepare_and_approve, run_omopfl, serve_at_site
+from conftest import run_omopfl, serve_at_site, study_variant
 
 from omopfl.federation.local import run_training
 from omopfl.federation.site.training import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS
@@ -128,7 +128,6 @@ def test_fedprox_needs_a_fedprox_study(federation) -> None:
     from omopfl.config import load_site
     from omopfl.errors import FederationError
     from omopfl.federation.site.audit_trail import audit_path
-    from omopfl.study import load_study
 
     with pytest.raises(FederationError, match="min-sites"):
         run_training(federation["study"], federation["adapters"], federation["prepared_dir"],
@@ -136,12 +135,9 @@ def test_fedprox_needs_a_fedprox_study(federation) -> None:
     last = audit.read(audit_path(load_site(federation["adapters"][0])))[-1]
     assert (last["message_type"], last["outcome"], last["code"]) == ("train", "refused", "settings_mismatch")
 
-    variant = federation["tmp"] / "study_fedprox.toml"
-    variant.write_text(federation["study"].read_text().replace('strategy = "fedavg"',
-                                                                'strategy = "fedprox"\nproximal_mu = 0.1'))
-    spec = load_study(variant)
-    prepared = federation["tmp"] / "prepared_fedprox"
-    prepare_and_approve(federation["adapters"], spec, prepared)
+    fedprox = study_variant(federation, "fedprox", federation["study"].read_text().replace(
+        'strategy = "fedavg"', 'strategy = "fedprox"\nproximal_mu = 0.1'))
+    variant, prepared = fedprox.study, fedprox.prepared
     run_dir = federation["tmp"] / "run_fedprox"
     manifest = run_training(variant, federation["adapters"], prepared, out_dir=run_dir, rounds=1)
     assert manifest["training"]["strategy"] == "fedprox" and manifest["training"]["proximal_mu"] == 0.1

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import prepare_and_approve
+from conftest import study_variant
 
 from omopfl import audit, policy
 from omopfl.config import load_site
@@ -18,29 +17,18 @@ STATISTICS_EPSILON = 1.0
 BUDGET = 2.5
 
 
-def _private_study(federation: dict[str, Any], name: str, extra: str = "") -> Path:
+def _private_study_text(federation: dict[str, Any], extra: str = "") -> str:
     spec = load_study(federation["study"])
     bounds = "\n".join(f'{feature} = [0.0, 50000.0]' for feature in spec.feature_names())
-    path = federation["tmp"] / name
-    path.write_text(federation["study"].read_text() + f"\n[privacy]\nstatistics_epsilon = {STATISTICS_EPSILON}\n"
-                    f"delta = 1e-6\nbudget_epsilon = {BUDGET}\n{extra}\n[privacy.bounds]\n"
-                    + bounds + "\n")
-    return path
-
-
-def _prepare(federation: dict[str, Any], study: Path, folder: str) -> Path:
-
-    spec = load_study(study)
-    prepared = federation["tmp"] / folder
-    prepare_and_approve(federation["adapters"], spec, prepared)
-    return prepared
+    return (federation["study"].read_text() + f"\n[privacy]\nstatistics_epsilon = {STATISTICS_EPSILON}\n"
+            f"delta = 1e-6\nbudget_epsilon = {BUDGET}\n{extra}\n[privacy.bounds]\n" + bounds + "\n")
 
 
 @pytest.fixture(scope="module")
 def private(prepared_sites_factory) -> dict[str, Any]:
     federation = prepared_sites_factory("privacy", approve=False)
-    study = _private_study(federation, "study_dp.toml")
-    return {**federation, "dp_study": study, "dp_prepared": _prepare(federation, study, "prepared_dp")}
+    variant = study_variant(federation, "dp", _private_study_text(federation))
+    return {**federation, "dp_study": variant.study, "dp_prepared": variant.prepared}
 
 
 def test_dp_statistics_follow_the_study_and_stop_at_the_budget(private) -> None:

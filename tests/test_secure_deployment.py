@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import prepare_and_approve
+from conftest import SECURE_AGGREGATION, study_variant
 
 from omopfl import audit
 from omopfl.config import load_site
 from omopfl.federation.processes import free_port
 from omopfl.federation.site import audit_trail
-from omopfl.study import load_study
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +32,9 @@ SITES = ("site_a", "site_b", "site_c")
 def secure(prepared_sites_factory) -> dict[str, Any]:
 
     federation = prepared_sites_factory("secagg_deploy")
-    study = federation["tmp"] / "study_secure.toml"
-    study.write_text(federation["study"].read_text() + "\n[privacy]\nsecure_aggregation = true\n")
-    spec = load_study(study)
-    assert spec.model.kind == "logistic"
-    prepared = federation["tmp"] / "prepared_secure"
-    prepare_and_approve(federation["adapters"], spec, prepared)
-    return {**federation, "study": study, "prepared_dir": prepared, "study_hash": spec.hash}
+    variant = study_variant(federation, "secure", federation["study"].read_text() + SECURE_AGGREGATION)
+    assert variant.spec.model.kind == "logistic"
+    return {**federation, "study": variant.study, "prepared_dir": variant.prepared, "study_hash": variant.hash}
 
 
 def _model(run_dir: Path) -> dict[str, np.ndarray]:

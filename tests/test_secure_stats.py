@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import prepare_and_approve, serve_at_site
-from flwr.app import Context, RecordDict
+from conftest import SECURE_AGGREGATION, serve_site, study_variant
+from flwr.app import RecordDict
 
 from omopfl import policy, secagg
 from omopfl.config import load_site
@@ -31,23 +31,15 @@ SITES = ("site_a", "site_b", "site_c")
 def secure(prepared_sites_factory) -> dict[str, Any]:
 
     federation = prepared_sites_factory("secagg")
-    study = federation["tmp"] / "study_secagg.toml"
-    study.write_text(federation["study"].read_text() + "\n[privacy]\nsecure_aggregation = true\n")
-    spec = load_study(study)
-    prepared = federation["tmp"] / "prepared_secagg"
-    prepare_and_approve(federation["adapters"], spec, prepared)
-    return {**federation, "secure_study": study, "secure_prepared": prepared, "secure_hash": spec.hash}
+    variant = study_variant(federation, "secagg", federation["study"].read_text() + SECURE_AGGREGATION)
+    return {**federation, "secure_study": variant.study, "secure_prepared": variant.prepared,
+            "secure_hash": variant.hash}
 
 
 def _serve(secure: dict[str, Any], index: int, content: RecordDict, run_id: int,
            message_type: str = secure_stats.SECAGG_QUERY, prepared: Path | None = None) -> RecordDict:
     """What a coordinator receives from site ``index`` for one message (the site's own trust boundary)."""
-    context = Context(run_id=run_id, node_id=index + 1,
-                      node_config={"site-config": str(secure["adapters"][index]),
-                                   "prepared-dir": str(prepared or secure["secure_prepared"])},
-                      state=RecordDict(), run_config={})
-    return serve_at_site(content, context, message_type, run_id=run_id, message_id=f"m{run_id}-{index}",
-                          node_id=index + 1).content
+    return serve_site(secure["adapters"], index, content, run_id, message_type, prepared or secure["secure_prepared"])
 
 
 def _code(reply: RecordDict) -> str:
@@ -189,14 +181,10 @@ def pinned(secure) -> dict[str, Any]:
 
     keys = {name: site_secure.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
                                                                                   strict=True)}
-    study = secure["tmp"] / "study_pinned.toml"
-    study.write_text(secure["study"].read_text() + "\n[privacy]\nsecure_aggregation = true\n\n"
-                     "[privacy.participants]\n" + "".join(f'{n} = "{k}"\n' for n, k in keys.items()))
-    spec = load_study(study)
-    assert dict(spec.privacy.participants) == keys
-    prepared = secure["tmp"] / "prepared_pinned"
-    prepare_and_approve(secure["adapters"], spec, prepared)
-    return {"study": study, "prepared": prepared, "hash": spec.hash}
+    variant = study_variant(secure, "pinned", secure["study"].read_text() + SECURE_AGGREGATION + "\n"
+                            "[privacy.participants]\n" + "".join(f'{n} = "{k}"\n' for n, k in keys.items()))
+    assert dict(variant.spec.privacy.participants) == keys
+    return {"study": variant.study, "prepared": variant.prepared, "hash": variant.hash}
 
 
 def test_pinned_participants_work_and_a_sybil_coordinator_is_refused(secure, pinned) -> None:

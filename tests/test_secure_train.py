@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import prepare_and_approve, serve_at_site
+from conftest import SECURE_AGGREGATION, serve_site, study_variant
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from omopfl import policy, secagg
@@ -34,19 +34,15 @@ SITES = ("site_a", "site_b", "site_c")
 
 def _prepare(federation: dict[str, Any], name: str, extra: str) -> dict[str, Any]:
 
-    study = federation["tmp"] / f"study_{name}.toml"
-    study.write_text(federation["study"].read_text() + extra)
-    spec = load_study(study)
-    prepared = federation["tmp"] / f"prepared_{name}"
-    prepare_and_approve(federation["adapters"], spec, prepared)
-    return {"study": study, "prepared": prepared, "hash": spec.hash, "spec": spec}
+    variant = study_variant(federation, name, federation["study"].read_text() + extra)
+    return {"study": variant.study, "prepared": variant.prepared, "hash": variant.hash, "spec": variant.spec}
 
 
 @pytest.fixture(scope="module")
 def secure(prepared_sites_factory) -> dict[str, Any]:
     federation = prepared_sites_factory("secagg_train")
     return {**federation, **{f"secure_{k}": v for k, v in
-                             _prepare(federation, "secure", "\n[privacy]\nsecure_aggregation = true\n").items()}}
+                             _prepare(federation, "secure", SECURE_AGGREGATION).items()}}
 
 
 def _model(run_dir: Path) -> dict[str, np.ndarray]:
@@ -57,12 +53,7 @@ def _model(run_dir: Path) -> dict[str, np.ndarray]:
 def _serve(secure: dict[str, Any], index: int, content: RecordDict, run_id: int, message_type: str,
            prepared: Path | None = None) -> RecordDict:
     """What a coordinator receives from site ``index`` for one message (the site's own trust boundary)."""
-    context = Context(run_id=run_id, node_id=index + 1,
-                      node_config={"site-config": str(secure["adapters"][index]),
-                                   "prepared-dir": str(prepared or secure["secure_prepared"])},
-                      state=RecordDict(), run_config={})
-    return serve_at_site(content, context, message_type, run_id=run_id, message_id=f"m{run_id}-{index}",
-                          node_id=index + 1).content
+    return serve_site(secure["adapters"], index, content, run_id, message_type, prepared or secure["secure_prepared"])
 
 
 def _code(reply: RecordDict) -> str:
@@ -295,7 +286,7 @@ def test_fedprox_with_secure_aggregation_gives_the_plain_fedprox_model(secure) -
     base = {"tmp": secure["tmp"], "study": secure["tmp"] / "study_fedprox_base.toml", "adapters": secure["adapters"]}
     base["study"].write_text(text)
     plain = _prepare(base, "fedprox_plain", "\n")
-    masked = _prepare(base, "fedprox_secure", "\n[privacy]\nsecure_aggregation = true\n")
+    masked = _prepare(base, "fedprox_secure", SECURE_AGGREGATION)
     runs = {}
     for name, prepared in (("plain", plain), ("secure", masked)):
         runs[name] = secure["tmp"] / f"run_fedprox_{name}"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import prepare_and_approve
+from conftest import study_variant
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from omopfl.errors import ConfigError
@@ -354,12 +354,8 @@ def federation(prepared_sites_factory) -> dict[str, Any]:
 def _variant(federation: dict[str, Any], tag: str, lines: str) -> dict[str, Any]:
     """The federation's study with other ``[training]`` lines, prepared and approved at every site."""
 
-    study = federation["tmp"] / f"study_{tag}.toml"
-    study.write_text(_training(federation["study"].read_text(), lines))
-    spec = load_study(study)
-    prepared = federation["tmp"] / f"prepared_{tag}"
-    prepare_and_approve(federation["adapters"], spec, prepared)
-    return {"study": study, "prepared": prepared, "spec": spec}
+    variant = study_variant(federation, tag, _training(federation["study"].read_text(), lines))
+    return {"study": variant.study, "prepared": variant.prepared, "spec": variant.spec}
 
 
 def _train_replies(run_dir: Path) -> list[dict[str, Any]]:
