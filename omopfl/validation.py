@@ -58,20 +58,24 @@ CDM, warnings (with counts and percent of the table's rows):
 
 * ``isRequired`` in every other NOT NULL column of person, observation_period, visit_occurrence,
   condition_occurrence, drug_exposure, procedure_occurrence, measurement, observation, death;
-* ``isPrimaryKey``: rows sharing a primary-key value (DQD's count: every row involved);
-* ``isForeignKey``: rows whose person_id is not in person;
+* ``isPrimaryKey``: primary-key values held by more than one row (the number of such values, not of
+  the rows involved; the definition `omopfl sites check` uses too);
+* ``isForeignKey``: rows whose person_id is NULL or not in person;
 * ``measurePersonCompleteness``: persons without an observation period;
 * ``measureObservationPeriodOverlap``: persons with overlapping or adjacent observation periods;
-* ``plausibleAfterBirth``: dates in a year before year_of_birth;
+* ``plausibleAfterBirth``: dates in a year before year_of_birth; on death, the number of persons whose
+  death is in a year before the year_of_birth of any of their person rows;
 * ``plausibleBeforeDeath``: dates more than 60 days after the death date;
 * ``plausibleStartBeforeEnd``: end date before start date;
-* ``withinObservationPeriod``: events outside every observation period of their person;
-* ``standardConceptRecordCompleteness``: rows whose concept id is 0 (unmapped);
+* ``withinObservationPeriod``: events outside every observation period of their person (a NULL date
+  or person_id counts);
+* ``standardConceptRecordCompleteness``: rows whose concept id is 0 or NULL (unmapped);
 * ``valueWithoutUnit``: measurement value_as_number without a unit concept;
 * ``cdmVersion``: the CDM version cannot be told (checked as 5.4).
 
 The duplicate keys and orphan observation periods real CDMs (and Eunomia) have are warnings:
-cohort and feature SQL join on person and dates, not on event ids.  A check whose query fails
+cohort and feature SQL join on person and dates, not on event ids.  The checks `omopfl sites check`
+runs too are one ``sql/cdm_*.sql`` file each, read by both commands, so both count the same.  A check whose query fails
 (e.g. a date stored as text) is reported as failed at its own level, with the driver's error
 class only.
 """
@@ -80,7 +84,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -606,14 +610,14 @@ class _Sql:
         self.postgres = conn.dialect.name == "postgresql"
         self.owns_transaction = not conn.in_transaction()
 
-    def row(self, sql: str) -> tuple[int, ...] | str:
-        """The first row as ints (NULL -> 0), or a safe reason why the query failed."""
+    def _run(self, query: str | sa.TextClause, params: dict[str, Any] | None, fetch: Callable[[Any], Any]) -> Any:
+        """``fetch(result)`` of the query, or a safe reason (str) why it failed."""
+        statement = sa.text(query) if isinstance(query, str) else query
         try:
             if self.postgres:
                 with self.conn.begin_nested():
-                    row = self.conn.execute(sa.text(sql)).one()
-            else:
-                row = self.conn.execute(sa.text(sql)).one()
+                    return fetch(self.conn.execute(statement, params or {}))
+            return fetch(self.conn.execute(statement, params or {}))
         except sa.exc.DBAPIError as exc:
             reason = describe_driver_error(exc)
             if not self.postgres:
@@ -621,24 +625,16 @@ class _Sql:
                     raise DatabaseError(f"CDM conformance check failed ({reason})") from None
                 self.conn.rollback()
             return reason
-        return tuple(int(value or 0) for value in row)
 
-    def ints(self, sql: str) -> set[int] | str:
+    def row(self, query: str | sa.TextClause, params: dict[str, Any] | None = None) -> tuple[int, ...] | str:
+        """The first row as ints (NULL -> 0), or a safe reason why the query failed."""
+        row = self._run(query, params, lambda result: result.one())
+        return row if isinstance(row, str) else tuple(int(value or 0) for value in row)
+
+    def ints(self, query: str | sa.TextClause, params: dict[str, Any] | None = None) -> set[int] | str:
         """Every value of the first column as ints, or a safe reason why the query failed."""
-        try:
-            if self.postgres:
-                with self.conn.begin_nested():
-                    values = self.conn.execute(sa.text(sql)).scalars().all()
-            else:
-                values = self.conn.execute(sa.text(sql)).scalars().all()
-        except sa.exc.DBAPIError as exc:
-            reason = describe_driver_error(exc)
-            if not self.postgres:
-                if not self.owns_transaction:
-                    raise DatabaseError(f"CDM conformance check failed ({reason})") from None
-                self.conn.rollback()
-            return reason
-        return {int(v) for v in values if v is not None}
+        values = self._run(query, params, lambda result: result.scalars().all())
+        return values if isinstance(values, str) else {int(v) for v in values if v is not None}
 
 
 def _study_concepts(sql: _Sql, site: SiteConfig, study: StudyConfig) -> list[CheckResult]:
@@ -652,8 +648,8 @@ def _study_concepts(sql: _Sql, site: SiteConfig, study: StudyConfig) -> list[Che
     ids = sorted({int(c) for _, concepts in features for c in concepts})  # ints checked by the study parser
     if not ids:
         return []
-    known = sql.ints(f"SELECT concept_id FROM {qualified(site.vocabulary_schema, 'concept')} "
-                     f"WHERE concept_id IN ({', '.join(str(i) for i in ids)})")
+    query = sa.text(sql_text("known_concept_ids", concept=qualified(site.vocabulary_schema, "concept")))
+    known = sql.ints(query.bindparams(sa.bindparam("ids", expanding=True)), {"ids": ids})
     results = []
     for name, concepts in features:
         if isinstance(known, str):
@@ -672,13 +668,7 @@ def _study_concepts(sql: _Sql, site: SiteConfig, study: StudyConfig) -> list[Che
 
 
 def _columns_in_schema(conn: sa.Connection, schema: str) -> dict[str, set[str]]:
-    rows = conn.execute(
-        sa.text(
-            "SELECT lower(table_name), lower(column_name) FROM information_schema.columns "
-            "WHERE lower(table_schema) = lower(:s)"
-        ),
-        {"s": schema},
-    )
+    rows = conn.execute(sa.text(sql_text("schema_columns")), {"schema": schema})
     out: dict[str, set[str]] = {}
     for table, column in rows:
         out.setdefault(table, set()).add(column)
@@ -772,8 +762,9 @@ def _cdm_conformance(
     period = qualified(cdm, "observation_period")
     totals: dict[str, int] = {}
 
-    # One scan per table: row count, NULLs in required columns, reversed dates, unmapped concepts, units.
-    # Should the combined query fail (a column of an unexpected type), each part runs on its own.
+    # One scan per table: its row count and the NULLs in its required columns (generated: the parts
+    # depend on which columns exist).  Should the combined query fail (a column of an unexpected type),
+    # each part runs on its own.
     for table in checked:
         target = qualified(cdm, table)
         parts: list[tuple[str, str, str, str, str]] = []  # check, field, level, condition, description
@@ -781,18 +772,6 @@ def _cdm_conformance(
             if spec.required and spec.name in usable[table]:
                 level = FATAL if (table, spec.name) in FATAL_REQUIRED_FIELDS else WARNING
                 parts.append(("isRequired", spec.name, level, f"{q(spec.name)} IS NULL", "NULL in a required column"))
-        start, end, concept = EVENT_TABLES.get(table, (None, None, None))
-        if table == "observation_period":
-            start, end = "observation_period_start_date", "observation_period_end_date"
-        if has(table, start, end):
-            parts.append(("plausibleStartBeforeEnd", start, WARNING, f"{q(end)} < {q(start)}", f"{end} before {start}"))
-        if has(table, concept):
-            parts.append(("standardConceptRecordCompleteness", concept, WARNING, f"{q(concept)} = 0",
-                          f"{concept} = 0 (no standard concept)"))
-        if table == "measurement" and has(table, "value_as_number", "unit_concept_id"):
-            parts.append(("valueWithoutUnit", "unit_concept_id", WARNING,
-                          "value_as_number IS NOT NULL AND (unit_concept_id IS NULL OR unit_concept_id = 0)",
-                          "value_as_number without a unit"))
         sums = [f"sum(CASE WHEN {condition} THEN 1 ELSE 0 END)" for _, _, _, condition, _ in parts]
         row = sql.row(f"SELECT {', '.join(['count(*)', *sums])} FROM {target}")
         if isinstance(row, str):
@@ -824,34 +803,48 @@ def _cdm_conformance(
         results.extend(_study_concepts(sql, site, study))
 
     def count(check: str, table: str, field: str | None, level: str, query: str, description: str,
-              total: int | None = None) -> None:
-        row = sql.row(query)
+              total: int | None = None, params: dict[str, Any] | None = None) -> None:
+        row = sql.row(query, params)
         total = total if total is not None else totals.get(table)
         if isinstance(row, str):
             add(check, table, field, level, None, total, f"{description}: could not run ({row})", passed=False)
         else:
             add(check, table, field, level, row[0], total, description)
 
-    # Primary keys.
+    # The checks `omopfl sites check` runs too: one sql/ file each (omopfl.sites uses the same files).
+    for table in checked:
+        if table not in totals:
+            continue
+        target = qualified(cdm, table)
+        start, end, concept = EVENT_TABLES.get(table, (None, None, None))
+        if table == "observation_period":
+            start, end = "observation_period_start_date", "observation_period_end_date"
+        if has(table, start, end):
+            count("plausibleStartBeforeEnd", table, start, WARNING,
+                  sql_text("cdm_end_before_start", table=target, start=q(start), end=q(end)), f"{end} before {start}")
+        if has(table, concept):
+            count("standardConceptRecordCompleteness", table, concept, WARNING,
+                  sql_text("cdm_unmapped_concept", table=target, concept_column=q(concept)),
+                  f"{concept} is 0 or NULL (no standard concept)")
+        if table == "measurement" and has(table, "value_as_number", "unit_concept_id"):
+            count("valueWithoutUnit", table, "unit_concept_id", WARNING,
+                  sql_text("cdm_measurement_without_unit", measurement=target), "value_as_number without a unit")
+
+    # Primary keys: the number of key values held by more than one row.
     for table in checked:
         if table not in totals:
             continue
         for spec in table_columns(table, version):
             if spec.primary_key and has(table, spec.name):
-                key = q(spec.name)
                 count("isPrimaryKey", table, spec.name, FATAL if table == "person" else WARNING,
-                      f"SELECT sum(n) FROM (SELECT count(*) AS n FROM {qualified(cdm, table)} WHERE {key} IS NOT NULL "
-                      f"GROUP BY {key} HAVING count(*) > 1) d",
-                      "rows sharing a primary-key value")
+                      sql_text("cdm_duplicate_primary_keys", table=qualified(cdm, table), key=q(spec.name)),
+                      "primary-key values held by more than one row")
 
     person_ok = "person" in totals and has("person", "person_id")
     period_ok = "observation_period" in totals and has(
         "observation_period", "person_id", "observation_period_start_date", "observation_period_end_date")
     death_ok = "death" in totals and has("death", "person_id", "death_date")
-    births = (f"(SELECT person_id, min(year_of_birth) AS year_of_birth FROM {person} GROUP BY person_id)"
-              if person_ok and has("person", "year_of_birth") else None)
-    deaths = (f"(SELECT person_id, max(death_date) AS death_date FROM {qualified(cdm, 'death')} GROUP BY person_id)"
-              if death_ok else None)
+    births_ok = person_ok and has("person", "year_of_birth")
 
     # Person-level: foreign keys, observation period coverage and overlap, dates against birth and death.
     dated: list[tuple[str, str]] = [("observation_period", "observation_period_start_date")]
@@ -861,40 +854,37 @@ def _cdm_conformance(
         if table not in totals or not has(table, "person_id") or not person_ok:
             continue
         count("isForeignKey", table, "person_id", WARNING,
-              f"SELECT count(*) FROM {qualified(cdm, table)} e WHERE e.person_id IS NOT NULL AND NOT EXISTS "
-              f"(SELECT 1 FROM {person} p WHERE p.person_id = e.person_id)",
-              "person_id not in person")
+              sql_text("cdm_rows_of_absent_persons", table=qualified(cdm, table), person=person),
+              "person_id NULL or not in person")
     if person_ok and period_ok:
         count("measurePersonCompleteness", "observation_period", None, WARNING,
               sql_text("cdm_persons_without_observation_period", person=person, period=period),
               "persons without an observation period", total=totals["person"])
     if period_ok:
         count("measureObservationPeriodOverlap", "observation_period", None, WARNING,
-              "SELECT count(DISTINCT person_id) FROM (SELECT person_id, observation_period_start_date AS s, "
-              "lag(observation_period_end_date) OVER (PARTITION BY person_id ORDER BY observation_period_start_date, "
-              f"observation_period_end_date) AS previous_end FROM {period}) t WHERE s <= previous_end + 1",
+              sql_text("cdm_observation_period_overlap", period=period),
               "persons with overlapping or adjacent observation periods",
               total=totals.get("person", totals["observation_period"]))
     for table, date_column in dated:
         if table not in totals or not has(table, "person_id", date_column):
             continue
         target, column = qualified(cdm, table), q(date_column)
-        if births is not None:
+        if births_ok and table == "death":
             count("plausibleAfterBirth", table, date_column, WARNING,
-                  f"SELECT count(*) FROM {target} e JOIN {births} b ON b.person_id = e.person_id "
-                  f"WHERE EXTRACT(YEAR FROM e.{column}) < b.year_of_birth",
+                  sql_text("cdm_death_before_birth", death=target, person=person),
+                  "persons whose death is in a year before their year_of_birth")
+        elif births_ok:
+            count("plausibleAfterBirth", table, date_column, WARNING,
+                  sql_text("cdm_dates_before_birth", table=target, person=person, date_column=column),
                   "date in a year before year_of_birth")
-        if deaths is not None and table != "death":
+        if death_ok and table != "death":
             count("plausibleBeforeDeath", table, date_column, WARNING,
-                  f"SELECT count(*) FROM {target} e JOIN {deaths} d ON d.person_id = e.person_id "
-                  f"WHERE e.{column} > d.death_date + {DEATH_SLACK_DAYS}",
-                  f"date more than {DEATH_SLACK_DAYS} days after death")
+                  sql_text("cdm_dates_after_death", table=target, death=qualified(cdm, "death"), date_column=column),
+                  f"date more than {DEATH_SLACK_DAYS} days after death", params={"slack_days": DEATH_SLACK_DAYS})
         if period_ok and table in EVENT_TABLES:
             count("withinObservationPeriod", table, date_column, WARNING,
-                  f"SELECT count(*) FROM {target} e WHERE e.{column} IS NOT NULL AND NOT EXISTS "
-                  f"(SELECT 1 FROM {period} o WHERE o.person_id = e.person_id AND e.{column} "
-                  "BETWEEN o.observation_period_start_date AND o.observation_period_end_date)",
-                  "event outside every observation period of its person")
+                  sql_text("cdm_events_outside_observation", table=target, period=period, date_column=column),
+                  "event outside every observation period of its person (or without a date or person)")
     return version, results
 
 
