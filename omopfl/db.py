@@ -26,7 +26,6 @@ __all__ = [
     "connect",
     "quote_identifier",
     "qualified",
-    "dialect_name",
     "schema_exists",
     "existing_tables",
     "detect_cdm_version",
@@ -227,11 +226,6 @@ def connect(engine: sa.Engine, *, what: str = "database") -> Iterator[sa.Connect
         raise DatabaseError(f"{what}: statement failed ({describe_driver_error(exc)})") from None
     finally:
         conn.close()
-
-
-def dialect_name(conn: sa.Connection) -> str:
-    """``"postgresql"`` or ``"duckdb"``."""
-    return conn.dialect.name
 
 
 def schema_exists(conn: sa.Connection, schema: str) -> bool:

@@ -221,8 +221,8 @@ def _targets(node: ast.Assign | ast.AnnAssign) -> list[ast.expr]:
 def test_the_cdm_checks_share_one_event_table_list():
     """sites check and validate read the event tables from omopfl.cdm (issue 15: checks written once)."""
     import omopfl.cdm
+    import omopfl.conformance
     import omopfl.sites
-    import omopfl.validation
 
     defined = [
         _module_name(p)
@@ -232,4 +232,4 @@ def test_the_cdm_checks_share_one_event_table_list():
         and any(isinstance(t, ast.Name) and t.id == "EVENT_TABLES" for t in _targets(node))
     ]
     assert defined == ["omopfl.cdm"]
-    assert omopfl.sites.EVENT_TABLES is omopfl.validation.EVENT_TABLES is omopfl.cdm.EVENT_TABLES
+    assert omopfl.sites.EVENT_TABLES is omopfl.conformance.EVENT_TABLES is omopfl.cdm.EVENT_TABLES

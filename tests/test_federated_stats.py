@@ -357,7 +357,8 @@ def test_client_app_keeps_the_scaler_and_refuses_a_mismatched_one(federation, mo
 # --------------------------------------------------------------------------------------------
 
 FORBIDDEN = ("omopfl.prepare", "omopfl.features", "omopfl.linking", "omopfl.db", "omopfl.cohort", "omopfl.synth",
-             "omopfl.validation", "omopfl.sites", "omopfl.eunomia", "omopfl.config",
+             "omopfl.validation", "omopfl.conformance", "omopfl.expectations", "omopfl.sites", "omopfl.eunomia",
+             "omopfl.config",
              "omopfl.federation.client_app", "omopfl.federation.runner", "sqlalchemy", "duckdb", "psycopg",
              "psycopg2", "pydicom", "great_expectations", "torch")
 
