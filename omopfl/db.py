@@ -266,7 +266,7 @@ def detect_cdm_version(conn: sa.Connection, cdm_schema: str) -> str:
     if "cdm_source" in tables:
         try:
             value = conn.execute(
-                sa.text(f"SELECT cdm_version FROM {qualified(cdm_schema, 'cdm_source')} LIMIT 1")
+                sa.text(sql_text("cdm_source_version", cdm_source=qualified(cdm_schema, "cdm_source")))
             ).scalar()
         except sa.exc.DBAPIError:
             conn.rollback()
