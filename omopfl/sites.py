@@ -1,7 +1,10 @@
 """`omopfl sites check`: what is in a site's CDM, what is missing, what looks wrong.
 
 All work is done in SQL; only counts come back.  The report is for the site's
-own data engineer and is not sent anywhere.
+own data engineer and is not sent anywhere.  Each check is one ``sql/cdm_*.sql`` file that
+``omopfl validate`` (:mod:`omopfl.conformance`) reads too, so both count the same; a finding's
+``rows`` is the number of key values for ``duplicate_primary_key`` and of persons for
+``death_before_birth``.
 """
 
 from __future__ import annotations
