@@ -13,7 +13,7 @@ What it measures
        Every level is its own study (its own hash), so each site prepares it
        (:func:`omopfl.prepare.prepare_site`, cohorts built in the site's database) and approves it
        (:func:`omopfl.policy.approve`) as a data engineer would;
-    3. omopfl's own federated run, :func:`omopfl.federation.train.run_training` in process: the real
+    3. omopfl's own federated run, :func:`omopfl.federation.local.run_training` in process: the real
        ServerApp and the sites' ClientApps through Flower's in-process grid, the site's trust boundary,
        the statistics phase and global scaler, FedAvg rounds, each site's DP-SGD (Opacus, noise
        calibrated from the approved study for its own train rows, charged to its budget ledger) and
@@ -99,7 +99,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     started = time.perf_counter()
     saved = {key: os.environ.get(key) for key in CACHE_ENV}

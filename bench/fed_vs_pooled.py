@@ -10,7 +10,7 @@ What it measures
     2. the study's target and outcome cohorts built in each site's database
        (:func:`omopfl.cohort.build_cohorts`, as ``omopfl demo`` does) and each site's dataset
        prepared and validated (:func:`omopfl.prepare.prepare_site`);
-    3. federated training, :func:`omopfl.federation.train.run_training` in process (statistics phase,
+    3. federated training, :func:`omopfl.federation.local.run_training` in process (statistics phase,
        global scaler, the study's strategy for ``rounds`` rounds, federated evaluation);
     4. the pooled baseline, :func:`omopfl.pooled.train_pooled`: the same model, scaler rule,
        batch size, learning rate and per-site train/test split, trained centrally on the
@@ -108,7 +108,7 @@ def _round(value: Any, digits: int = 4) -> float | None:
 
 def run_one(n_sites: int, persons: int, seed: int, study_path: Path, image_share: float = 0.0) -> dict[str, Any]:
     """Synthetic sites -> cohorts -> prepared data -> federated and pooled training, in a temporary folder."""
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
     from omopfl.pooled import train_pooled
 
     started = time.perf_counter()
@@ -198,7 +198,7 @@ def main() -> int:
     if not args.verbose:
         # Flower's logger sets itself to DEBUG when Flower is first imported: import it (through
         # omopfl.federation, the only package that imports Flower) before quieting it.
-        import omopfl.federation.train  # noqa: F401
+        import omopfl.federation.local  # noqa: F401
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
 

@@ -9,7 +9,7 @@ What it measures
        omics; the study's cohorts built in each site's database;
     2. for each strategy, the study ``bench/fed_vs_pooled_study.toml`` (logistic model) with its
        ``[training]`` replaced by the strategy's (below), every site prepared and approving it (a
-       strategy is part of what a site approves), and :func:`omopfl.federation.train.run_training`
+       strategy is part of what a site approves), and :func:`omopfl.federation.local.run_training`
        in process for ``--rounds`` rounds;
     3. per strategy: the final federated AUC as released (the test-row-weighted mean of the sites'
        own AUCs; a site withholds its evaluation when a confusion cell at the study's threshold is
@@ -121,7 +121,7 @@ def _scores(run_dir: Path, prepared_dir: Path, names: list[str]) -> dict[str, An
 
 
 def run_bench(n_sites: int, persons: int, seed: int, skew: float, rounds: int, lr: float, mu: float) -> dict[str, Any]:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
     from omopfl.synth import run_synth
 
     out: dict[str, Any] = {}
@@ -198,7 +198,7 @@ def main() -> int:
     parser.add_argument("--verbose", action="store_true", help="keep Flower's INFO logs on stderr")
     args = parser.parse_args()
     if not args.verbose:
-        import omopfl.federation.train  # noqa: F401  (Flower sets its logger on import)
+        import omopfl.federation.local  # noqa: F401  (Flower sets its logger on import)
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
     import torch

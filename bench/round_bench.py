@@ -5,7 +5,7 @@ or omics) prepared for the t2dm_hf example study, then the same training (``--ro
 FedAvg, logistic model unless ``--model``) run by several engines:
 
 ``inprocess``
-    :class:`omopfl.federation.runner.InProcessGrid`: the ServerApp and the sites' ClientApps in this
+    :class:`omopfl.federation.local.InProcessGrid`: the ServerApp and the sites' ClientApps in this
     process, every message through Flower's protobuf serialisation (the "simulation").
 ``deployment_stock``
     Flower's defaults: SuperLink + one ``omopfl train --site`` SuperNode per site with
@@ -87,7 +87,7 @@ def _local_compute(run_dir: Path, adapters: list[Path], prepared: Path, config: 
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-    from omopfl.federation.site_train import site_evaluate, site_train
+    from omopfl.federation.site.training import site_evaluate, site_train
     from omopfl.models import build_model
     from omopfl.study import ModelSpec
 
@@ -115,7 +115,7 @@ def _local_compute(run_dir: Path, adapters: list[Path], prepared: Path, config: 
 
 
 def _run(engine: str, study: Path, adapters: list[Path], prepared: Path, out: Path, rounds: int) -> dict[str, Any]:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     kwargs: dict[str, Any] = {"mode": "inprocess" if engine == "inprocess" else "deployment", "timeout": 1800}
     if engine == "deployment_stock":
@@ -143,7 +143,7 @@ def main() -> None:
     try:
         _log("setting up three synthetic sites ...")
         study, adapters, prepared = _setup(base, args.persons, args.model)
-        from omopfl.federation.server import training_run_config
+        from omopfl.federation.run_config import training_run_config
         from omopfl.study import load_study
 
         config = training_run_config(load_study(study), base, min_sites=3)

@@ -7,7 +7,7 @@ What it measures
        average (the synthetic default spread of sizes), each site's cohorts built, its dataset
        prepared and the study approved (``bench/benchsites.py``), in a child process;
     2. in a second, fresh child process, omopfl's own federated run in process
-       (:func:`omopfl.federation.train.run_training`, ``mode="inprocess"``: the real ServerApp and
+       (:func:`omopfl.federation.local.run_training`, ``mode="inprocess"``: the real ServerApp and
        one real ClientApp per site on Flower's in-process grid, through the site's trust boundary,
        the statistics phase, ``--rounds`` FedAvg rounds with federated evaluation).
 
@@ -92,7 +92,7 @@ def _child_train(folder: Path) -> dict[str, Any]:
 
     import torch
 
-    import omopfl.federation.train as train  # imports Flower, whose logger is then quieted
+    import omopfl.federation.local as train  # imports Flower, whose logger is then quieted
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 
 Every reply a site's ClientApp sends (released statistics, scaler acknowledgements, model weights,
 evaluation metrics, refusals) is appended here *before* it leaves the site
-(:func:`omopfl.federation.site_app.serve`).  One line per reply::
+(:func:`omopfl.federation.site.app.serve`).  One line per reply::
 
     {"seq": 7, "time": "2026-12-02T08:00:00.123456+00:00", "run_id": 42, "site": "site_a",
      "study_hash": "…", "message_type": "train", "server_round": 3, "outcome": "sent" | "refused",

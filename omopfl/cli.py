@@ -69,7 +69,7 @@ def _site_connection(adapter: Path) -> Iterator[tuple[SiteConfig, sa.Connection]
 
 
 def _quiet_flower() -> None:
-    from omopfl.federation.train import quiet_flower_logs
+    from omopfl.federation.local import quiet_flower_logs
 
     quiet_flower_logs()
 
@@ -454,7 +454,7 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Federated statistics: global count, mean and std per feature, from per-site aggregates only."""
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     adapters = list(sites) if sites else sorted(Path("adapters").glob("*.toml"))
     if not adapters:
@@ -496,7 +496,7 @@ def covariates(
 ) -> None:
     """Federated covariate discovery: the covariate ids each site releases (held by >= its min_cell_count
     persons), kept when at least --min-sites sites release them, written as the study's covariate list."""
-    from omopfl.federation.discovery import run_discovery
+    from omopfl.federation.local import run_discovery
 
     adapters = list(sites) if sites else sorted(Path("adapters").glob("*.toml"))
     if not adapters:
@@ -645,7 +645,7 @@ def train(
             console.print(f"pooled baseline: AUC {_fmt(weighted.get('auc'))} (site-weighted), "
                           f"{_fmt(pooled_result['metrics']['pooled'].get('auc'))} over all test rows")
             return
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
     from omopfl.report import plot_metrics, write_report
 
     if mode == "inprocess":
@@ -683,7 +683,7 @@ def _serve_site(sites: list[Path] | None, superlink: str, prepared: Path, *, roo
                 insecure: bool, keys: tuple[Path | None, Path | None], runtime_port: int | None,
                 stock_polling: bool, worker: bool, max_wait_time: float | None) -> None:
     """Serve one site as a Flower SuperNode; its node config names the adapter, never a secret."""
-    from omopfl.federation.supernode import serve_site
+    from omopfl.federation.site.node import serve_site
 
     if not sites or len(sites) != 1:
         raise ConfigError("omopfl train --superlink serves exactly one site: pass --site adapters/<site>.toml")
@@ -754,7 +754,7 @@ def server(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run manifest as JSON.")] = False,
 ) -> None:
     """Coordinate a federated run: start the SuperLink, train with the sites' SuperNodes, write the run dir."""
-    from omopfl.federation.server import ServerOptions, serve_study
+    from omopfl.federation.coordinator.command import ServerOptions, serve_study
 
     tls_files = {"ca": ssl_ca_certfile, "cert": ssl_certfile, "key": ssl_keyfile}
     given = {k: v for k, v in tls_files.items() if v is not None}
@@ -786,7 +786,7 @@ def view_run(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.", min=0, max=65535)] = 8088,
 ) -> None:
     """Serve the read-only run view of a run directory on http://127.0.0.1:PORT/ until Ctrl-C."""
-    from omopfl.federation.run_view import RunView
+    from omopfl.federation.coordinator.run_view import RunView
 
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: run directory not found")
@@ -893,13 +893,13 @@ def demo(
         console.print(f"{site.name}: approved {entry.hash[:12]} in {policy.state_dir(site)}")
     console.rule("6. federated statistics (Flower ServerApp/ClientApp, in process)")
     _quiet_flower()
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     stats_result = run_stats(study, [adapters / f"{s.site}.toml" for s in summaries], out / "prepared",
                              mode="inprocess", out=out / "stats.json")
     _print_stats(stats_result)
     console.rule(f"7. federated training ({spec.training.strategy}, {spec.training.rounds} rounds, in process)")
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
     from omopfl.report import plot_metrics, write_report
 
     run_dir = out / "run"

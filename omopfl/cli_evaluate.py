@@ -3,7 +3,7 @@
 The data engineer runs it at the site; the result folder holds only what the site's release rule
 allows (:mod:`omopfl.plp_metrics`), so it can be shared with the study's coordinator.  With
 ``--federated`` the coordinator runs it instead: the model goes to every site that approved the
-study (:mod:`omopfl.federation.federated_validation`), each site computes the same result at the site,
+study (:mod:`omopfl.federation.coordinator.validation`), each site computes the same result at the site,
 and the released results come back (``federated_validation.json``/``.md`` and one folder per site).
 """
 
@@ -82,7 +82,7 @@ def _federated(run: Path, sites: list[Path], prepared: Path, rows: str, out: Pat
     from omopfl.errors import ConfigError, FederationError
     from omopfl.external_validation import write_validation, write_validation_report
     from omopfl.federation import codec
-    from omopfl.federation.runner import run_validation
+    from omopfl.federation.local import run_validation
 
     if simulate == (superlink is not None):
         raise ConfigError("omopfl evaluate --federated needs --simulate (with --site ADAPTER for each site) "

@@ -158,7 +158,7 @@ def sites_audit(
     """Show what left this site, when and for which study (the site's own append-only log)."""
     from omopfl import audit
     from omopfl.config import load_site
-    from omopfl.federation.site_app import audit_path
+    from omopfl.federation.site.audit_trail import audit_path
 
     site = load_site(adapter)
     path = audit_path(site)
@@ -195,7 +195,7 @@ def sites_identity(
     folder (made on first use).
     """
     from omopfl.config import load_site
-    from omopfl.federation.site_app import identity_public_key
+    from omopfl.federation.site.secure import identity_public_key
 
     site = load_site(adapter)
     sys.stdout.write(f'{site.name} = "{identity_public_key(site)}"\n')

@@ -16,6 +16,7 @@ __all__ = [
     "CdmError",
     "DataError",
     "FederationError",
+    "FlowerVersionError",
     "RoundsFailed",
     "CodecError",
     "ReleaseViolation",
@@ -34,7 +35,7 @@ WIRE_CODES = frozenset({
     "feature_mismatch",  # the global scaler's features differ from the site's dataset
     "dp_bounds",         # differential privacy requested without valid bounds for every feature
     "internal",          # anything else; the site's own log says more
-    # refusals of the site's trust boundary (omopfl.federation.site_app)
+    # refusals of the site's trust boundary (omopfl.federation.site.app)
     "study_not_approved",  # the message names a study the site's data engineer has not approved (or revoked)
     "settings_mismatch",   # the message's settings differ from the approved study's
     "policy",              # the site's policy forbids it (model kind, rounds, metrics, DP)
@@ -99,6 +100,11 @@ class FederationError(OmopflError):
     """A federated run could not be started or did not produce a result."""
 
     exit_code = 7
+
+
+class FlowerVersionError(FederationError):
+    """The installed Flower is not one omopfl's site runtime was checked against (a site does not serve)."""
+
 
 
 class RoundsFailed(FederationError):

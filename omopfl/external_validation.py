@@ -206,7 +206,7 @@ def _markdown(result: dict[str, Any]) -> str:
 def write_validation(result: dict[str, Any], out: str | Path) -> Path:
     """Write ``validation.json``, ``roc.png``, ``calibration.png``, ``validation.md`` into ``out``,
     replacing an earlier result only once the new one is complete."""
-    from omopfl.federation.server_app import write_json
+    from omopfl.federation.coordinator.statistics import write_json
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

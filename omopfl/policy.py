@@ -20,7 +20,7 @@ Approvals live in the site's state folder: ``approvals.json`` (one entry per stu
 when approved or revoked, the settings that decide what is computed, cohort hashes, the summary
 that was shown) and ``studies/<hash>.toml`` (the exact bytes that were approved).  ``omopfl sites
 approve | studies | revoke`` read and write them; the site's ClientApp
-(:mod:`omopfl.federation.site_app`) reads them for every message.
+(:mod:`omopfl.federation.site.app`) reads them for every message.
 
 Pure bookkeeping: no database, no Flower import here except the wire names of the training settings.
 """

@@ -5,7 +5,7 @@ every site's CDM must say so in ``cdm_source`` (``cdm_source_name`` or ``source_
 mentioning one of :data:`POOLABLE_MARKERS`, as :mod:`omopfl.synth` and Eunomia's Synthea data do);
 otherwise :func:`train_pooled` raises :class:`omopfl.errors.ConfigError` before loading any rows.
 
-What matches the federated run (:func:`omopfl.federation.train.run_training`)
+What matches the federated run (:func:`omopfl.federation.local.run_training`)
     * the scaler rule: :meth:`omopfl.moments.Scaler.from_moments` of the moments
       (:meth:`omopfl.moments.Moments.from_array`) of the *pooled* ``x``;
     * the per-site train/test split: ``split(n, test_fraction, seed, y)`` on each site with the

@@ -38,7 +38,7 @@ What remains, and how differential privacy covers it
     protection.
 
 :func:`check_reply` is the last check at the site's trust boundary
-(:mod:`omopfl.federation.site_app`): it reads the reply as it would leave and refuses it (the site
+(:mod:`omopfl.federation.site.app`): it reads the reply as it would leave and refuses it (the site
 then sends only a fixed code) if any count in it breaks the rule.
 
 Pure functions (numpy only).

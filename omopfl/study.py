@@ -614,7 +614,7 @@ def _privacy(r: _Reader, t: dict) -> PrivacySpec:
         if not isinstance(key, str) or len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise r.fail(f"[privacy.participants] {site_name}",
                          "must be the site's Ed25519 identity public key, 64 lower-case hex digits "
-                         "(omopfl.federation.site_app.identity_public_key)")
+                         "(omopfl.federation.site.secure.identity_public_key)")
         participants.append((str(site_name), key))
     dp_sgd = r.get(t, "privacy", "dp_sgd", bool, False)
     target = positive("target_epsilon", None)

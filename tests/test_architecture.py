@@ -7,6 +7,7 @@ functions (a function-local import hides a cycle from Python at import time, not
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "omopfl"
@@ -235,3 +236,84 @@ def test_the_cdm_checks_share_one_event_table_list():
     ]
     assert defined == ["omopfl.cdm"]
     assert omopfl.sites.EVENT_TABLES is omopfl.conformance.EVENT_TABLES is omopfl.cdm.EVENT_TABLES
+
+
+# --------------------------------------------------------------------------------------------
+# Flower's internals: one module touches them (issue 15)
+# --------------------------------------------------------------------------------------------
+
+FLOWER_INTERNALS = PACKAGE_DIR / "federation" / "flower_internals.py"
+FLOWER_PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.simulation")
+"""Flower's public API: what every module but ``flower_internals`` may import."""
+
+
+def flower_private_uses(path: Path) -> list[str]:
+    """What ``path`` uses of Flower beyond its public API: imports of other ``flwr`` modules (``import flwr``
+    too), strings naming them (monkeypatch targets), private attributes of names imported from Flower, and
+    writes through ``metadata.__dict__``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: list[str] = []
+    flower_names: set[str] = set()
+    for node in _import_nodes(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "flwr" and alias.name not in FLOWER_PUBLIC:
+                    found.append(f"line {node.lineno}: import {alias.name}")
+                elif alias.name.split(".")[0] == "flwr":
+                    flower_names.add(alias.asname or alias.name.split(".")[0])
+        elif node.module and node.level == 0 and node.module.split(".")[0] == "flwr":
+            if node.module not in FLOWER_PUBLIC:
+                found.append(f"line {node.lineno}: from {node.module} import ...")
+            flower_names.update(alias.asname or alias.name for alias in node.names)
+    private_module = re.compile(r"\bflwr\.(common|supercore|supernode|superlink|superexec|proto|server|client|cli|"
+                                r"compat)\b")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and private_module.search(node.value):
+            found.append(f"line {node.lineno}: names {private_module.search(node.value).group(0)}")
+        if isinstance(node, ast.Attribute):
+            if node.attr == "__dict__" and isinstance(node.value, ast.Attribute) and node.value.attr == "metadata":
+                found.append(f"line {node.lineno}: writes metadata.__dict__")
+            if (node.attr.startswith("_") and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+                    and node.value.id in flower_names):
+                found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return sorted(found, key=lambda use: int(use.split(":")[0].split()[1]))
+
+
+def test_the_flower_check_sees_private_uses(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import flwr\nfrom flwr.app import Message\nfrom flwr.common.serde import x\n"
+                      "def f(m):\n    from flwr.serverapp.strategy import FedAvg\n    m.metadata.__dict__['a'] = 1\n"
+                      "    Message._x = 2\n    FedAvg.aggregate_train\n"
+                      "    patch('flwr.supercore.task_identity.TaskIdentity')\n    'see flwr.app.Message'\n")
+    assert [u.split(":")[0] for u in flower_private_uses(sample)] == [
+        "line 1", "line 3", "line 6", "line 7", "line 9"]
+
+
+def test_only_flower_internals_touches_flowers_private_names():
+    """omopfl (and its tests and benches) use Flower's public API; the internals are in one module, behind one
+    version gate, and that module imports nothing of omopfl."""
+    root = PACKAGE_DIR.parent
+    files = [p for d in ("omopfl", "tests", "bench", "examples", "scripts") for p in (root / d).rglob("*.py")]
+    uses = {str(p.relative_to(root)): flower_private_uses(p) for p in files
+            if p not in (FLOWER_INTERNALS, Path(__file__).resolve())}  # (this file's samples name private modules)
+    assert not {k: v for k, v in uses.items() if v}
+    assert flower_private_uses(FLOWER_INTERNALS)  # the internals are there
+    assert import_graph()["omopfl.federation.flower_internals"] == set()
+    text = FLOWER_INTERNALS.read_text(encoding="utf-8")
+    assert text.count("CHECKED_FLOWER_VERSIONS = ") == 1
+    others = [p for p in PACKAGE_DIR.rglob("*.py") if p != FLOWER_INTERNALS
+              and re.search(r"(FLOWER_VERSIONS|BACKOFF_SECONDS)\s*=", p.read_text(encoding="utf-8"))]
+    assert not others, others
+
+
+def test_site_and_coordinator_sides_share_only_the_wire():
+    """The site side imports nothing of the coordinator's and the coordinator nothing of the site's: what they
+    share is the wire format (the codec modules), the run config and the Flower internals."""
+    graph = import_graph()
+    site, coordinator = "omopfl.federation.site", "omopfl.federation.coordinator"
+    crossings = {m: sorted(t for t in targets if t.startswith(other))
+                 for side, other in ((site, coordinator), (coordinator, site))
+                 for m, targets in graph.items() if m.startswith(side)}
+    assert len([m for m in graph if m.startswith(site)]) >= 9
+    assert len([m for m in graph if m.startswith(coordinator)]) >= 9
+    assert not {m: t for m, t in crossings.items() if t}

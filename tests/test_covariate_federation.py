@@ -24,7 +24,7 @@ from omopfl.covariates import COVARIATES_FILE, load_matrix, persons_per_covariat
 from omopfl.db import make_engine
 from omopfl.errors import ConfigError, FederationError
 from omopfl.federation import codec
-from omopfl.federation.discovery import run_discovery
+from omopfl.federation.local import run_discovery
 from omopfl.prepare import prepare_site
 from omopfl.study import load_study
 
@@ -112,7 +112,7 @@ def test_discovery_releases_only_ids_held_by_k_persons_per_site(eunomia_sites, t
 
 
 def test_discovery_keeps_ids_of_enough_sites_and_training_uses_them(eunomia_sites, tmp_path: Path) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     base = eunomia_sites["base"]
     out = base / "covariates.csv"
@@ -230,9 +230,9 @@ def test_the_discovery_server_imports_no_patient_data_code() -> None:
     import sys
 
     forbidden = ("omopfl.prepare", "omopfl.features", "omopfl.covariates", "omopfl.db", "omopfl.cohort",
-                 "omopfl.config", "omopfl.federation.client_app", "omopfl.federation.site_covariates",
+                 "omopfl.config", "omopfl.federation.site.statistics", "omopfl.federation.site.covariates",
                  "sqlalchemy", "duckdb", "psycopg", "psycopg2", "torch")
-    code = "import json, sys; import omopfl.federation.discovery; print(json.dumps(sorted(sys.modules)))"
+    code = "import json, sys; import omopfl.federation.coordinator.discovery; print(json.dumps(sorted(sys.modules)))"
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                        text=True).stdout)
     assert not [m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)]

@@ -69,7 +69,7 @@ def test_training_settings_change_needs_approval_not_preparation(prepared_sites_
     from omopfl import policy
     from omopfl.config import load_site
     from omopfl.errors import FederationError
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     fed = prepared_sites_factory("dataset_hash")
     prepared_before = {a.stem: (fed["prepared_dir"] / a.stem / "manifest.json").read_bytes() for a in fed["adapters"]}

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from omopfl.federation.deploy import flower_env, free_port
+from omopfl.federation.processes import flower_env, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from omopfl import audit, release
 from omopfl.config import load_site
-from omopfl.federation import codec, site_app
+from omopfl.federation import codec
+from omopfl.federation.site import audit_trail
 from omopfl.moments import Moments
 from omopfl.suppression import binary_columns, suppress
 
@@ -105,7 +106,7 @@ def test_evaluation_needs_every_confusion_cell() -> None:
 
 @pytest.fixture(scope="module")
 def probed(prepared_sites_factory) -> dict[str, Any]:
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     federation = prepared_sites_factory("disclosure")
     # site_a's test split holds 9 outcomes: with k = 10 no evaluation can ever leave it; with k = 3 some can
@@ -119,7 +120,7 @@ def probed(prepared_sites_factory) -> dict[str, Any]:
 
 def _site_truth(federation: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray]:
     """The site's tensors and its test rows, as the approved study splits them."""
-    from omopfl.federation.client_app import load_site_dataset
+    from omopfl.federation.site.statistics import load_site_dataset
     from omopfl.models import SiteTensors, split
     from omopfl.study import load_study
 
@@ -188,7 +189,7 @@ def test_crafted_models_never_release_a_small_confusion_cell(probed) -> None:
         tp, _fp, _fn, tn = cells
         assert metrics["accuracy"] == pytest.approx((tp + tn) / sum(cells), abs=1e-4)
     assert withheld >= 2 and released >= 1  # constant and few-person models withheld; others released
-    entries = {e["sha256"]: e for e in audit.read(site_app.audit_path(load_site(probed["adapters"][0])))}
+    entries = {e["sha256"]: e for e in audit.read(audit_trail.audit_path(load_site(probed["adapters"][0])))}
     for digest in sent:  # the audit log holds every reply, with the numbers that left
         entry = entries[digest]
         values = next(r for r in entry["records"] if r["name"] == "metrics")["values"]
@@ -204,6 +205,6 @@ def test_chosen_splits_seeds_and_repeats_are_refused(probed) -> None:
     # the approved study has 5 rounds: a sixth evaluation in one run is refused
     codes = [codec.reply_refusal(_ask(probed, "evaluate", weight, 0.0, 8)) for _ in range(6)]
     assert codes[:5] == [None] * 5 and codes[5] == ("site_a", "round_limit")
-    path: Path = site_app.audit_path(load_site(probed["adapters"][0]))
+    path: Path = audit_trail.audit_path(load_site(probed["adapters"][0]))
     last = audit.read(path)[-1]
     assert (last["outcome"], last["code"]) == ("refused", "round_limit")

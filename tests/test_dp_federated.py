@@ -14,7 +14,7 @@ from conftest import prepare_and_approve
 from omopfl import audit, budget, policy
 from omopfl.config import load_site
 from omopfl.errors import FederationError
-from omopfl.federation.site_app import audit_path
+from omopfl.federation.site.audit_trail import audit_path
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")
@@ -55,7 +55,7 @@ def _train_epsilons(site_name: str, adapter: Path) -> list[tuple[str, float | No
 
 
 def test_dp_sgd_run_reports_each_sites_own_epsilon_and_stops_at_the_budget(dpsgd) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
     from omopfl.report import write_report
 
     run_dir = dpsgd["tmp"] / "run_dp"

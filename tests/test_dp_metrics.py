@@ -20,7 +20,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from omopfl import audit, budget, dp_metrics, policy
 from omopfl.config import load_site
-from omopfl.federation import codec, site_app
+from omopfl.federation import codec
+from omopfl.federation.site import audit_trail
 from omopfl.study import load_study
 
 EPSILON, BUDGET = 0.5, 2.0
@@ -93,7 +94,7 @@ def _evaluate(private: dict[str, Any], arrays: ArrayRecord, run_id: int) -> Reco
 
 
 def test_a_site_releases_noisy_metrics_charges_its_budget_and_then_refuses(private) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     run_dir = private["tmp"] / "run_dp_metrics"
     run_training(private["dp_study"], private["adapters"], private["dp_prepared"], mode="inprocess",
@@ -126,7 +127,7 @@ def test_a_site_releases_noisy_metrics_charges_its_budget_and_then_refuses(priva
     # the same model and rows twice: the noise makes the releases differ (with probability > 0.99 here)
     if len(releases) >= 2 and all(m["num-examples"] for m in releases[:2]):
         assert releases[0] != releases[1]
-    entries = [e for e in audit.read(site_app.audit_path(site)) if e["message_type"] == "evaluate"
+    entries = [e for e in audit.read(audit_trail.audit_path(site)) if e["message_type"] == "evaluate"
                and 8800 <= e["run_id"] <= 8800 + left]
     assert [e.get("privacy", {}).get("epsilon") for e in entries] == [EPSILON] * left + [None]
     assert entries[-1]["code"] == "budget_spent"

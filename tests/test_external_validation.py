@@ -111,7 +111,7 @@ def test_performance_matches_scikit_learn_and_is_withheld_below_k() -> None:
 
 
 def test_evaluate_applies_a_run_to_a_site_that_never_trained(prepared_sites_factory, capsys) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
     from omopfl.prepare import load_prepared
 
     fed = prepared_sites_factory("external")

@@ -19,17 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_omopfl
-from flwr.app import Context, Message, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, RecordDict
 
 from omopfl import policy
 from omopfl.config import load_site
 from omopfl.errors import SiteFailure
-from omopfl.federation import codec
-from omopfl.federation.client_app import SCALER_FILE, site_statistics
-from omopfl.federation.runner import run_stats
-from omopfl.federation.site_app import app as client_app
+from omopfl.federation import codec, flower_internals
+from omopfl.federation.local import run_stats
+from omopfl.federation.site.app import app as client_app
+from omopfl.federation.site.statistics import SCALER_FILE, site_statistics
 from omopfl.moments import Moments, Scaler
 from omopfl.prepare import load_prepared
 from omopfl.study import load_study
@@ -69,7 +67,7 @@ def federation(prepared_sites_factory) -> dict[str, Any]:
 
 def _wire(content: RecordDict) -> RecordDict:
     """What arrives on the other side: Flower's protobuf serialization and back."""
-    return recorddict_from_proto(recorddict_to_proto(content))
+    return flower_internals.recorddict_from_bytes(flower_internals.recorddict_to_bytes(content))
 
 
 def _numbers(value: Any) -> list[float]:
@@ -296,14 +294,13 @@ def test_site_statistics_with_differential_privacy(federation) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _call(node_config: dict[str, Any], content: RecordDict, monkeypatch, message_type: str = codec.STATS_QUERY):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    message = Message(content, dst_node_id=42, message_type=message_type)
-    message.metadata.__dict__["_message_id"] = "m1"
+def _call(node_config: dict[str, Any], content: RecordDict, message_type: str = codec.STATS_QUERY):
+    """The site's ClientApp object on a message as its SuperNode delivers it."""
     context = Context(run_id=7, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
-    reply = client_app(message, context)
+    with flower_internals.superlink_task_identity(7, 1):
+        message = flower_internals.delivered_message(content, dst_node_id=42, message_type=message_type,
+                                                     message_id="m1", run_id=7)
+        reply = client_app(message, context)
     assert not reply.has_error()
     return codec.decode_site_reply(_wire(reply.content)), codec.to_plain(reply.content), context
 
@@ -312,7 +309,7 @@ def test_client_app_replies_with_fixed_error_codes(federation, monkeypatch, tmp_
     adapter = str(federation["adapters"][0])
     prepared_dir = str(federation["prepared_dir"])
     request = codec.encode_stats_request(federation["study_hash"])
-    ok, _, _ = _call({"site-config": adapter, "prepared-dir": prepared_dir}, request, monkeypatch)
+    ok, _, _ = _call({"site-config": adapter, "prepared-dir": prepared_dir}, request)
     assert ok.status == "ok" and ok.site == "site_a"
 
     cases = {
@@ -323,7 +320,7 @@ def test_client_app_replies_with_fixed_error_codes(federation, monkeypatch, tmp_
         "bad_request": ({"site-config": adapter, "prepared-dir": prepared_dir}, RecordDict()),
     }
     for code, (node_config, content) in cases.items():
-        reply, plain, _ = _call(node_config, content, monkeypatch)
+        reply, plain, _ = _call(node_config, content)
         assert (reply.status, reply.code) == ("error", code), code
         assert set(plain) == {"omopfl.site"} and set(plain["omopfl.site"]) == {"protocol", "site", "status", "code"}
     # an unexpected exception inside: the reply says "internal", not what happened
@@ -332,7 +329,7 @@ def test_client_app_replies_with_fixed_error_codes(federation, monkeypatch, tmp_
     (broken / "site_a" / "manifest.json").write_text(json.dumps({"format_version": 1, "site": "site_a",
                                                                  "study_hash": federation["study_hash"]}))
     (broken / "site_a" / "tabular.npz").write_bytes(b"patient 12345 secret")
-    reply, plain, _ = _call({"site-config": adapter, "prepared-dir": str(broken)}, request, monkeypatch)
+    reply, plain, _ = _call({"site-config": adapter, "prepared-dir": str(broken)}, request)
     assert (reply.status, reply.code) == ("error", "internal")
     assert "12345" not in json.dumps(plain) and str(broken) not in json.dumps(plain)
 
@@ -343,12 +340,12 @@ def test_client_app_keeps_the_scaler_and_refuses_a_mismatched_one(federation, mo
     k = len(prepared.feature_names)
     scaler = codec.GlobalScaler.build(Scaler(tuple(prepared.feature_names), np.zeros(k), np.ones(k)), [1] * k, 1,
                                       federation["study_hash"])
-    reply, _, context = _call(node_config, codec.encode_scaler(scaler), monkeypatch, codec.SCALER_QUERY)
+    reply, _, context = _call(node_config, codec.encode_scaler(scaler), codec.SCALER_QUERY)
     assert (reply.site, reply.status) == ("site_b", "ok")
     assert codec.decode_scaler(context.state).scaler == scaler.scaler  # kept for a training phase
     assert json.loads((federation["prepared_dir"] / "site_b" / SCALER_FILE).read_text()) == scaler.to_dict()
     wrong = codec.GlobalScaler.build(Scaler(("other",), np.zeros(1), np.ones(1)), [1], 1, federation["study_hash"])
-    reply, _, _ = _call(node_config, codec.encode_scaler(wrong), monkeypatch, codec.SCALER_QUERY)
+    reply, _, _ = _call(node_config, codec.encode_scaler(wrong), codec.SCALER_QUERY)
     assert (reply.status, reply.code) == ("error", "feature_mismatch")
 
 
@@ -358,28 +355,26 @@ def test_client_app_keeps_the_scaler_and_refuses_a_mismatched_one(federation, mo
 
 FORBIDDEN = ("omopfl.prepare", "omopfl.features", "omopfl.linking", "omopfl.db", "omopfl.cohort", "omopfl.synth",
              "omopfl.validation", "omopfl.conformance", "omopfl.expectations", "omopfl.sites", "omopfl.eunomia",
-             "omopfl.config",
-             "omopfl.federation.client_app", "omopfl.federation.runner", "sqlalchemy", "duckdb", "psycopg",
-             "psycopg2", "pydicom", "great_expectations", "torch")
+             "omopfl.config", "omopfl.federation.site.statistics", "omopfl.federation.local", "sqlalchemy", "duckdb",
+             "psycopg", "psycopg2", "pydicom", "great_expectations", "torch")
 
 
-@pytest.mark.parametrize(("module", "allowed"), [
-    ("server_app", {"omopfl.federation", "omopfl.federation.codec", "omopfl.moments", "omopfl.suppression",
-                    "omopfl.atomic"}),
-    # the training ServerApp builds the initial model (omopfl.models, torch) only when it runs
-    # (and, with secure aggregation, the masking's constants; FedNova's and SCAFFOLD's strategies)
-    ("server_train", {"omopfl.federation", "omopfl.federation.codec", "omopfl.moments", "omopfl.suppression",
-                      "omopfl.federation.server_app",
-                      "omopfl.models", "omopfl.study", "omopfl.secagg", "omopfl.federation.strategies",
-                      "omopfl.atomic", "omopfl.errors", "omopfl.federation.flower_runtime"}),
-])
-def test_server_apps_import_no_patient_data_code(module: str, allowed: set[str]) -> None:
-    tree = ast.parse((ROOT / "omopfl" / "federation" / f"{module}.py").read_text())
+COORDINATOR = sorted(p.stem for p in (ROOT / "omopfl" / "federation" / "coordinator").glob("*.py")
+                     if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", COORDINATOR)
+def test_coordinator_modules_import_no_patient_data_code(module: str) -> None:
+    """No coordinator module imports (at any level, function-local imports included) code that reads patient
+    data or the site side, and importing it loads none of that.  (The training ServerApp builds the initial
+    model through omopfl.models, which loads torch, only when it runs.)"""
+    assert len(COORDINATOR) >= 9
+    tree = ast.parse((ROOT / "omopfl" / "federation" / "coordinator" / f"{module}.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    omopfl = {name for name in imported if name.split(".")[0] == "omopfl"}
-    assert omopfl <= allowed, omopfl
-    code = (f"import json, sys; import omopfl.federation.{module}; "
+    bad = [m for m in imported if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
+    assert not bad, bad
+    code = (f"import json, sys; import omopfl.federation.coordinator.{module}; "
             "print(json.dumps(sorted(sys.modules)))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                        text=True).stdout)

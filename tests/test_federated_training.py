@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from conftest import prepare_and_approve, run_omopfl, serve_at_site
 
-from omopfl.federation.train import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS, run_training
+from omopfl.federation.local import run_training
+from omopfl.federation.site.training import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS
 from omopfl.prepare import load_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def test_fedprox_needs_a_fedprox_study(federation) -> None:
     from omopfl import audit
     from omopfl.config import load_site
     from omopfl.errors import FederationError
-    from omopfl.federation.site_app import audit_path
+    from omopfl.federation.site.audit_trail import audit_path
     from omopfl.study import load_study
 
     with pytest.raises(FederationError, match="min-sites"):
@@ -232,19 +233,6 @@ def test_cli_train_needs_a_mode(capsys) -> None:
         main(["train"])
     assert info.value.code == 2
     assert "--simulate" in capsys.readouterr().err
-
-
-def test_project_pyproject_declares_the_flower_app() -> None:
-    """`[tool.flwr.app]` of the project is the app omopfl runs (same components, same config keys)."""
-    import tomllib
-
-    from omopfl.federation.server import training_pyproject
-
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    generated = tomllib.loads(training_pyproject())["tool"]["flwr"]["app"]
-    assert project["components"] == generated["components"]
-    assert project["config"] == generated["config"]
-    assert project["components"]["serverapp"] == "omopfl.federation.server_train:train_app"
 
 
 def test_cli_server_resume_needs_a_checkpoint_and_tls_or_insecure(tmp_path: Path, capsys) -> None:

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omopfl.federation.runner import run_validation
+from omopfl.federation.local import run_validation
 
 
 @pytest.fixture(scope="module")
 def trained(prepared_sites_factory) -> dict:
     """Three approved sites; a run trained at site_a and site_b only."""
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     fed = prepared_sites_factory("fed_validation")
     run_dir = fed["tmp"] / "run"
@@ -41,7 +41,7 @@ def _cli(args: list) -> subprocess.CompletedProcess:
 def test_a_site_that_never_trained_gets_the_local_result(trained, tmp_path: Path) -> None:
     from omopfl import audit
     from omopfl.config import load_site
-    from omopfl.federation.site_app import audit_path
+    from omopfl.federation.site.audit_trail import audit_path
 
     result = run_validation(trained["run_dir"], trained["adapters"], trained["prepared_dir"],
                             out=tmp_path / "federated.json")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omopfl.federation.train import run_training
+from omopfl.federation.local import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -59,7 +59,7 @@ def test_the_wheel_carries_every_example_study_and_cohort(wheel: tuple[Path, str
         names = set(archive.namelist())
     for path in [*ROOT.glob("examples/*/*.toml"), *ROOT.glob("cohorts/*.yaml"), *ROOT.glob("cohorts/*.json")]:
         assert f"omopfl/bundled/{path.relative_to(ROOT).as_posix()}" in names, path
-    assert {"omopfl/federation/run_view.html", "omopfl/federation/run_view.js"} <= names
+    assert {"omopfl/federation/coordinator/run_view.html", "omopfl/federation/coordinator/run_view.js"} <= names
     queries = sorted(ROOT.glob("sql/*.sql"))
     assert queries, "the checkout has no sql/*.sql"
     for path in queries:

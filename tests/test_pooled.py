@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from omopfl.config import load_site
-from omopfl.federation.train import run_training
+from omopfl.federation.local import run_training
 from omopfl.pooled import POOLED_FILE, check_poolable, train_pooled
 
 ROOT = Path(__file__).resolve().parents[1]

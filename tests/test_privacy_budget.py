@@ -11,7 +11,7 @@ from conftest import prepare_and_approve
 from omopfl import audit, policy
 from omopfl.config import load_site
 from omopfl.errors import ConfigError
-from omopfl.federation.site_app import audit_path
+from omopfl.federation.site.audit_trail import audit_path
 from omopfl.study import load_study
 
 STATISTICS_EPSILON = 1.0
@@ -44,7 +44,7 @@ def private(prepared_sites_factory) -> dict[str, Any]:
 
 
 def test_dp_statistics_follow_the_study_and_stop_at_the_budget(private) -> None:
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     study, prepared = private["dp_study"], private["dp_prepared"]
     results = [run_stats(study, private["adapters"], prepared, mode="inprocess", out=private["tmp"] / f"s{i}.json")

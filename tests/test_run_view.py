@@ -34,8 +34,8 @@ from typing import Any
 
 import pytest
 
-from omopfl.federation.deploy import flower_env, free_port
-from omopfl.federation.run_view import LIVE_FILE, LiveState, RunView, read_state
+from omopfl.federation.coordinator.run_view import LIVE_FILE, LiveState, RunView, read_state
+from omopfl.federation.processes import flower_env, free_port
 
 SITE_KEYS = {"site", "state", "reason", "last_reply_seconds", "reply_seconds"}
 

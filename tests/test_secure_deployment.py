@@ -20,8 +20,8 @@ from conftest import prepare_and_approve
 
 from omopfl import audit
 from omopfl.config import load_site
-from omopfl.federation import site_app
-from omopfl.federation.deploy import free_port
+from omopfl.federation.processes import free_port
+from omopfl.federation.site import audit_trail
 from omopfl.study import load_study
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def _model(run_dir: Path) -> dict[str, np.ndarray]:
 def test_secure_aggregation_in_a_loopback_deployment(secure, tmp_path: Path) -> None:
     from test_deployment import _server_args, _site_args, _Started, _wait
 
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     port = free_port()
     run_dir = tmp_path / "run"
@@ -83,7 +83,7 @@ def test_secure_aggregation_in_a_loopback_deployment(secure, tmp_path: Path) -> 
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6)
     # each site's audit log: the statistics and each round's update left as masked releases
     for adapter in secure["adapters"]:
-        entries = [e for e in audit.read(site_app.audit_path(load_site(adapter)))
+        entries = [e for e in audit.read(audit_trail.audit_path(load_site(adapter)))
                    if e["study_hash"] == secure["study_hash"] and e["outcome"] == "sent"]
         run_ids = sorted({e["run_id"] for e in entries if e["message_type"] == "train"})
         deployed = [e for e in entries if e["run_id"] == run_ids[0]] if run_ids else []

@@ -19,7 +19,9 @@ from flwr.app import Context, RecordDict
 
 from omopfl import policy, secagg
 from omopfl.config import load_site
-from omopfl.federation import codec, secure_stats, site_app
+from omopfl.federation import codec
+from omopfl.federation import codec_secure_statistics as secure_stats
+from omopfl.federation.site import secure as site_secure
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")
@@ -54,7 +56,7 @@ def _code(reply: RecordDict) -> str:
 
 
 def test_secure_statistics_equal_the_plain_federated_result(secure) -> None:
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     plain = run_stats(secure["study"], secure["adapters"], secure["prepared_dir"], mode="inprocess",
                       out=secure["tmp"] / "plain.json")
@@ -77,7 +79,7 @@ def test_secure_statistics_equal_the_plain_federated_result(secure) -> None:
 
 
 def test_a_hostile_coordinator_sees_only_random_looking_vectors_whose_sum_is_the_pooled_result(secure) -> None:
-    from omopfl.federation.client_app import site_statistics
+    from omopfl.federation.site.statistics import site_statistics
     from omopfl.prepare import load_prepared
 
     run_id = 4242
@@ -166,7 +168,7 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_study_without_it(secu
 
 
 def test_training_runs_after_a_secure_statistics_phase(secure) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     run_dir = secure["tmp"] / "run_secure"
     manifest = run_training(secure["secure_study"], secure["adapters"], secure["secure_prepared"],
@@ -185,7 +187,7 @@ def json_rounds(run_dir: Path) -> list[dict[str, Any]]:
 def pinned(secure) -> dict[str, Any]:
     """A study that pins the three sites' identity keys ([privacy.participants]), prepared and approved."""
 
-    keys = {name: site_app.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
+    keys = {name: site_secure.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
                                                                                   strict=True)}
     study = secure["tmp"] / "study_pinned.toml"
     study.write_text(secure["study"].read_text() + "\n[privacy]\nsecure_aggregation = true\n\n"
@@ -202,7 +204,7 @@ def test_pinned_participants_work_and_a_sybil_coordinator_is_refused(secure, pin
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     result = run_stats(pinned["study"], secure["adapters"], pinned["prepared"], mode="inprocess",
                        out=secure["tmp"] / "pinned.json")
@@ -233,4 +235,4 @@ def test_cli_prints_the_sites_identity_key_as_a_study_line(secure, capsys) -> No
 
     code = run_omopfl(["sites", "identity", str(secure["adapters"][1])])
     out = capsys.readouterr().out.strip()
-    assert code == 0 and out == f'site_b = "{site_app.identity_public_key(load_site(secure["adapters"][1]))}"'
+    assert code == 0 and out == f'site_b = "{site_secure.identity_public_key(load_site(secure["adapters"][1]))}"'

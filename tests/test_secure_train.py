@@ -22,7 +22,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from omopfl import policy, secagg
 from omopfl.config import load_site
-from omopfl.federation import codec, secure_stats, secure_train, site_app
+from omopfl.federation import codec
+from omopfl.federation import codec_secure_rounds as secure_train
+from omopfl.federation import codec_secure_statistics as secure_stats
+from omopfl.federation.site import audit_trail
+from omopfl.federation.site import secure as site_secure
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")
@@ -95,7 +99,7 @@ def _masked(reply: RecordDict) -> secagg.MaskedVector:
 @pytest.fixture(scope="module")
 def runs(secure) -> dict[str, Any]:
     """The plain FedAvg run and the secure run of the same sites, 2 rounds each."""
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     plain = run_training(secure["study"], secure["adapters"], secure["prepared_dir"], mode="inprocess",
                          out_dir=secure["tmp"] / "run_plain", rounds=2, audit=True)
@@ -131,7 +135,7 @@ def test_the_secure_run_gives_the_plain_fedavg_model(secure, runs) -> None:
     for adapter in secure["adapters"]:
         from omopfl import audit
 
-        entries = [e for e in audit.read(site_app.audit_path(load_site(adapter)))
+        entries = [e for e in audit.read(audit_trail.audit_path(load_site(adapter)))
                    if e["study_hash"] == secure["secure_hash"] and e["message_type"] == "train"
                    and e["outcome"] == "sent"]
         assert [e["server_round"] for e in entries][-2:] == [1, 2]
@@ -193,7 +197,7 @@ def test_pinned_participants_refuse_substituted_keys(secure, runs) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    keys = {name: site_app.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
+    keys = {name: site_secure.identity_public_key(load_site(a)) for name, a in zip(SITES, secure["adapters"],
                                                                                   strict=True)}
     pinned = _prepare(secure, "pinned_train", "\n[privacy]\nsecure_aggregation = true\n\n[privacy.participants]\n"
                       + "".join(f'{n} = "{k}"\n' for n, k in keys.items()))
@@ -222,7 +226,7 @@ def test_pinned_participants_refuse_substituted_keys(secure, runs) -> None:
 
 
 def test_what_the_coordinator_receives_is_not_the_sites_update(secure, runs) -> None:
-    from omopfl.federation import site_train
+    from omopfl.federation.site import training as site_train
 
     h = secure["secure_hash"]
     arrays = ArrayRecord({k: Array(v) for k, v in _model(runs["secure_dir"]).items()})
@@ -256,7 +260,7 @@ def test_what_the_coordinator_receives_is_not_the_sites_update(secure, runs) -> 
 
 
 def test_a_participant_that_drops_out_stops_the_run_with_one_line(secure, runs) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     # site_c's policy allows one round only: in round 2 it refuses (round_limit), so its masked update is missing
     limited = secure["tmp"] / "site_c_one_round.toml"
@@ -284,7 +288,7 @@ def test_fedadam_with_secure_aggregation_is_refused_at_parse_time(secure) -> Non
 
 
 def test_fedprox_with_secure_aggregation_gives_the_plain_fedprox_model(secure) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     text = secure["study"].read_text().replace('strategy = "fedavg"', 'strategy = "fedprox"\nproximal_mu = 0.1')
     assert "fedprox" in text

@@ -22,8 +22,11 @@ from conftest import run_omopfl
 from omopfl import audit, policy
 from omopfl.config import load_site
 from omopfl.errors import ConfigError
-from omopfl.federation import codec, deploy
-from omopfl.federation.site_app import COMPONENT, audit_path, check_bundle
+from omopfl.federation import codec
+from omopfl.federation import processes as deploy
+from omopfl.federation.run_config import toml_table
+from omopfl.federation.site.audit_trail import audit_path
+from omopfl.federation.site.bundle import COMPONENT, check_bundle
 from omopfl.study import load_study
 
 SITES = ("site_a", "site_b", "site_c")
@@ -109,7 +112,7 @@ def test_policy_refuses_studies_it_cannot_serve(prepared_sites_factory) -> None:
 
 
 def test_approve_list_revoke_through_the_cli_and_a_revoked_study_is_refused(prepared_sites_factory, capsys) -> None:
-    from omopfl.federation.runner import run_stats
+    from omopfl.federation.local import run_stats
 
     federation = prepared_sites_factory("approvals", approve=False)
     adapters, study = federation["adapters"], federation["study"]
@@ -166,7 +169,7 @@ def test_audit_log_is_hash_chained(tmp_path: Path) -> None:
 
 def test_release_metrics_false_sends_no_metrics(prepared_sites_factory) -> None:
     from omopfl.errors import FederationError
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     federation = prepared_sites_factory("nometrics", approve=False)
     spec = load_study(federation["study"])
@@ -264,7 +267,7 @@ def _flwr_run(app: Path, connection: str, env: dict[str, str], run_config: dict[
     import subprocess
 
     config = work / "run_config.toml"
-    config.write_text(deploy.toml_table(run_config))
+    config.write_text(toml_table(run_config))
     done = subprocess.run([deploy.executable("flwr"), "run", str(app), connection, "--run-config", str(config),
                            "--stream"], env=env, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
     (work / "flwr_run.log").write_bytes(done.stdout + done.stderr)
@@ -328,7 +331,8 @@ def test_hostile_coordinator_apps_are_refused_before_any_of_their_code_runs(host
     cases = [
         ("own_clientapp", "evil_client:app", {"evil_client.py": _EVIL_CLIENT}, "query.rows", "code_in_bundle"),
         ("shadowing", COMPONENT, {"omopfl/__init__.py": "", "omopfl/federation/__init__.py": "",
-                                  "omopfl/federation/site_app.py": _EVIL_CLIENT, "numpy/__init__.py": "",
+                                  "omopfl/federation/site/__init__.py": "",
+                                  "omopfl/federation/site/app.py": _EVIL_CLIENT, "numpy/__init__.py": "",
                                   "sitecustomize.py": "", "evil_client.py": _EVIL_CLIENT}, "train", "code_in_bundle"),
     ]
     for name, clientapp, packages, message_type, code in cases:
@@ -347,7 +351,7 @@ def test_hostile_coordinator_apps_are_refused_before_any_of_their_code_runs(host
 
 @pytest.mark.slow
 def test_hostile_coordinator_with_omopfls_app_gets_only_refusals_then_a_legit_run_is_served(hostile) -> None:
-    from omopfl.federation.server import training_pyproject, training_run_config
+    from omopfl.federation.run_config import app_pyproject, training_run_config
 
     spec = load_study(hostile["study"])
     work = hostile["work"]
@@ -355,7 +359,7 @@ def test_hostile_coordinator_with_omopfls_app_gets_only_refusals_then_a_legit_ru
     def omopfl_run(name: str, study, **overrides: Any) -> tuple[int, Path]:
         folder = work / name
         (folder / "app").mkdir(parents=True)
-        (folder / "app" / "pyproject.toml").write_text(training_pyproject())
+        (folder / "app" / "pyproject.toml").write_text(app_pyproject("train"))
         run_dir = folder / "run"
         config = {**training_run_config(study, run_dir, min_sites=1, expected_sites=3, audit=True, rounds=2,
                                         wait_seconds=60, timeout=120, round_timeout=120), **overrides}
@@ -402,11 +406,14 @@ def test_hostile_coordinator_with_omopfls_app_gets_only_refusals_then_a_legit_ru
 
 
 def test_site_node_refuses_to_start_on_an_unchecked_flower(monkeypatch) -> None:
-    import flwr
+    from omopfl.federation import flower_internals as flower_runtime
 
-    from omopfl.federation import flower_runtime
+    monkeypatch.setattr("flwr.__version__", "9.9.9")
+    from omopfl.errors import FlowerVersionError
+    from omopfl.federation.site.superexec import require_checked_flower
 
-    monkeypatch.setattr(flwr, "__version__", "9.9.9")
-    with pytest.raises(flower_runtime.FlowerVersionError, match=r"Flower 9\.9\.9"):
-        flower_runtime.site_executor(fork=True, run_task=lambda _args: None, module="omopfl.federation.site_runtime")
+    with pytest.raises(FlowerVersionError, match=r"Flower 9\.9\.9"):
+        require_checked_flower()
+    with pytest.raises(flower_runtime.UncheckedFlowerError, match=r"Flower 9\.9\.9"):
+        flower_runtime.site_executor(fork=True, run_task=lambda _args: None, module="omopfl.federation.site.runtime")
     assert os.environ.get("OMOPFL_TEST_ROLE") is None

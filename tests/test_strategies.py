@@ -5,7 +5,7 @@
   by hand; a federated FedAdam run's strategy object carries the study's settings;
 * :func:`omopfl.models.train_local` honours SGD momentum, weight decay and a fixed number of local
   steps (compared with the update written out in numpy);
-* FedNova and SCAFFOLD (:mod:`omopfl.federation.strategies`) against their papers' update rules on toy
+* FedNova and SCAFFOLD (:mod:`omopfl.federation.coordinator.strategies`) against their papers' update rules on toy
   quadratic sites written in numpy, including the property the papers are about (the global
   optimum, where FedAvg drifts);
 * short real federated runs (in process, real sites) with each, SCAFFOLD's state across ``--resume``,
@@ -28,8 +28,9 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from omopfl.errors import ConfigError
 from omopfl.federation.codec import FEDNOVA_A, SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX
-from omopfl.federation.server_train import make_strategy
-from omopfl.federation.strategies import FedNova, Scaffold, fednova_normaliser
+from omopfl.federation.coordinator.rounds import make_strategy
+from omopfl.federation.coordinator.strategies import FedNova, Scaffold
+from omopfl.federation.site.training import fednova_normaliser
 from omopfl.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def _study(tmp_path: Path, lines: str) -> Path:
 @contextlib.contextmanager
 def _task() -> Iterator[None]:
     """Flower's task identity, which a Message needs when it is made outside a running app."""
-    from omopfl.federation.flower_runtime import superlink_task_identity
+    from omopfl.federation.flower_internals import superlink_task_identity
 
     with superlink_task_identity(7, 1):
         yield
@@ -366,7 +367,7 @@ def _train_replies(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_fedadam_run_uses_the_studys_server_settings(federation) -> None:
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     variant = _variant(federation, "fedadam", 'strategy = "fedadam"\neta = 0.05\nbeta_1 = 0.8\nbeta_2 = 0.95\n'
                                               'tau = 0.01\nlocal_epochs = 1')
@@ -385,7 +386,7 @@ def test_fednova_run_sites_take_the_studys_local_steps_and_momentum(federation) 
     """Every site (1200, 800 and 450 persons) takes exactly ``local_steps`` SGD steps with the study's
     momentum: the FedNova normaliser each one reports is ``a(20, 0.5)``; pooled training uses the same
     optimizer."""
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
     from omopfl.pooled import train_pooled
 
     variant = _variant(federation, "fednova", 'strategy = "fednova"\noptimizer = "sgd"\nmomentum = 0.5\n'
@@ -415,7 +416,7 @@ def test_scaffold_run_keeps_control_variates_across_resume(federation) -> None:
     server's c continues from the checkpoint (the sites' c_i start again at zero in the new run)."""
     from omopfl import policy
     from omopfl.config import load_site
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
 
     variant = _variant(federation, "scaffold", 'strategy = "scaffold"\noptimizer = "sgd"\nlocal_steps = 4\n'
                                                'eta = 1.0')
@@ -465,8 +466,8 @@ def test_sites_refuse_local_settings_other_than_the_approved_ones(federation) ->
     from omopfl import audit
     from omopfl.config import load_site
     from omopfl.errors import ConfigError, FederationError
-    from omopfl.federation.site_app import audit_path
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
+    from omopfl.federation.site.audit_trail import audit_path
 
     variant = _variant(federation, "nova_refuse", 'strategy = "fednova"\noptimizer = "sgd"\nlocal_steps = 3')
     with pytest.raises(FederationError, match="min-sites"):

@@ -123,8 +123,8 @@ def _with_test_cohort(fed: dict) -> tuple[Path, dict[str, int]]:
 def test_a_test_cohort_is_every_site_s_evaluation(prepared_sites_factory) -> None:
     from omopfl import audit
     from omopfl.config import load_site
-    from omopfl.federation.site_app import audit_path
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
+    from omopfl.federation.site.audit_trail import audit_path
     from omopfl.prepare import load_prepared
 
     fed = prepared_sites_factory("split_cohort", approve=False)
@@ -156,8 +156,8 @@ def test_a_cohort_split_study_without_its_mask_is_refused(prepared_sites_factory
     from omopfl import audit
     from omopfl.config import load_site
     from omopfl.errors import FederationError
-    from omopfl.federation.site_app import audit_path
-    from omopfl.federation.train import run_training
+    from omopfl.federation.local import run_training
+    from omopfl.federation.site.audit_trail import audit_path
 
     fed = prepared_sites_factory("split_nomask", approve=False)
     study, _counts = _with_test_cohort(fed)
@@ -174,8 +174,9 @@ def test_no_message_moves_the_fixed_test_set(prepared_sites_factory) -> None:
     """A coordinator asking for another split (the random one, another fraction) is refused by the site."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    from omopfl.federation import codec, site_app
-    from omopfl.federation.runner import InProcessGrid
+    from omopfl.federation import codec
+    from omopfl.federation.flower_internals import InProcessGrid
+    from omopfl.federation.site import app as site_app
     from omopfl.models import build_model
 
     fed = prepared_sites_factory("split_message", approve=False)
@@ -186,7 +187,7 @@ def test_no_message_moves_the_fixed_test_set(prepared_sites_factory) -> None:
     grid = InProcessGrid(site_app.app, [node], {})
     names = json_names(fed["prepared_dir"] / "site_a")
     arrays = ArrayRecord(build_model(spec.model, len(names)).state_dict())
-    from omopfl.federation.flower_runtime import superlink_task_identity
+    from omopfl.federation.flower_internals import superlink_task_identity
 
     with superlink_task_identity(grid.run.run_id):
         for override in ({"split-method": "random"}, {"test-fraction": 0.9}, {"split-method": "hash"}):

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import numpy as np
 import pytest
 
 from omopfl.errors import FederationError
-from omopfl.federation.runner import InProcessGrid
-from omopfl.federation.train import _run_inprocess, run_training
+from omopfl.federation.flower_internals import InProcessGrid
+from omopfl.federation.local import run_training, train_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +112,7 @@ def _silent_grid(site_index: int, from_round: int):
                 dead = (message.metadata.dst_node_id == node and message.metadata.message_type in ("train", "evaluate")
                         and int(config.get("server-round", 0)) >= from_round)
                 if dead:  # accepted by the link, never answered: the node is gone
-                    message.metadata.__dict__["_message_id"] = uuid4().hex
-                    ids.append(message.metadata.message_id)
+                    ids.append(self.lose(message))
                 else:
                     live.append(message)
             return ids + list(super().push_messages(live))
@@ -123,7 +121,7 @@ def _silent_grid(site_index: int, from_round: int):
 
 
 def _config(federation, run_dir: Path, **overrides: Any) -> dict[str, Any]:
-    from omopfl.federation.server import training_run_config
+    from omopfl.federation.run_config import training_run_config
     from omopfl.study import load_study
 
     values = {"min_sites": 2, "expected_sites": 3, "rounds": 3, "round_timeout": 1.0, **overrides}
@@ -133,7 +131,7 @@ def _config(federation, run_dir: Path, **overrides: Any) -> dict[str, Any]:
 def test_a_silent_site_is_dropped_and_the_run_finishes(federation) -> None:
     run_dir = federation["tmp"] / "silent_site"
     adapters = [Path(a).resolve() for a in federation["adapters"]]
-    _run_inprocess(adapters, federation["prepared_dir"].resolve(), _config(federation, run_dir),
+    train_inprocess(adapters, federation["prepared_dir"].resolve(), _config(federation, run_dir),
                    grid_class=_silent_grid(2, from_round=2))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [d["site"] for d in manifest["dropped"]] == ["site_c"]
@@ -149,11 +147,11 @@ def test_too_few_sites_stop_the_run_which_resumes_from_its_checkpoint(federation
     adapters = [Path(a).resolve() for a in federation["adapters"]]
     prepared = federation["prepared_dir"].resolve()
     with pytest.raises(FederationError, match="round 2: 2 site\\(s\\) replied, fewer than min-sites 3"):
-        _run_inprocess(adapters, prepared, _config(federation, run_dir, min_sites=3),
+        train_inprocess(adapters, prepared, _config(federation, run_dir, min_sites=3),
                        grid_class=_silent_grid(0, from_round=2))
     assert not (run_dir / "manifest.json").exists()
     assert json.loads((run_dir / "checkpoint.json").read_text())["round"] == 1
-    _run_inprocess(adapters, prepared, _config(federation, run_dir, min_sites=3, resume=True))
+    train_inprocess(adapters, prepared, _config(federation, run_dir, min_sites=3, resume=True))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["resumed_from_round"] == 1 and manifest["dropped"] == []
     assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3]
@@ -196,7 +194,7 @@ def test_sites_that_did_not_train_do_not_count_toward_min_sites(federation) -> N
     adapters = [Path(a).resolve() for a in (*federation["adapters"][:2], strict)]
     run_dir = federation["tmp"] / "zero_weight_min_sites"
     with pytest.raises(FederationError, match=r"round 1: 2 site\(s\) trained \(3 replied.*fewer than min-sites 3"):
-        _run_inprocess(adapters, federation["prepared_dir"].resolve(), _config(federation, run_dir, min_sites=3))
+        train_inprocess(adapters, federation["prepared_dir"].resolve(), _config(federation, run_dir, min_sites=3))
     assert not (run_dir / "manifest.json").exists()
 
 
@@ -209,7 +207,7 @@ def test_a_site_lost_in_the_statistics_phase_is_in_the_manifest_and_report(prepa
     fed = prepared_sites_factory("stats_fault")
     policy.revoke(load_site(fed["adapters"][1]), fed["study_hash"])
     run_dir = fed["tmp"] / "run"
-    _run_inprocess([Path(a).resolve() for a in fed["adapters"]], fed["prepared_dir"].resolve(),
+    train_inprocess([Path(a).resolve() for a in fed["adapters"]], fed["prepared_dir"].resolve(),
                    _config(fed, run_dir, rounds=1))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["sites"] == ["site_a", "site_c"]

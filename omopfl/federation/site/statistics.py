@@ -1,6 +1,6 @@
 """The site's statistics handlers (``query.stats``, ``query.scaler``) and its prepared-dataset loading.
 
-They run behind the site's trust boundary (:mod:`omopfl.federation.site_app`), which checks the
+They run behind the site's trust boundary (:mod:`omopfl.federation.site.app`), which checks the
 study and the message first and audits the reply.  A SuperNode serves the site with its node config::
 
     flower-supernode ... --node-config "site-config='/etc/omopfl/site_a.toml' prepared-dir='/data/prepared'"
@@ -150,7 +150,7 @@ def load_site_dataset(node_config: dict) -> tuple[SiteConfig, PreparedSite]:
 
 
 # --------------------------------------------------------------------------------------------
-# handlers (called by the site's trust boundary, omopfl.federation.site_app, after its checks)
+# handlers (called by the site's trust boundary, omopfl.federation.site.app, after its checks)
 # --------------------------------------------------------------------------------------------
 
 

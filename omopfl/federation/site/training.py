@@ -1,7 +1,7 @@
 """The site's Flower ClientApp handlers for training: ``train`` and ``evaluate``.
 
-They run behind the site's trust boundary (:mod:`omopfl.federation.site_app`, the app's component
-``omopfl.federation.site_app:app``), which has checked the study and the message and replaced the
+They run behind the site's trust boundary (:mod:`omopfl.federation.site.app`, the app's component
+``omopfl.federation.site.app:app``), which has checked the study and the message and replaced the
 message's config with the approved study's settings before they are called, and which audits and
 sends the reply.
 
@@ -33,7 +33,7 @@ What a site does
 Long-lived worker
     Flower 1.41 starts a new ``flwr-clientapp`` process for every message, which would import torch
     and load the dataset every time.  When the node config names a ``worker-socket`` (``omopfl
-    train --site`` starts one, :mod:`omopfl.federation.worker`), the handler forwards the message
+    train --site`` starts one, :mod:`omopfl.federation.site.worker`), the handler forwards the message
     content and the context state to that long-lived process, which runs the same functions
     with torch imported and the dataset cached; without it (or if it is gone) the work is done here.
 """
@@ -52,15 +52,15 @@ from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
 from omopfl.errors import SiteFailure
 from omopfl.federation import codec
-from omopfl.federation.client_app import SCALER_FILE, check_scaler, load_site_dataset
 from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
 from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
 from omopfl.federation.codec import TRAIN_CONFIG as CONFIG
 from omopfl.federation.codec import TRAIN_EVALUATE as EVALUATE
 from omopfl.federation.codec import TRAIN_METRICS as METRICS
+from omopfl.federation.site.statistics import SCALER_FILE, check_scaler, load_site_dataset
 
-__all__ = ["site_train", "site_evaluate", "HANDLERS", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS",
-           "EVALUATE_METRICS", "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY"]
+__all__ = ["site_train", "site_evaluate", "HANDLERS", "TRAIN_REPLY_KEYS", "EVALUATE_REPLY_KEYS", "EVALUATE_METRICS",
+           "ARRAYS", "METRICS", "CONFIG", "EVALUATE", "WEIGHT_KEY", "fednova_normaliser"]
 
 _log = logging.getLogger("flwr.omopfl")
 
@@ -283,8 +283,6 @@ def site_train(content: RecordDict, context: Context) -> RecordDict:
         metrics["loss"] = float(stats["loss"])
     arrays = ArrayRecord(model.state_dict())
     if strategy == "fednova":
-        from omopfl.federation.strategies import fednova_normaliser
-
         metrics[codec.FEDNOVA_A] = fednova_normaliser(int(stats["steps"]), float(local["momentum"]))
     elif strategy == "scaffold" and c_global is not None and c_local is not None:
         steps = max(1, int(stats["steps"]))
@@ -383,3 +381,11 @@ def site_evaluate(content: RecordDict, context: Context) -> RecordDict:
 
 
 HANDLERS = {"train": site_train, "evaluate": site_evaluate}
+
+
+def fednova_normaliser(steps: int, momentum: float = 0.0) -> float:
+    """FedNova's ``a_i`` for ``steps`` local SGD steps with heavy-ball ``momentum`` (torch's SGD)."""
+    tau, rho = int(steps), float(momentum)
+    if rho == 0.0:
+        return float(tau)
+    return (tau - rho * (1.0 - rho**tau) / (1.0 - rho)) / (1.0 - rho)

@@ -2,7 +2,7 @@
 
 Two halves, joined by one file in the run directory:
 
-* :class:`LiveState` lives in the training ServerApp (:mod:`omopfl.federation.server_train`): the
+* :class:`LiveState` lives in the training ServerApp (:mod:`omopfl.federation.coordinator.training`): the
   grid and the round loop tell it what happens (nodes connected, messages sent, replies received,
   rounds aggregated, sites dropped) and it replaces ``<run dir>/live.json`` atomically, at most every
   :data:`WRITE_INTERVAL` seconds unless something changed.  It never raises: a failure to write the
@@ -208,7 +208,7 @@ class LiveState:
     # -- what the ServerApp reports -----------------------------------------------------------
     @_safe
     def stats_done(self, stats: Mapping[str, Any]) -> None:
-        """The statistics phase's result (:func:`omopfl.federation.server_app.federated_statistics`)."""
+        """The statistics phase's result (:func:`omopfl.federation.coordinator.statistics.federated_statistics`)."""
         sites = stats.get("sites", {})
         for name, node in dict(sites.get("scaler_nodes", {})).items():
             self._nodes[int(node)] = str(name)

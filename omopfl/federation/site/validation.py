@@ -1,6 +1,6 @@
 """The site's handler of ``query.validate`` (federated external validation, issue 14).
 
-Called by the site's trust boundary (:mod:`omopfl.federation.site_app`) once the study is approved
+Called by the site's trust boundary (:mod:`omopfl.federation.site.app`) once the study is approved
 and the prepared dataset is that study's.  Everything that decides what is computed comes from the
 approved study and the site's own data: the model is built from the approved study's model
 settings and the site's prepared features; the message contributes only the weights and the
@@ -19,8 +19,8 @@ from omopfl import policy
 from omopfl.config import SiteConfig
 from omopfl.errors import Refusal
 from omopfl.federation import codec
-from omopfl.federation.client_app import check_scaler, load_site_dataset
-from omopfl.federation.federated_validation import decode_request, encode_result
+from omopfl.federation.codec_validation import decode_request, encode_result
+from omopfl.federation.site.statistics import check_scaler, load_site_dataset
 
 __all__ = ["validate_reply"]
 

@@ -12,16 +12,16 @@ builds its own bundle is the case to defend against.
 This process uses the same Runtime API calls (pull the task input and the message, push the reply
 and the task's status) but:
 
-1. checks the bundle's bytes in memory with :func:`omopfl.federation.site_app.check_bundle`
+1. checks the bundle's bytes in memory with :func:`omopfl.federation.site.bundle.check_bundle`
    (only a ``pyproject.toml`` naming omopfl's own component, nothing else); a bundle that fails
    gets a refusal code back and nothing of it is extracted, put on the import path or imported;
 2. never extracts or installs the bundle: the ClientApp that runs is the one installed with omopfl,
-   :func:`omopfl.federation.site_app.serve` (the site's trust boundary);
+   :func:`omopfl.federation.site.app.serve` (the site's trust boundary);
 3. is started with ``python -I`` (no current folder, no ``PYTHONPATH`` or user site on the import
    path) when it runs as a subprocess, or forked from omopfl's SuperExec, whose import path is the
    same.
 
-:mod:`omopfl.federation.site_exec` starts it for every ClientApp task, in every mode of
+:mod:`omopfl.federation.site.superexec` starts it for every ClientApp task, in every mode of
 ``omopfl train --site`` (with or without the worker, tuned or stock polling).
 """
 
@@ -39,7 +39,7 @@ _log = logging.getLogger("omopfl.site")
 def run_task(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None = None,
              parent_pid: int | None = None) -> int:
     """Serve one ClientApp task (one message) through the site's trust boundary; the process exit code."""
-    from omopfl.federation.flower_runtime import clientapp_runtime
+    from omopfl.federation.flower_internals import clientapp_runtime
 
     rt = clientapp_runtime()
     if parent_pid is not None:
@@ -62,9 +62,10 @@ def run_task(runtime_api_address: str, token: str, insecure: bool, certificates:
         heartbeat = rt.start_heartbeat(client)
         message, context, _run, fab = rt.pull_task_input(client)
         state["context"] = context
-        from omopfl.federation import site_app
+        from omopfl.federation.site import app as site_app
+        from omopfl.federation.site import bundle as site_bundle
 
-        refusal = site_app.check_bundle(fab.content)
+        refusal = site_bundle.check_bundle(fab.content)
         reply = site_app.refuse(message, context, refusal) if refusal else site_app.serve(message, context)
         state["status"], state["details"] = rt.COMPLETED, ""
     except Exception as exc:  # no text leaves: the coordinator sees a failed task and no reply
@@ -82,7 +83,7 @@ def run_task(runtime_api_address: str, token: str, insecure: bool, certificates:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -I -m omopfl.federation.site_runtime`` with the arguments Flower passes to ``flwr-clientapp``."""
+    """``python -I -m omopfl.federation.site.runtime`` with the arguments Flower passes to ``flwr-clientapp``."""
     parser = argparse.ArgumentParser(description="omopfl's ClientApp process at a site")
     parser.add_argument("--clientappio-api-address", "--runtime-api-address", dest="address", required=True)
     parser.add_argument("--token", required=True)

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from omopfl.errors import ConfigError, FederationError
-from omopfl.models import IMAGE_KINDS
+from omopfl.federation.coordinator.run_dir import check_resume
+from omopfl.federation.run_config import app_pyproject, training_run_config
 
-__all__ = ["ServerOptions", "serve_study", "training_run_config", "training_pyproject"]
+__all__ = ["ServerOptions", "serve_study"]
 
 _ROUND = re.compile(r"omopfl round (\d+)/(\d+)")
 _FAILURE = re.compile(r"\b\w*(Error|Failed|Exception): ")
@@ -59,75 +60,6 @@ class ServerOptions:
     extra_run_config: dict[str, Any] = field(default_factory=dict)
 
 
-def training_run_config(spec: Any, run_dir: Path, *, min_sites: int, expected_sites: int = 0, audit: bool = False,
-                        rounds: int | None = None, strategy: str | None = None, proximal_mu: float | None = None,
-                        resume: bool = False, wait_seconds: float = 120.0, timeout: float = 600.0,
-                        round_timeout: float = 600.0, evaluate_on_train: bool = True) -> dict[str, Any]:
-    """The training ServerApp's run config for a study (every key of ``[tool.flwr.app.config]``)."""
-    import hashlib
-
-    from omopfl.federation import codec
-    from omopfl.federation.runner import APP_CONFIG
-
-    def sha(path: Path | None) -> str | None:  # None: a cohort built at each site, fixed by id
-        return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-    from omopfl.study import SITE_STRATEGIES, STRATEGIES
-
-    t = spec.training
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}")
-    site_side = {strategy, t.strategy} & set(SITE_STRATEGIES)
-    if strategy is not None and strategy != t.strategy and site_side:
-        raise ConfigError(f"strategy {strategy!r}: the study trains with {t.strategy!r}, which its sites approved; "
-                          "fednova and scaffold change what a site computes: write a study that says so")
-    return {
-        **APP_CONFIG, "result-path": str(run_dir / "stats_result.json"), "study-hash": spec.hash,
-        "min-sites": int(min_sites), "expected-sites": int(expected_sites), "min-contributing": 1,
-        "send-scaler": True, "wait-seconds": float(wait_seconds), "timeout": float(timeout),
-        "run-dir": str(run_dir), "audit": bool(audit), "resume": bool(resume), "study-name": spec.name,
-        "cohort-hashes": json.dumps({"target": sha(spec.target_cohort), "outcome": sha(spec.outcome_cohort)}),
-        "model-kind": spec.model.kind, "model-hidden": json.dumps([int(h) for h in spec.model.hidden]),
-        "model-dropout": json.dumps([float(d) for d in spec.model.dropout]),
-        "model-image-size": int(spec.imaging.size) if spec.imaging.enabled and spec.model.kind in IMAGE_KINDS
-        else 0,
-        "model-genes": len(spec.omics.genes) if spec.omics.enabled and spec.model.kind == "fusion" else 0,
-        "rounds": int(rounds if rounds is not None else t.rounds), "local-epochs": int(t.local_epochs),
-        "batch-size": int(t.batch_size), "learning-rate": float(t.learning_rate),
-        "strategy": strategy if strategy is not None else t.strategy,
-        "proximal-mu": float(proximal_mu if proximal_mu is not None else t.proximal_mu),
-        "test-fraction": float(t.test_fraction), "seed": int(t.seed),
-        "optimizer": str(t.optimizer), "momentum": float(t.momentum), "weight-decay": float(t.weight_decay),
-        "local-steps": int(t.local_steps), "strategy-options": json.dumps(t.server_options(), sort_keys=True),
-        "round-timeout": float(round_timeout), "evaluate-on-train": bool(evaluate_on_train), "poll-interval": 0.02,
-        **codec.study_dp_config(spec),
-        **codec.covariate_settings(spec),  # only for covariate studies (issue 13b)
-    }
-
-
-def training_pyproject() -> str:
-    """The ``pyproject.toml`` of the training app (components and every run config key)."""
-    from omopfl.federation.deploy import app_pyproject
-    from omopfl.federation.runner import APP_CONFIG
-    from omopfl.federation.server_train import TRAIN_CONFIG
-
-    return app_pyproject(
-        name="omopfl-train",
-        description="omopfl federated training (stats, global scaler, FedAvg/FedProx/FedAdam)",
-        serverapp="omopfl.federation.server_train:train_app",
-        clientapp="omopfl.federation.site_app:app",
-        config={**APP_CONFIG, **TRAIN_CONFIG},
-    )
-
-
-def _check_resume(run_dir: Path, resume: bool) -> None:
-    from omopfl.federation.server_train import CHECKPOINT_JSON
-
-    if resume and not (run_dir / CHECKPOINT_JSON).is_file():
-        raise ConfigError(f"--resume: {run_dir / CHECKPOINT_JSON} not found: resume needs the run directory "
-                          "of an interrupted run")
-
-
 def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str], None] | None = None,
                 on_started: Callable[[int], None] | None = None, progress: bool = True,
                 on_view: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -148,7 +80,7 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
         Called with the SuperLink's port once it listens (tests start SuperNodes then).
     on_view:
         With ``options.view``: called with the live run view's URL once it listens (127.0.0.1 only;
-        :mod:`omopfl.federation.run_view`).
+        :mod:`omopfl.federation.coordinator.run_view`).
 
     Returns
     -------
@@ -158,13 +90,13 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from omopfl.federation import deploy
+    from omopfl.federation import processes as deploy
     from omopfl.report import plot_metrics, write_report
     from omopfl.study import load_study
 
     spec = load_study(study)
     run_dir = Path(options.out or Path("runs") / spec.name).resolve()
-    _check_resume(run_dir, options.resume)
+    check_resume(run_dir, options.resume)
     min_sites = int(options.min_sites if options.min_sites is not None else spec.training.min_sites)
     if min_sites < 1:
         raise ConfigError("--min-sites must be at least 1")
@@ -193,7 +125,7 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
     failures: list[str] = []
     view = None
     if options.view:
-        from omopfl.federation.run_view import RunView
+        from omopfl.federation.coordinator.run_view import RunView
 
         (run_dir / "live.json").unlink(missing_ok=True)  # no stale state from an earlier run
         view = RunView(run_dir, port=options.view_port).start()
@@ -234,7 +166,7 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
         t0 = time.perf_counter()
         with bar:
             try:
-                deploy.flwr_run(work, training_pyproject(), connection, run_config, env, timeout=budget,
+                deploy.flwr_run(work, app_pyproject("train"), connection, run_config, env, timeout=budget,
                                 on_line=show)
             except FederationError as exc:
                 if failures:  # the ServerApp's own message (server-side text; sites send fixed codes only)
@@ -248,7 +180,7 @@ def serve_study(study: Path, options: ServerOptions, *, on_line: Callable[[str],
         timings["stop"] = round(time.perf_counter() - t0, 3)
         if view is not None:
             if not ok:
-                from omopfl.federation.run_view import mark_failed
+                from omopfl.federation.coordinator.run_view import mark_failed
 
                 mark_failed(run_dir, failures[-1][-300:] if failures else "the run stopped")
             view.stop()

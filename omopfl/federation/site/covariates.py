@@ -1,6 +1,6 @@
 """The site's ``query.covariates`` handler (issue 13b): which covariate ids it releases.
 
-Called only from :func:`omopfl.federation.site_app.serve` after the study gate (an approved study, the
+Called only from :func:`omopfl.federation.site.app.serve` after the study gate (an approved study, the
 prepared dataset of exactly that study).  It reads the prepared covariate matrix (``covariates.npz``)
 and releases the ids held by at least the site's own ``min_cell_count`` persons
 (:func:`omopfl.release.covariate_ids`; a coordinator's lower ``min-persons`` never lowers it).  No count

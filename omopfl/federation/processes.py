@@ -2,15 +2,15 @@
 
 Everything here starts processes in their own sessions and stops them by PID (their process
 group) in a ``finally``; nothing is ever stopped by name.  Used by ``omopfl server``
-(:mod:`omopfl.federation.server`), by the loopback runs of ``omopfl stats`` / ``omopfl train
+(:mod:`omopfl.federation.coordinator.command`), by the loopback runs of ``omopfl stats`` / ``omopfl train
 --simulate --mode deployment`` and by the tests and benches.
 
 Round-trip tuning (Flower 1.41)
     * ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (Flower's own setting, default 1 s) is set to
       :data:`TASK_POLL_SECONDS` for the SuperNodes omopfl starts;
     * the SuperNode's idle sleep (hard-coded 3 s) and reply wait (0.5 s) are shortened by
-      :mod:`omopfl.federation.supernode` (only on the Flower version it was checked against);
-    * the ServerApp collects replies in a tight loop (:class:`omopfl.federation.server_train.FastGrid`).
+      :mod:`omopfl.federation.site.node` (only on the Flower version it was checked against);
+    * the ServerApp collects replies in a tight loop (:class:`omopfl.federation.coordinator.grid.FastGrid`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from omopfl.errors import ConfigError, FederationError
+from omopfl.federation.run_config import toml_table
 
 __all__ = ["FLOWER_ENV", "TASK_POLL_SECONDS", "Processes", "flower_env", "free_port", "wait_for_port", "executable",
-           "start_superlink", "start_site_node", "write_connection", "register_site_key", "app_pyproject",
-           "toml_table", "flwr_run", "node_config_text"]
+           "start_superlink", "start_site_node", "write_connection", "register_site_key",
+           "flwr_run", "node_config_text"]
 
 _log = logging.getLogger("omopfl.federation")
 
@@ -207,32 +208,6 @@ def register_site_key(public_key: Path, connection: str, env: dict[str, str]) ->
         raise ConfigError(f"{public_key}: the SuperLink did not accept this site key (flwr supernode register "
                           f"exited with {completed.returncode}); it must be a NIST P-384 EC public key in OpenSSH "
                           "format (ssh-keygen -t ecdsa -b 384)")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string (ASCII escapes)
-
-
-def toml_table(values: dict[str, Any]) -> str:
-    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
-
-
-def app_pyproject(*, name: str, description: str, serverapp: str, clientapp: str, config: dict[str, Any]) -> str:
-    """The minimal ``pyproject.toml`` that ``flwr run`` needs to find the app's components."""
-    return (
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        f'[project]\nname = "{name}"\nversion = "0.1.0"\n'
-        f'description = "{description}"\n'
-        'license = "Apache-2.0"\ndependencies = []\n\n'
-        '[tool.flwr.app]\npublisher = "omopfl"\n\n'
-        f'[tool.flwr.app.components]\nserverapp = "{serverapp}"\n'
-        f'clientapp = "{clientapp}"\n\n'
-        f"[tool.flwr.app.config]\n{toml_table(config)}"
-    )
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

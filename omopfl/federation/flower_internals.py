@@ -1,15 +1,29 @@
-"""The Flower internals a site's ClientApp process and SuperExec use, behind one version gate.
+"""Every Flower internal omopfl touches, behind one version gate; imports nothing of omopfl.
+
+The rest of the package uses Flower's public API only (``flwr.app``, ``flwr.clientapp``,
+``flwr.serverapp``, ``flwr.serverapp.strategy``, ``flwr.simulation``; ``tests/test_architecture.py``
+checks).  What is here, and why Flower's public API does not cover it:
+
+* the site's ClientApp process and SuperExec (below);
+* the SuperNode's command-line entry (:func:`run_supernode`) and its polling (:func:`tune_supernode_polling`),
+  the coordinator's HTTP grid pulls (:func:`shorten_grid_pulls`);
+* Flower's wire serialization: bytes of a RecordDict for the site worker's socket and for byte counts
+  (:func:`recorddict_to_bytes`, :func:`recorddict_from_bytes`, :func:`content_bytes`, :func:`wire_bytes`);
+* an in-process Grid (:class:`InProcessGrid`) and the task identity of an in-process ServerApp
+  (:func:`superlink_task_identity`, :func:`delivered_message`).
 
 Flower has no public API for "run this installed ClientApp for a task, but do not install or import
-the run's app bundle", which is what a site needs (:mod:`omopfl.federation.site_runtime`).  This module
+the run's app bundle", which is what a site needs (:mod:`omopfl.federation.site.runtime`).  This module
 wraps the pieces of Flower's own ``flwr-clientapp`` runtime (``flwr.supernode.runtime.run_clientapp``:
 the Runtime API client, pulling the task input and the message, pushing the reply and the task status,
 heartbeats, signal handlers) and Flower's SuperExec loop with an executor of omopfl's
 (:func:`site_executor`), so that the rest of the package does not touch them.
 
-Every use checks :data:`CHECKED_FLOWER_VERSIONS` first and fails closed (:class:`FlowerVersionError`)
-on any other Flower version: a site then refuses to serve rather than fall back to Flower's
-``flwr-clientapp``, which would run the coordinator's code.
+Every patch checks :data:`CHECKED_FLOWER_VERSIONS` first.  The site's runtime fails closed
+(:class:`UncheckedFlowerError`; omopfl's entry points check :func:`version_problem` first and raise
+:class:`omopfl.errors.FlowerVersionError`) on any other Flower version: a site then refuses to serve
+rather than fall back to Flower's ``flwr-clientapp``, which would run the coordinator's code.  The
+speed-ups (polling, pulls) are skipped on an unchecked version.
 """
 
 from __future__ import annotations
@@ -19,15 +33,18 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from uuid import uuid4
 
-from omopfl.errors import FederationError
+from flwr.serverapp import Grid
 
-__all__ = ["superlink_task_identity", "delivered_message",
-           "CHECKED_FLOWER_VERSIONS", "FlowerVersionError", "check_version", "clientapp_runtime", "site_executor",
+__all__ = ["superlink_task_identity", "delivered_message", "CHECKED_FLOWER_VERSIONS", "UncheckedFlowerError",
+           "version_problem", "installed_version", "check_version", "clientapp_runtime", "site_executor",
            "run_site_superexec", "shorten_clientapp_pulls", "PULL_BACKOFF_SECONDS", "is_checked",
-           "tune_supernode_polling", "shorten_grid_pulls"]
+           "tune_supernode_polling", "shorten_grid_pulls", "run_supernode", "preload_clientapp_runtime",
+           "recorddict_to_bytes", "recorddict_from_bytes", "content_bytes", "wire_bytes", "InProcessGrid",
+           "set_message_id"]
 
 PULL_BACKOFF_SECONDS = (0.02, 0.25)
 """(initial, cap) of the retry backoff while a message's objects are still arriving (Flower: 1 s doubling)."""
@@ -36,28 +53,37 @@ CHECKED_FLOWER_VERSIONS = ("1.41.0",)
 """Flower versions whose ClientApp runtime and SuperExec internals this module was checked against."""
 
 
-class FlowerVersionError(FederationError):
-    """The installed Flower is not one omopfl's site runtime was checked against."""
+class UncheckedFlowerError(RuntimeError):
+    """The installed Flower is not one this module was checked against (the site runtime fails closed)."""
+
+
+def installed_version() -> str:
+    """The installed Flower's version string (``""`` if it has none)."""
+    import flwr
+
+    return str(getattr(flwr, "__version__", ""))
 
 
 def is_checked() -> bool:
     """Is the installed Flower one this module was checked against (the one gate of every patch here)?"""
-    import flwr
+    return installed_version() in CHECKED_FLOWER_VERSIONS
 
-    return str(getattr(flwr, "__version__", "")) in CHECKED_FLOWER_VERSIONS
+
+def version_problem() -> str:
+    """``""`` if the installed Flower was checked; else one line saying what is installed and what to do."""
+    if is_checked():
+        return ""
+    return (f"Flower {installed_version() or '(unknown)'} is installed; omopfl's site runtime was checked against "
+            f"{', '.join(CHECKED_FLOWER_VERSIONS)} only: install a checked version "
+            f"(pip install 'flwr=={CHECKED_FLOWER_VERSIONS[-1]}'); a site does not serve on an unchecked Flower")
 
 
 def check_version() -> str:
-    """The installed Flower version, if omopfl's site runtime was checked against it; else FlowerVersionError."""
-    import flwr
-
-    version = str(getattr(flwr, "__version__", ""))
-    if version not in CHECKED_FLOWER_VERSIONS:
-        raise FlowerVersionError(
-            f"Flower {version or '(unknown)'} is installed; omopfl's site runtime was checked against "
-            f"{', '.join(CHECKED_FLOWER_VERSIONS)} only: install a checked version (pip install 'flwr==1.41.0'); "
-            "a site does not serve on an unchecked Flower")
-    return version
+    """The installed Flower version if it was checked; else :class:`UncheckedFlowerError`."""
+    problem = version_problem()
+    if problem:
+        raise UncheckedFlowerError(problem)
+    return installed_version()
 
 
 def clientapp_runtime() -> types.SimpleNamespace:
@@ -289,5 +315,156 @@ def delivered_message(content: Any, *, dst_node_id: int, message_type: str, mess
     from flwr.app import Message
 
     message = Message(content, dst_node_id=dst_node_id, message_type=message_type)
-    message.metadata.__dict__.update({"_message_id": str(message_id), "_run_id": int(run_id)})
+    message.metadata.__dict__["_run_id"] = int(run_id)
+    set_message_id(message, str(message_id))
     return message
+
+
+def set_message_id(message: Any, message_id: str | None = None) -> str:
+    """Give a message the id a SuperLink would (a new one by default); returns it."""
+    message.metadata.__dict__["_message_id"] = message_id or uuid4().hex
+    return message.metadata.message_id
+
+
+# --------------------------------------------------------------------------------------------
+# the SuperNode, the ClientApp runtime's imports
+# --------------------------------------------------------------------------------------------
+
+
+def run_supernode(args: list[str]) -> None:
+    """Flower's ``flower-supernode`` command with ``args`` (``args[0]`` is the program name), in this process."""
+    check_version()
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    saved, sys.argv = sys.argv, list(args)
+    try:
+        flower_supernode()
+    finally:
+        sys.argv = saved
+
+
+def preload_clientapp_runtime() -> None:
+    """Import what Flower's ClientApp runtime needs for every message (a forked task inherits it)."""
+    check_version()
+    import flwr.common.serde
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+
+
+# --------------------------------------------------------------------------------------------
+# Flower's wire serialization
+# --------------------------------------------------------------------------------------------
+
+
+def recorddict_to_bytes(content: Any) -> bytes:
+    """A RecordDict as Flower serializes it (protobuf)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def recorddict_from_bytes(data: bytes) -> Any:
+    """The RecordDict :func:`recorddict_to_bytes` wrote (ValueError-like protobuf errors on bad bytes)."""
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
+
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
+def content_bytes(message: Any) -> int:
+    """Serialized size of a message's content (0 for an error reply)."""
+    from flwr.common.serde import recorddict_to_proto
+
+    if message.has_error():
+        return 0
+    return int(recorddict_to_proto(message.content).ByteSize())
+
+
+def wire_bytes(content: Any) -> int:
+    """Bytes of a RecordDict as Flower sends it (the deflated objects of its object tree)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+# --------------------------------------------------------------------------------------------
+# in-process grid
+# --------------------------------------------------------------------------------------------
+
+
+class InProcessGrid(Grid):
+    """A Flower ``Grid`` whose nodes are ClientApps in this process (no network, no Ray).
+
+    Each message and each reply goes through ``message_to_proto``/``message_from_proto``, so
+    only what Flower can put on the wire reaches the other side; each node keeps its own
+    ``Context`` (node config, state) across messages, as a SuperNode does.
+    """
+
+    def __init__(self, client_app: Any, node_configs: Iterable[dict[str, Any]], run_config: dict[str, Any],
+                 run_id: int | None = None) -> None:
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.run import Run
+
+        self._run = Run.create_empty(run_id if run_id is not None else int(uuid4().int % (1 << 63)))
+        self._app = client_app
+        self._contexts = {}
+        for i, node_config in enumerate(node_configs):
+            node_id = 1000 + i
+            self._contexts[node_id] = Context(run_id=self._run.run_id, node_id=node_id, node_config=dict(node_config),
+                                              state=RecordDict(), run_config=dict(run_config))
+        self._replies: dict[str, Any] = {}
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Any:
+        from flwr.app import Message
+
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._contexts)
+
+    def context(self, node_id: int) -> Any:
+        """The node's Context (its state holds what the ClientApp kept)."""
+        return self._contexts[node_id]
+
+    def lose(self, message: Any) -> str:
+        """Accept a message as the link would and never answer it (a node gone mid-run); returns its id."""
+        return set_message_id(message)
+
+    def push_messages(self, messages: Iterable[Any]) -> list[str]:
+        from flwr.app import Error, Message
+        from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+        from flwr.common.serde import message_from_proto, message_to_proto
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__.update({"_message_id": uuid4().hex, "_run_id": self._run.run_id,
+                                              "_src_node_id": SUPERLINK_NODE_ID})
+            received = message_from_proto(message_to_proto(message))
+            context = self._contexts.get(received.metadata.dst_node_id)
+            if context is None:
+                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=received)
+            else:
+                try:
+                    reply = self._app(received, context)
+                except Exception:  # as a SuperNode does: an error reply (here without the text)
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ClientApp raised"),
+                                    reply_to=received)
+            set_message_id(reply)
+            self._replies[message.metadata.message_id] = message_from_proto(message_to_proto(reply))
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        return self.pull_messages(self.push_messages(messages))

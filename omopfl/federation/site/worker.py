@@ -4,9 +4,9 @@ Flower 1.41's SuperNode runs every message in a new ``flwr-clientapp`` process, 
 starting Python, importing torch and loading the prepared dataset on every message (seconds each
 time).  ``omopfl train --site`` therefore starts this worker next to the SuperNode: a thread of the
 same long-lived process, listening on a Unix socket in a fresh folder only the site's user can
-enter (mode 0700).  The ClientApp handlers (:func:`omopfl.federation.site_app.handle`) forward
+enter (mode 0700).  The ClientApp handlers (:func:`omopfl.federation.site.app.handle`) forward
 the message content and the context state to it; the worker runs the very same handler functions
-with torch imported and the dataset cached (:func:`omopfl.federation.site_train._tensors_and_split`).
+with torch imported and the dataset cached (:func:`omopfl.federation.site.training._tensors_and_split`).
 
 It is local inter-process communication at the site, not a network service: the socket is a file
 path, nothing listens on a port, and the node config the worker uses is its own (the request cannot
@@ -32,7 +32,7 @@ from typing import Any
 
 from omopfl.errors import WorkerUnavailable
 
-__all__ = ["SiteWorker", "WorkerUnavailable", "call", "SOCKET_NAME"]
+__all__ = ["SiteWorker", "WorkerUnavailable", "call", "handle", "SOCKET_NAME"]
 
 _log = logging.getLogger("omopfl.worker")
 
@@ -67,12 +67,10 @@ def call(socket_path: str, message_type: str, content: Any, context: Any, timeou
     """Run ``message_type`` on ``content`` in the worker; returns the reply RecordDict.
 
     Raises :class:`WorkerUnavailable` if nothing answers at ``socket_path`` and
-    :class:`omopfl.federation.client_app.SiteFailure` with the worker's fixed code if it failed.
+    :class:`omopfl.federation.site.statistics.SiteFailure` with the worker's fixed code if it failed.
     """
-    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
-
     from omopfl.errors import SiteFailure
+    from omopfl.federation.flower_internals import recorddict_from_bytes, recorddict_to_bytes
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -83,17 +81,14 @@ def call(socket_path: str, message_type: str, content: Any, context: Any, timeou
             raise WorkerUnavailable(socket_path) from None
         sock.settimeout(timeout)
         header = json.dumps({"type": message_type}).encode()
-        _send_frames(sock, header, recorddict_to_proto(content).SerializeToString(),
-                     recorddict_to_proto(context.state).SerializeToString())
+        _send_frames(sock, header, recorddict_to_bytes(content), recorddict_to_bytes(context.state))
         status = json.loads(_recv_frame(sock))
         body = _recv_frame(sock)
     finally:
         sock.close()
     if status.get("code"):
         raise SiteFailure(str(status["code"]))
-    proto = ProtoRecordDict()
-    proto.ParseFromString(body)
-    return recorddict_from_proto(proto)
+    return recorddict_from_bytes(body)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -101,19 +96,14 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         from flwr.app import Context
-        from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-        from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
 
         from omopfl.errors import wire_code
-        from omopfl.federation import site_train
+        from omopfl.federation.flower_internals import recorddict_from_bytes, recorddict_to_bytes
+        from omopfl.federation.site import training as site_train
 
         try:
             header = json.loads(_recv_frame(self.request))
-            records = []
-            for _ in range(2):
-                proto = ProtoRecordDict()
-                proto.ParseFromString(_recv_frame(self.request))
-                records.append(recorddict_from_proto(proto))
+            records = [recorddict_from_bytes(_recv_frame(self.request)) for _ in range(2)]
         except (ConnectionError, ValueError, OSError) as exc:
             _log.warning("omopfl worker: bad request (%s)", type(exc).__name__)
             return
@@ -125,7 +115,7 @@ class _Handler(socketserver.BaseRequestHandler):
             try:
                 if handler is None:
                     raise ValueError("unknown message type")
-                reply = recorddict_to_proto(handler(content, context)).SerializeToString()
+                reply = recorddict_to_bytes(handler(content, context))
                 status = {"code": ""}
             except Exception as exc:  # only a fixed code leaves this process
                 status = {"code": "bad_request" if handler is None else wire_code(exc)}
@@ -203,6 +193,20 @@ def _warm() -> None:
         import sklearn.metrics  # noqa: F401
         import torch  # noqa: F401
 
-        import omopfl.federation.site_train
+        import omopfl.federation.site.training
         import omopfl.models
         import omopfl.prepare  # noqa: F401
+
+
+def handle(message_type: str, content: Any, context: Any) -> Any:
+    """Run an admitted ``train``/``evaluate`` here, or in the node's long-lived worker if it has one
+    (torch loaded, tensors cached)."""
+    from omopfl.federation.site import training as site_train
+
+    socket_path = context.node_config.get("worker-socket")
+    if isinstance(socket_path, str) and socket_path:
+        try:
+            return call(socket_path, message_type, content, context)
+        except WorkerUnavailable:
+            _log.warning("omopfl: the site worker is not reachable; running %s in this process", message_type)
+    return site_train.HANDLERS[message_type](content, context)

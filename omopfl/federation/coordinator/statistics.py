@@ -40,6 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from omopfl.atomic import write_json
 from omopfl.federation import codec
+from omopfl.federation.run_config import STATS_CONFIG
 from omopfl.moments import Scaler, finalize, merge_all
 
 __all__ = ["app", "Settings", "federated_statistics", "RESULT_VERSION"]
@@ -70,33 +71,33 @@ class Settings:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
-        def get(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-            value = run_config.get(key, default)
+        def get(key: str, kind: type | tuple[type, ...]) -> Any:
+            value = run_config.get(key, STATS_CONFIG[key])
             if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
                 raise ValueError(f"run config {key} has the wrong type")
             if not isinstance(value, kind):
                 raise ValueError(f"run config {key} has the wrong type")
             return value
 
-        epsilon = float(get("dp-epsilon", (int, float), 0.0))
+        epsilon = float(get("dp-epsilon", (int, float)))
         dp = None
         if epsilon > 0:
             try:
-                raw = json.loads(get("dp-bounds", str, "") or "{}")
+                raw = json.loads(get("dp-bounds", str) or "{}")
             except json.JSONDecodeError:
                 raise ValueError("run config dp-bounds must be a JSON object {feature: [low, high]}") from None
             if not isinstance(raw, dict) or not raw:
                 raise ValueError("run config dp-bounds must be a JSON object {feature: [low, high]}")
             bounds = {str(k): (float(v[0]), float(v[1])) for k, v in raw.items()}
-            dp = codec.DPRequest(epsilon, float(get("dp-delta", (int, float), 1e-6)), bounds)
+            dp = codec.DPRequest(epsilon, float(get("dp-delta", (int, float))), bounds)
         settings = cls(
-            result_path=get("result-path", str, ""), audit_path=get("audit-path", str, ""),
-            study_hash=get("study-hash", str, ""), min_sites=int(get("min-sites", int, 1)),
-            expected_sites=int(get("expected-sites", int, 0)),
-            min_contributing=int(get("min-contributing", int, 1)),
-            wait_seconds=float(get("wait-seconds", (int, float), 120.0)),
-            timeout=float(get("timeout", (int, float), 600.0)), send_scaler=bool(get("send-scaler", bool, True)),
-            dp=dp, secure_aggregation=bool(get("secure-aggregation", bool, False)),
+            result_path=get("result-path", str), audit_path=get("audit-path", str),
+            study_hash=get("study-hash", str), min_sites=int(get("min-sites", int)),
+            expected_sites=int(get("expected-sites", int)),
+            min_contributing=int(get("min-contributing", int)),
+            wait_seconds=float(get("wait-seconds", (int, float))),
+            timeout=float(get("timeout", (int, float))), send_scaler=bool(get("send-scaler", bool)),
+            dp=dp, secure_aggregation=bool(get("secure-aggregation", bool)),
         )
         if settings.min_sites < 1 or settings.min_contributing < 1:
             raise ValueError("run config min-sites and min-contributing must be at least 1")
@@ -160,8 +161,8 @@ def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
     if len(nodes) < settings.min_sites:
         _log.warning("omopfl stats: only %d of %d sites connected within %.0f s; going on with them",
                      len(nodes), settings.min_sites, settings.wait_seconds)
-    if settings.secure_aggregation:  # the study asks for masked sums: omopfl.federation.secure_stats
-        from omopfl.federation import secure_stats
+    if settings.secure_aggregation:  # the study asks for masked sums: omopfl.federation.coordinator.secure_statistics
+        from omopfl.federation.coordinator import secure_statistics as secure_stats
 
         return secure_stats.secure_statistics(grid, settings, nodes, audit, started, waited)
     request = codec.encode_stats_request(settings.study_hash, settings.dp)

@@ -1,8 +1,8 @@
 """FedNova and SCAFFOLD as Flower strategies (subclasses of :class:`flwr.serverapp.strategy.FedAvg`).
 
 Both use only Flower's public Message API (``configure_train`` / ``aggregate_train``) so that
-:func:`omopfl.federation.server_train.run_rounds` drives and checkpoints them like Flower's own
-strategies.  The site's side is in :mod:`omopfl.federation.site_train` (``_train_fednova``,
+:func:`omopfl.federation.coordinator.rounds.run_rounds` drives and checkpoints them like Flower's own
+strategies.  The site's side is in :mod:`omopfl.federation.site.training` (``_train_fednova``,
 ``_train_scaffold``); what a site computes comes from the study it approved.
 
 FedNova (Wang et al., 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous Federated
@@ -40,15 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from omopfl.federation.codec import FEDNOVA_A, SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX, TRAIN_METRICS
 
-__all__ = ["FedNova", "Scaffold", "fednova_normaliser"]
-
-
-def fednova_normaliser(steps: int, momentum: float = 0.0) -> float:
-    """FedNova's ``a_i`` for ``steps`` local SGD steps with heavy-ball ``momentum`` (torch's SGD)."""
-    tau, rho = int(steps), float(momentum)
-    if rho == 0.0:
-        return float(tau)
-    return (tau - rho * (1.0 - rho**tau) / (1.0 - rho)) / (1.0 - rho)
+__all__ = ["FedNova", "Scaffold"]
 
 
 def _floating(array: np.ndarray) -> bool:
