@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from omopfl.config import SiteConfig, check_identifier
-from omopfl.db import detect_cdm_version, existing_tables, qualified, quote_identifier, schema_exists
+from omopfl.db import detect_cdm_version, existing_tables, qualified, quote_identifier, schema_exists, sql_text
 from omopfl.errors import CdmError, DatabaseError
 
 __all__ = [
@@ -318,7 +318,7 @@ def _ensure_schema(conn: sa.Connection, schema: str) -> None:
     # Checked first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
     # exists, which a site's omopfl role may rightly lack.
     if not schema_exists(conn, schema):
-        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}"))
+        conn.execute(sa.text(sql_text("create_schema", schema=quote_identifier(schema))))
 
 
 def create_cdm(

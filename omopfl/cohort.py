@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 from omopfl.cdm import create_results
 from omopfl.config import SiteConfig, check_identifier
-from omopfl.db import describe_driver_error, qualified
+from omopfl.db import describe_driver_error, qualified, sql_text
 from omopfl.errors import ConfigError, DatabaseError, DataError
 
 __all__ = [
@@ -450,14 +450,14 @@ def mask_count(count: int | None, min_cell_count: int) -> int | str | None:
 def _existing_ids(conn: sa.Connection, results: str, ids: Sequence[int]) -> dict[int, str]:
     table = qualified(results, "cohort_definition")
     rows = conn.execute(
-        sa.text(f"SELECT cohort_definition_id, cohort_name FROM {table} WHERE cohort_definition_id IN :ids")
+        sa.text(sql_text("cohort_definitions_with_ids", cohort_definition=table))
         .bindparams(sa.bindparam("ids", expanding=True)),
         {"ids": list(ids)},
     ).all()
     found = {int(r[0]): str(r[1]) for r in rows}
     cohort = qualified(results, "cohort")
     rows = conn.execute(
-        sa.text(f"SELECT DISTINCT cohort_definition_id FROM {cohort} WHERE cohort_definition_id IN :ids")
+        sa.text(sql_text("cohort_ids_with_rows", cohort=cohort))
         .bindparams(sa.bindparam("ids", expanding=True)),
         {"ids": list(ids)},
     ).scalars()
@@ -481,7 +481,7 @@ def _concept_warnings(conn: sa.Connection, site: SiteConfig, definition: CohortD
     for start in range(0, len(all_ids), 5000):
         chunk = all_ids[start:start + 5000]
         known |= {int(x) for x in conn.execute(
-            sa.text(f"SELECT concept_id FROM {concept} WHERE concept_id IN :ids")
+            sa.text(sql_text("known_concept_ids", concept=concept))
             .bindparams(sa.bindparam("ids", expanding=True)),
             {"ids": chunk},
         ).scalars()}
@@ -632,7 +632,7 @@ def _analyze_cohort_table(conn: sa.Connection, results_schema: str) -> None:
     """
     try:
         with conn.begin():
-            conn.exec_driver_sql(f"ANALYZE {qualified(results_schema, 'cohort')}")
+            conn.exec_driver_sql(sql_text("analyze_table", table=qualified(results_schema, "cohort")))
     except sa.exc.DBAPIError:
         pass
 
@@ -662,19 +662,17 @@ class _progress:
 
 def _write_rule_names(conn: sa.Connection, results: str, definition: CohortDefinition, cohort_id: int) -> None:
     table = qualified(results, "cohort_inclusion")
-    conn.execute(sa.text(f"DELETE FROM {table} WHERE cohort_definition_id = :id"), {"id": cohort_id})
+    conn.execute(sa.text(sql_text("cohort_inclusion_delete", cohort_inclusion=table)), {"id": cohort_id})
     for sequence, (name, description) in enumerate(definition.inclusion_rules):
         conn.execute(
-            sa.text(f"INSERT INTO {table} (cohort_definition_id, rule_sequence, name, description) "
-                    "VALUES (:id, :seq, :name, :description)"),
+            sa.text(sql_text("cohort_inclusion_insert", cohort_inclusion=table)),
             {"id": cohort_id, "seq": sequence, "name": name[:255], "description": description},
         )
 
 
 def _cohort_counts(conn: sa.Connection, results: str, cohort_id: int) -> tuple[int, int]:
     row = conn.execute(
-        sa.text(f"SELECT count(DISTINCT subject_id), count(*) FROM {qualified(results, 'cohort')} "
-                "WHERE cohort_definition_id = :id"),
+        sa.text(sql_text("cohort_counts", cohort=qualified(results, "cohort"))),
         {"id": cohort_id},
     ).one()
     return int(row[0]), int(row[1])
@@ -685,10 +683,9 @@ def _write_definition_row(
     persons: int, records: int,
 ) -> None:
     table = qualified(results, "cohort_definition")
-    conn.execute(sa.text(f"DELETE FROM {table} WHERE cohort_definition_id = :id"), {"id": cohort_id})
+    conn.execute(sa.text(sql_text("cohort_definition_delete", cohort_definition=table)), {"id": cohort_id})
     conn.execute(
-        sa.text(f"INSERT INTO {table} (cohort_definition_id, cohort_name, definition_hash, translator, built_at, "
-                "person_count, record_count) VALUES (:id, :name, :hash, :translator, :built_at, :persons, :records)"),
+        sa.text(sql_text("cohort_definition_insert", cohort_definition=table)),
         {"id": cohort_id, "name": definition.name[:255], "hash": definition.hash, "translator": translator,
          "built_at": datetime.now(UTC).replace(tzinfo=None, microsecond=0), "persons": persons,
          "records": records},
@@ -753,8 +750,7 @@ def list_cohorts(conn: sa.Connection, site: SiteConfig) -> list[CohortSummary]:
     """Cohorts built at a site, with masked counts."""
     _ensure_results(conn, site)
     rows = conn.execute(sa.text(
-        "SELECT cohort_definition_id, cohort_name, person_count, record_count, built_at, translator, "
-        f"definition_hash FROM {qualified(site.results_schema, 'cohort_definition')} ORDER BY cohort_definition_id"
+        sql_text("cohort_definition_list", cohort_definition=qualified(site.results_schema, "cohort_definition"))
     )).all()
     k = site.min_cell_count
     return [CohortSummary(int(r[0]), r[1], mask_count(r[2], k), mask_count(r[3], k), str(r[4]), r[5], r[6][:12])
@@ -771,23 +767,20 @@ def show_cohort(conn: sa.Connection, site: SiteConfig, cohort_id: int) -> Cohort
     results = site.results_schema
     mode = 1  # best event per person, as ATLAS shows by default
     summary = conn.execute(
-        sa.text(f"SELECT base_count, final_count FROM {qualified(results, 'cohort_summary_stats')} "
-                "WHERE cohort_definition_id = :id AND mode_id = :mode"),
+        sa.text(sql_text("cohort_summary_stats", cohort_summary_stats=qualified(results, "cohort_summary_stats"))),
         {"id": cohort_id, "mode": mode},
     ).first()
     censored = conn.execute(
-        sa.text(f"SELECT lost_count FROM {qualified(results, 'cohort_censor_stats')} WHERE cohort_definition_id = :id"),
+        sa.text(sql_text("cohort_censor_stats", cohort_censor_stats=qualified(results, "cohort_censor_stats"))),
         {"id": cohort_id},
     ).scalar()
     names = dict(conn.execute(
-        sa.text(f"SELECT rule_sequence, name FROM {qualified(results, 'cohort_inclusion')} "
-                "WHERE cohort_definition_id = :id"),
+        sa.text(sql_text("cohort_inclusion_names", cohort_inclusion=qualified(results, "cohort_inclusion"))),
         {"id": cohort_id},
     ).all())
     stats = conn.execute(
-        sa.text(f"SELECT rule_sequence, person_count, gain_count, person_total FROM "
-                f"{qualified(results, 'cohort_inclusion_stats')} WHERE cohort_definition_id = :id AND mode_id = :mode "
-                "ORDER BY rule_sequence"),
+        sa.text(sql_text("cohort_inclusion_stats",
+                         cohort_inclusion_stats=qualified(results, "cohort_inclusion_stats"))),
         {"id": cohort_id, "mode": mode},
     ).all()
     rules = [RuleAttrition(int(r[0]), str(names.get(r[0], f"rule {r[0]}")), mask_count(r[1], k),

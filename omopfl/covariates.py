@@ -75,7 +75,7 @@ from omopfl.covariate_sets import (
     concept_based,
     describe_covariate,
 )
-from omopfl.db import describe_driver_error, existing_tables, qualified
+from omopfl.db import describe_driver_error, existing_tables, qualified, sql_text
 from omopfl.errors import ConfigError, DatabaseError
 
 __all__ = [
@@ -355,10 +355,9 @@ def covariate_names(conn: sa.Connection, site: SiteConfig, covariate_ids: Iterab
         concept = qualified(site.vocabulary_schema, "concept")
         for start in range(0, len(concept_ids), 1000):
             part = concept_ids[start:start + 1000]
-            values = ", ".join(str(c) for c in part)
+            query = sa.text(sql_text("concept_names", concept=concept)).bindparams(sa.bindparam("ids", expanding=True))
             try:
-                for cid, name in conn.execute(sa.text(
-                        f"SELECT concept_id, concept_name FROM {concept} WHERE concept_id IN ({values})")):
+                for cid, name in conn.execute(query, {"ids": part}):
                     names[int(cid)] = str(name)
             except sa.exc.DBAPIError as exc:
                 raise _failed(site, "covariate name query", exc) from None

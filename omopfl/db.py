@@ -26,7 +26,6 @@ __all__ = [
     "connect",
     "quote_identifier",
     "qualified",
-    "dialect_name",
     "schema_exists",
     "existing_tables",
     "detect_cdm_version",
@@ -229,11 +228,6 @@ def connect(engine: sa.Engine, *, what: str = "database") -> Iterator[sa.Connect
         conn.close()
 
 
-def dialect_name(conn: sa.Connection) -> str:
-    """``"postgresql"`` or ``"duckdb"``."""
-    return conn.dialect.name
-
-
 def schema_exists(conn: sa.Connection, schema: str) -> bool:
     check_identifier(schema, "schema")
     row = conn.execute(
@@ -272,7 +266,7 @@ def detect_cdm_version(conn: sa.Connection, cdm_schema: str) -> str:
     if "cdm_source" in tables:
         try:
             value = conn.execute(
-                sa.text(f"SELECT cdm_version FROM {qualified(cdm_schema, 'cdm_source')} LIMIT 1")
+                sa.text(sql_text("cdm_source_version", cdm_source=qualified(cdm_schema, "cdm_source")))
             ).scalar()
         except sa.exc.DBAPIError:
             conn.rollback()

@@ -64,6 +64,7 @@ from omopfl.db import (
     existing_tables,
     qualified,
     quote_identifier,
+    sql_text,
 )
 from omopfl.errors import ConfigError, DatabaseError, DataError
 
@@ -266,10 +267,7 @@ def _dq(name: str) -> str:
 
 
 def _read_source_tables(src) -> dict[str, _SourceTable]:
-    rows = src.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
-        "AND schema_name = 'main' ORDER BY table_name"
-    ).fetchall()
+    rows = src.execute(sql_text("eunomia_source_tables")).fetchall()
     tables: dict[str, _SourceTable] = {}
     for (source_name,) in rows:
         name = source_name.lower()
@@ -277,16 +275,12 @@ def _read_source_tables(src) -> dict[str, _SourceTable]:
             raise DataError("Eunomia holds a table whose name is not a plain identifier; is the file damaged?")
         if name in tables:
             raise DataError(f"Eunomia holds table {name} twice (names differing only in case)")
-        cols = src.execute(
-            "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = current_database() "
-            "AND schema_name = 'main' AND table_name = ? ORDER BY column_index",
-            [source_name],
-        ).fetchall()
+        cols = src.execute(sql_text("eunomia_source_columns"), {"table": source_name}).fetchall()
         generic = bool(cols) and all(_GENERIC_COLUMN_RE.match(c) for c, _ in cols)
         header_rowid = None
         if generic:
             # A CSV read without its header: the first row holds the column names.
-            first = src.execute(f"SELECT rowid, * FROM main.{_dq(source_name)} ORDER BY rowid LIMIT 1").fetchone()
+            first = src.execute(sql_text("eunomia_source_first_row", table=f"main.{_dq(source_name)}")).fetchone()
             if first is None:
                 raise DataError(f"Eunomia table {name} has neither column names nor a header row")
             header_rowid = first[0]
@@ -294,7 +288,7 @@ def _read_source_tables(src) -> dict[str, _SourceTable]:
             if not all(IDENTIFIER_RE.match(n) for n in names):
                 raise DataError(f"Eunomia table {name}: first row is not a header of column names")
             columns = {n: (c, t) for n, (c, t) in zip(names, cols, strict=True)}
-            count = src.execute(f"SELECT count(*) FROM main.{_dq(source_name)}").fetchone()[0]
+            count = src.execute(sql_text("count_rows", table=f"main.{_dq(source_name)}")).fetchone()[0]
             header_only = count == 1
         else:
             columns = {}
@@ -344,15 +338,9 @@ def _cast_expression(source_column: str, source_type: str, target: str) -> tuple
 def _table_comment(conn: sa.Connection, schema: str, table: str) -> str | None:
     if conn.dialect.name == "postgresql":
         return conn.execute(
-            sa.text("SELECT obj_description(to_regclass(:q), 'pg_class')"), {"q": qualified(schema, table)}
+            sa.text(sql_text("table_comment_postgresql")), {"table": qualified(schema, table)}
         ).scalar()
-    return conn.execute(
-        sa.text(
-            "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND lower(schema_name) = lower(:s) AND lower(table_name) = lower(:t)"
-        ),
-        {"s": schema, "t": table},
-    ).scalar()
+    return conn.execute(sa.text(sql_text("table_comment_duckdb")), {"schema": schema, "table": table}).scalar()
 
 
 def _marker_tables(cdm_schema: str, vocabulary_schema: str) -> dict[str, str]:
@@ -377,7 +365,7 @@ def _prepare_schemas(conn: sa.Connection, owned: dict[str, str], cdm_schema: str
                 "load Eunomia into an empty schema or drop those tables first"
             )
         for table in present:
-            conn.execute(sa.text(f"DROP TABLE {qualified(schema, table)}"))
+            conn.execute(sa.text(sql_text("drop_table", table=qualified(schema, table))))
 
 
 def _create_extra_table(conn: sa.Connection, schema: str, name: str, specs: list[ColumnSpec]) -> None:
@@ -555,21 +543,20 @@ def _count_defects(
         key = _primary_key(name, specs_of[name])
         if not rows or key is None:
             continue
-        k = quote_identifier(key)
-        extra = _count(conn, f"SELECT count({k}) - count(DISTINCT {k}) FROM {qualified(owned[name], name)}")
+        table = qualified(owned[name], name)
+        extra = _count(conn, sql_text("duplicate_key_rows", table=table, key=quote_identifier(key)))
         if extra:
             summary.duplicate_keys[name] = extra
     person = qualified(owned["person"], "person")
-    summary.observation_periods_without_person = _count(
-        conn,
-        f"SELECT count(*) FROM {qualified(owned['observation_period'], 'observation_period')} op "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {person} p WHERE p.person_id = op.person_id)",
-    )
+    summary.observation_periods_without_person = _count(conn, sql_text(
+        "cdm_rows_of_absent_persons", table=qualified(owned["observation_period"], "observation_period"), person=person,
+    ))
     summary.measurements_with_value = _count(
-        conn, f"SELECT count(value_as_number) FROM {qualified(owned['measurement'], 'measurement')}"
+        conn, sql_text("measurement_values", measurement=qualified(owned["measurement"], "measurement"))
     )
     summary.source_cdm_version = str(
-        conn.execute(sa.text(f"SELECT max(cdm_version) FROM {qualified(owned['cdm_source'], 'cdm_source')}")).scalar()
+        conn.execute(sa.text(sql_text("cdm_source_max_version",
+                                      cdm_source=qualified(owned["cdm_source"], "cdm_source")))).scalar()
         or ""
     )
 

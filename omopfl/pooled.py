@@ -41,7 +41,7 @@ def check_poolable(site: Any) -> str:
     """The site's ``cdm_source_name`` if its CDM is synthetic/test data, else ``ConfigError``."""
     import sqlalchemy as sa
 
-    from omopfl.db import make_engine, qualified
+    from omopfl.db import make_engine, qualified, sql_text
     from omopfl.errors import ConfigError
 
     engine = make_engine(site.database_url())
@@ -49,7 +49,7 @@ def check_poolable(site: Any) -> str:
         with engine.connect() as conn:
             try:
                 row = conn.execute(sa.text(
-                    f"SELECT cdm_source_name, source_description FROM {qualified(site.cdm_schema, 'cdm_source')}"
+                    sql_text("cdm_source_description", cdm_source=qualified(site.cdm_schema, "cdm_source"))
                 )).first()
             except sa.exc.DBAPIError:
                 row = None

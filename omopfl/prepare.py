@@ -94,7 +94,7 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
         ``{"target": {"id", "hash", "rebuilt"}, "outcome": {...}}`` (and ``"test"`` for a cohort split).
     """
     from omopfl.cohort import build_cohorts, load_definition
-    from omopfl.db import existing_tables, qualified
+    from omopfl.db import existing_tables, qualified, sql_text
 
     definitions: dict[str, Any] = {}
     ids: dict[str, int] = {}
@@ -119,12 +119,12 @@ def ensure_cohorts(engine: sa.Engine, site: SiteConfig, study: StudyConfig, prog
         tables = existing_tables(conn, site.results_schema)
         if "cohort_definition" in tables:
             table = qualified(site.results_schema, "cohort_definition")
-            rows = conn.execute(sa.text(f"SELECT cohort_definition_id, definition_hash FROM {table}")).all()
+            rows = conn.execute(sa.text(sql_text("cohort_definition_hashes", cohort_definition=table))).all()
             built = {int(r[0]): str(r[1]) for r in rows}
         for role in roles:  # a cohort built by other tools at the site: rows in cohort only
             if role not in definitions and ids[role] not in built and "cohort" in tables:
-                found = conn.execute(sa.text(f"SELECT 1 FROM {qualified(site.results_schema, 'cohort')} "
-                                             "WHERE cohort_definition_id = :id LIMIT 1"), {"id": ids[role]}).first()
+                cohort = qualified(site.results_schema, "cohort")
+                found = conn.execute(sa.text(sql_text("cohort_has_rows", cohort=cohort)), {"id": ids[role]}).first()
                 if found is not None:
                     built[ids[role]] = None
     for role in roles:
@@ -439,7 +439,7 @@ def _features(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohorts
 def _test_mask(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohorts: dict[str, Any],
                frame: pd.DataFrame) -> np.ndarray | None:
     """The study's fixed test set over the frame's rows (``[split]``), or None for the random split."""
-    from omopfl.db import qualified
+    from omopfl.db import qualified, sql_text
     from omopfl.splits import hash_test_mask
 
     persons = frame["person_id"].to_numpy(dtype=np.int64)
@@ -447,8 +447,8 @@ def _test_mask(conn: sa.Connection, site: SiteConfig, study: StudyConfig, cohort
         return hash_test_mask(persons.tolist(), study.split.test_fraction, study.split.seed)
     if study.split.method != "cohort":
         return None
-    rows = conn.execute(sa.text(f"SELECT DISTINCT subject_id FROM {qualified(site.results_schema, 'cohort')} "
-                                "WHERE cohort_definition_id = :id"), {"id": int(cohorts["test"]["id"])}).all()
+    rows = conn.execute(sa.text(sql_text("cohort_subjects", cohort=qualified(site.results_schema, "cohort"))),
+                        {"id": int(cohorts["test"]["id"])}).all()
     return np.isin(persons, np.array([int(r[0]) for r in rows], dtype=np.int64))
 
 

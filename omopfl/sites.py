@@ -1,7 +1,10 @@
 """`omopfl sites check`: what is in a site's CDM, what is missing, what looks wrong.
 
 All work is done in SQL; only counts come back.  The report is for the site's
-own data engineer and is not sent anywhere.
+own data engineer and is not sent anywhere.  Each check is one ``sql/cdm_*.sql`` file that
+``omopfl validate`` (:mod:`omopfl.conformance`) reads too, so both count the same; a finding's
+``rows`` is the number of key values for ``duplicate_primary_key`` and of persons for
+``death_before_birth``.
 """
 
 from __future__ import annotations
@@ -10,22 +13,21 @@ from dataclasses import asdict, dataclass, field
 
 import sqlalchemy as sa
 
-from omopfl.cdm import CLINICAL_TABLES, EVENT_TABLES, VOCABULARY_TABLES, CdmInfo, inspect_cdm
+from omopfl.cdm import CLINICAL_TABLES, EVENT_TABLES, VOCABULARY_TABLES, CdmInfo, inspect_cdm, table_columns
 from omopfl.config import SiteConfig
-from omopfl.db import qualified, schema_exists, sql_text
+from omopfl.db import qualified, quote_identifier, schema_exists, sql_text
 
 __all__ = ["SiteReport", "Finding", "check_site"]
 
-PRIMARY_KEYS: dict[str, str] = {
-    "person": "person_id",
-    "observation_period": "observation_period_id",
-    "visit_occurrence": "visit_occurrence_id",
-    "condition_occurrence": "condition_occurrence_id",
-    "drug_exposure": "drug_exposure_id",
-    "procedure_occurrence": "procedure_occurrence_id",
-    "measurement": "measurement_id",
-    "observation": "observation_id",
-}
+def _primary_keys(version: str) -> dict[str, str]:
+    """Table -> primary-key column of the person-level tables, from omopfl's CDM catalogue."""
+    version = "5.3" if str(version).startswith("5.3") else "5.4"
+    return {
+        table: column.name
+        for table in ("person", "observation_period", *EVENT_TABLES)
+        for column in table_columns(table, version)
+        if column.primary_key
+    }
 
 
 @dataclass
@@ -81,20 +83,23 @@ def _findings(conn: sa.Connection, site: SiteConfig, info: CdmInfo) -> list[Find
     )
     add(
         "observation_periods_of_absent_persons", "observation_period",
-        _count(conn, sql_text("cdm_observation_periods_of_absent_persons", person=person, period=period)),
+        _count(conn, sql_text("cdm_rows_of_absent_persons", table=period, person=person)),
         "warning", "rows refer to person_ids missing from person",
     )
     add(
         "observation_period_end_before_start", "observation_period",
-        _count(conn, sql_text("cdm_observation_period_end_before_start", period=period)),
+        _count(conn, sql_text("cdm_end_before_start", table=period,
+                              start=quote_identifier("observation_period_start_date"),
+                              end=quote_identifier("observation_period_end_date"))),
         "error", "fix the ETL: periods must end on or after they start",
     )
-    for table, key in PRIMARY_KEYS.items():
+    for table, key in _primary_keys(info.version).items():
         if table not in tables:
             continue
         add(
             "duplicate_primary_key", table,
-            _count(conn, sql_text("cdm_duplicate_primary_keys", table=qualified(cdm, table), key=key)),
+            _count(conn, sql_text("cdm_duplicate_primary_keys", table=qualified(cdm, table),
+                                  key=quote_identifier(key))),
             "warning", f"{key} values occur more than once",
         )
     for table, (date_column, _, concept_column) in EVENT_TABLES.items():
@@ -104,19 +109,20 @@ def _findings(conn: sa.Connection, site: SiteConfig, info: CdmInfo) -> list[Find
         add(
             "events_outside_observation", table,
             _count(conn, sql_text("cdm_events_outside_observation", table=target, period=period,
-                                  date_column=date_column)),
+                                  date_column=quote_identifier(date_column))),
             "warning", "events outside every observation period are ignored by most cohorts",
         )
         add(
             "unmapped_concept", table,
-            _count(conn, sql_text("cdm_unmapped_concept", table=target, concept_column=concept_column)),
-            "warning", f"{concept_column} = 0 (no standard concept); these rows match no concept set",
+            _count(conn, sql_text("cdm_unmapped_concept", table=target,
+                                  concept_column=quote_identifier(concept_column))),
+            "warning", f"{concept_column} is 0 or NULL (no standard concept); these rows match no concept set",
         )
     if "death" in tables:
         add(
             "death_before_birth", "death",
             _count(conn, sql_text("cdm_death_before_birth", death=qualified(cdm, "death"), person=person)),
-            "error", "death dates before the year of birth",
+            "error", "persons whose death is dated in a year before their year of birth",
         )
     if "measurement" in tables:
         add(

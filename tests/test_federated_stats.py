@@ -354,9 +354,9 @@ def test_client_app_keeps_the_scaler_and_refuses_a_mismatched_one(federation, mo
 # --------------------------------------------------------------------------------------------
 
 FORBIDDEN = ("omopfl.prepare", "omopfl.features", "omopfl.linking", "omopfl.db", "omopfl.cohort", "omopfl.synth",
-             "omopfl.validation", "omopfl.sites", "omopfl.eunomia", "omopfl.config",
-             "omopfl.federation.site.statistics", "omopfl.federation.local", "sqlalchemy", "duckdb", "psycopg",
-             "psycopg2", "pydicom", "great_expectations", "torch")
+             "omopfl.validation", "omopfl.conformance", "omopfl.expectations", "omopfl.sites", "omopfl.eunomia",
+             "omopfl.config", "omopfl.federation.site.statistics", "omopfl.federation.local", "sqlalchemy", "duckdb",
+             "psycopg", "psycopg2", "pydicom", "great_expectations", "torch")
 
 
 COORDINATOR = sorted(p.stem for p in (ROOT / "omopfl" / "federation" / "coordinator").glob("*.py")

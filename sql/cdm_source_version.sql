@@ -1,0 +1,2 @@
+-- The CDM version cdm_source states (first row). Tables: {cdm_source}.
+SELECT cdm_version FROM {cdm_source} LIMIT 1

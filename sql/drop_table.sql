@@ -1,0 +1,2 @@
+-- Drop one table. Tables: {table}.
+DROP TABLE {table}
