@@ -29,7 +29,7 @@ contents sent and received per round against the model's size (float32 weights).
 
 Usage::
 
-    .venv/bin/python bench/round_bench.py [--rounds 5] [--persons 1500] [--engines inprocess deployment_tuned]
+    .venv/bin/python bench/round_bench.py [--rounds 5] [--persons 3000] [--engines inprocess deployment_tuned]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _run(engine: str, study: Path, adapters: list[Path], prepared: Path, out: Pa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--persons", type=int, default=1500, help="persons over the three sites")
+    parser.add_argument("--persons", type=int, default=3000, help="persons over the three sites")
     parser.add_argument("--model", default="logistic", choices=("logistic", "mlp"))
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     args = parser.parse_args()

@@ -62,7 +62,11 @@ def pg_admin_url() -> str:
     return PG_ADMIN_URL
 
 
-@pytest.fixture(params=["duckdb", "postgresql"])
+BACKENDS = ("duckdb", "postgresql")
+"""Every database test runs on each of these (embedded DuckDB, a PostgreSQL server)."""
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """A fresh empty database, once on DuckDB and once on PostgreSQL."""
     if request.param == "duckdb":
@@ -91,6 +95,68 @@ def database_factory(tmp_path_factory: pytest.TempPathFactory):
         return _create_pg_database(tag)
 
     return make
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The backend of a module's shared databases (``duckdb`` or ``postgresql``): module fixtures that build
+    a site take this, so every test using them runs once per backend."""
+    return request.param
+
+
+@dataclass
+class Site:
+    """One site's database, ready: its adapter, an engine, and what was planted in it."""
+
+    backend: str
+    config: Any
+    engine: sa.Engine
+    truth: dict | None = None
+    eunomia: object | None = None
+
+
+def _test_env_name() -> str:
+    return f"OMOPFL_TEST_{uuid.uuid4().hex[:8].upper()}_URL"
+
+
+@pytest.fixture(scope="module")
+def synth_site(backend_name: str, database_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """One small synthetic site (900 persons, seed 7, no images or omics); ``truth`` holds the generator's
+    counts, including the planted dirty rows."""
+    from omopfl.config import load_site
+    from omopfl.synth import run_synth
+
+    url = database_factory(backend_name, "synthsite")
+    out = tmp_path_factory.mktemp("synthsite")
+    env = _test_env_name()
+    os.environ[env] = url
+    pg = {"pg_url": url, "pg_url_env": env} if backend_name == "postgresql" else {}
+    (summary,) = run_synth(out, n_sites=1, persons=[900], seed=7, image_share=0, omics_share=0, progress=False,
+                           **pg)
+    config = load_site(out / "adapters" / "site_a.toml")
+    engine = make_engine(config.database_url())
+    yield Site(backend_name, config, engine, truth=summary.truth_dict())
+    engine.dispose()
+    os.environ.pop(env, None)
+
+
+@pytest.fixture(scope="module")
+def eunomia_site(backend_name: str, database_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """OHDSI's Eunomia GiBleed, its defects kept, in a fresh database; ``eunomia`` is the loader's summary."""
+    from omopfl.config import load_site
+    from omopfl.eunomia import load_eunomia, write_adapter
+
+    url = database_factory(backend_name, "eunomiasite")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        summary = load_eunomia(conn, cdm_schema="cdm")
+    env = _test_env_name()
+    os.environ[env] = url
+    config = load_site(write_adapter(tmp_path_factory.mktemp("eunomiasite") / "eunomia.toml", "eunomia",
+                                     url_env=env))
+    yield Site(backend_name, config, engine, eunomia=summary)
+    engine.dispose()
+    os.environ.pop(env, None)
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,12 +25,11 @@ from omopfl.prepare import load_prepared
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = tomllib.loads((CORPUS / "cases.toml").read_text())
-BACKENDS = ["duckdb", "postgresql"]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def site(request, cli_site_factory) -> CliSite:
-    return cli_site_factory(request.param)
+@pytest.fixture(scope="module")
+def site(backend_name, cli_site_factory) -> CliSite:
+    return cli_site_factory(backend_name)
 
 
 def _database_section(site: CliSite) -> str:

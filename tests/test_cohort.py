@@ -11,12 +11,11 @@ import json
 import os
 import tarfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import run_omopfl
+from conftest import Site, run_omopfl
 
 from omopfl.cohort import (
     assign_ids,
@@ -34,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 COHORTS = ROOT / "cohorts"
 # Reference data written by others lives beside the checkout (../shared/data), never in the repo.
 SHARED = Path(os.environ.get("OMOPFL_SHARED_DATA", ROOT.parent / "shared" / "data")) / "ohdsi-cohorts"
-BACKENDS = ["duckdb", "postgresql"]
 
 # OHDSI CohortGenerator's celecoxib test cohorts on Eunomia GiBleed, persons (= records: first event only).
 # Reference: CohortGenerator's cohorts generated on Eunomia, as published by HADES users
@@ -46,56 +44,6 @@ CELECOXIB_REFERENCE = {"celecoxib": 1800, "celecoxibAge40": 569, "celecoxibAge40
 GI_BLEED_PHENOTYPES = {77: (391, 391), 299: (479, 479), 482: (479, 479), 1197: (1015, 1281)}
 
 
-@dataclass
-class Site:
-    backend: str
-    config: SiteConfig
-    engine: sa.Engine
-    truth: dict | None = None
-
-
-def _env_name() -> str:
-    return f"OMOPFL_TEST_{uuid.uuid4().hex[:8].upper()}_URL"
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def synth_site(request, database_factory, tmp_path_factory):
-    """One small synthetic site (the generator's truth alongside)."""
-    from omopfl.synth import run_synth
-
-    url = database_factory(request.param, "cohortsynth")
-    out = tmp_path_factory.mktemp("synth")
-    env = _env_name()
-    os.environ[env] = url
-    if request.param == "duckdb":
-        (summary,) = run_synth(out, n_sites=1, persons=[900], seed=7, image_share=0, omics_share=0,
-                               progress=False)
-    else:
-        (summary,) = run_synth(out, n_sites=1, persons=[900], seed=7, pg_url=url, pg_url_env=env,
-                               image_share=0, omics_share=0, progress=False)
-    config = load_site(out / "adapters" / "site_a.toml")
-    engine = make_engine(config.database_url())
-    yield Site(request.param, config, engine, summary.truth_dict())
-    engine.dispose()
-    os.environ.pop(env, None)
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def eunomia_site(request, database_factory, tmp_path_factory):
-    """OHDSI's Eunomia GiBleed loaded into a fresh database."""
-    from omopfl.eunomia import load_eunomia, write_adapter
-
-    url = database_factory(request.param, "cohorteunomia")
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        load_eunomia(conn, cdm_schema="cdm")
-    env = _env_name()
-    os.environ[env] = url
-    folder = tmp_path_factory.mktemp("eunomia")
-    config = load_site(write_adapter(folder / "eunomia.toml", "eunomia", url_env=env))
-    yield Site(request.param, config, engine)
-    engine.dispose()
-    os.environ.pop(env, None)
 
 
 def _shared(name: str) -> Path:

@@ -41,7 +41,6 @@ from omopfl.study import StudyConfig, load_study
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = load_study(ROOT / "examples" / "t2dm_hf" / "study.toml")
 TARGET, OUTCOME = 101, 102
-BACKENDS = ["duckdb", "postgresql"]
 GLUCOSE = 3004501
 
 
@@ -54,18 +53,18 @@ class Sites:
     truths: list[dict]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def sites(request, database_factory, tmp_path_factory) -> Iterator[Sites]:
+@pytest.fixture(scope="module")
+def sites(backend_name, database_factory, tmp_path_factory) -> Iterator[Sites]:
     """Three synthetic sites with the study's target (101) and outcome (102) cohorts built."""
     from omopfl.synth import run_synth
 
-    url = database_factory(request.param, "features")
+    url = database_factory(backend_name, "features")
     out = tmp_path_factory.mktemp("featuresynth")
     env = f"OMOPFL_TEST_{uuid.uuid4().hex[:8].upper()}_URL"
     os.environ[env] = url
     options = {"n_sites": 3, "persons": [1000, 800, 800], "seed": 5, "image_share": 0, "omics_share": 0,
                "progress": False}
-    if request.param == "postgresql":
+    if backend_name == "postgresql":
         options.update(pg_url=url, pg_url_env=env)
     summaries = run_synth(out, **options)
     configs = [load_site(out / "adapters" / f"{s.site}.toml") for s in summaries]
@@ -73,7 +72,7 @@ def sites(request, database_factory, tmp_path_factory) -> Iterator[Sites]:
     definitions = [(load_definition(STUDY.target_cohort), TARGET), (load_definition(STUDY.outcome_cohort), OUTCOME)]
     for config, engine in zip(configs, engines, strict=True):
         build_cohorts(engine, config, definitions, replace=True)
-    yield Sites(request.param, configs, engines[0], engines, [s.truth_dict() for s in summaries])
+    yield Sites(backend_name, configs, engines[0], engines, [s.truth_dict() for s in summaries])
     for engine in engines:
         engine.dispose()
     os.environ.pop(env, None)

@@ -26,12 +26,11 @@ from omopfl.prepare import load_prepared
 
 SEED = int(os.environ.get("OMOPFL_INTERRUPT_SEED", str(random.SystemRandom().randrange(10**6))))
 RANDOM = random.Random(SEED)
-BACKENDS = ["duckdb", "postgresql"]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def site(request, cli_site_factory) -> CliSite:
-    return cli_site_factory(request.param).clone("interrupt")
+@pytest.fixture(scope="module")
+def site(backend_name, cli_site_factory) -> CliSite:
+    return cli_site_factory(backend_name).clone("interrupt")
 
 
 def _run(site: CliSite, args: list[str], sig: int | None, delay: float) -> tuple[int, str, bool]:

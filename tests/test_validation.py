@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from conftest import Site
 
-from omopfl.config import SiteConfig, load_site
-from omopfl.db import make_engine, qualified
+from omopfl.db import qualified
 from omopfl.errors import DataError
 from omopfl.study import StudyConfig, load_study
 from omopfl.validation import (
@@ -37,7 +35,6 @@ from omopfl.validation import (
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "examples" / "t2dm_hf" / "study.toml"
-BACKENDS = ["duckdb", "postgresql"]
 FIRST_PERSON_ID = 987_650_001  # distinctive: must never show up in a report or message
 BAD_VALUE = 777.25  # an impossible lab value: must never show up either
 
@@ -295,53 +292,6 @@ def test_report_dict_summary_and_override(study: StudyConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- CDM checks in the database
-@dataclass
-class Site:
-    backend: str
-    config: SiteConfig
-    engine: sa.Engine
-    truth: dict | None = None
-    eunomia: object | None = None
-
-
-def _env_name() -> str:
-    return f"OMOPFL_TEST_{uuid.uuid4().hex[:8].upper()}_URL"
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def synth_site(request, database_factory, tmp_path_factory):
-    """One small synthetic site; its truth counts the planted dirty rows."""
-    from omopfl.synth import run_synth
-
-    url = database_factory(request.param, "valsynth")
-    out = tmp_path_factory.mktemp("valsynth")
-    env = _env_name()
-    os.environ[env] = url
-    pg = {"pg_url": url, "pg_url_env": env} if request.param == "postgresql" else {}
-    (summary,) = run_synth(out, n_sites=1, persons=[900], seed=7, image_share=0, omics_share=0, progress=False,
-                           **pg)
-    config = load_site(out / "adapters" / "site_a.toml")
-    engine = make_engine(config.database_url())
-    yield Site(request.param, config, engine, truth=summary.truth_dict())
-    engine.dispose()
-    os.environ.pop(env, None)
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def eunomia_site(request, database_factory, tmp_path_factory):
-    """OHDSI's Eunomia GiBleed, defects kept, in a fresh database."""
-    from omopfl.eunomia import load_eunomia, write_adapter
-
-    url = database_factory(request.param, "valeunomia")
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        summary = load_eunomia(conn, cdm_schema="cdm")
-    env = _env_name()
-    os.environ[env] = url
-    config = load_site(write_adapter(tmp_path_factory.mktemp("valeunomia") / "eunomia.toml", "eunomia", url_env=env))
-    yield Site(request.param, config, engine, eunomia=summary)
-    engine.dispose()
-    os.environ.pop(env, None)
 
 
 def by_key(results: list[CheckResult]) -> dict[tuple[str, str, str | None], CheckResult]:

@@ -49,7 +49,7 @@ __all__ = ["superlink_task_identity", "delivered_message", "CHECKED_FLOWER_VERSI
 PULL_BACKOFF_SECONDS = (0.02, 0.25)
 """(initial, cap) of the retry backoff while a message's objects are still arriving (Flower: 1 s doubling)."""
 
-CHECKED_FLOWER_VERSIONS = ("1.41.0",)
+CHECKED_FLOWER_VERSIONS = ("1.41.0", "1.42.0")
 """Flower versions whose ClientApp runtime and SuperExec internals this module was checked against."""
 
 
