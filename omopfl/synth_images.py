@@ -1,7 +1,7 @@
 """Synthetic MR slices: the ``image_occurrence`` rows of linked persons and the DICOM files they name.
 
 Part of the synthetic generator (:mod:`omopfl.synth`), and one of the two modules (with
-:mod:`omopfl.linking_images`) that import pydicom.  Each slice is a Gaussian blob on a noisy background;
+:mod:`omopfl.linking_dicom`) that import pydicom.  Each slice is a Gaussian blob on a noisy background;
 the latent image signal sets the blob's brightness and width.  UIDs are derived from the site, seed,
 person and row id, so the files are reproducible.
 """
