@@ -26,12 +26,12 @@ import sqlalchemy as sa
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-import omopfl.linking_images as linking_images
+import omopfl.linking.images as linking_images
 from omopfl.config import SiteConfig, load_site
 from omopfl.db import make_engine, qualified
 from omopfl.errors import CdmError, ConfigError, DataError, OmopflError
 from omopfl.linking import IMAGE_REPORT_KEYS, OMICS_REPORT_KEYS, link_images, link_omics
-from omopfl.linking_candidates import mask_counts
+from omopfl.linking.candidates import mask_counts
 from omopfl.study import StudyConfig, load_study
 
 ROOT = Path(__file__).resolve().parents[1]

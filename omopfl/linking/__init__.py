@@ -1,9 +1,9 @@
 """Link each person of a cohort to a DICOM image and an omics expression profile.
 
-The public names of the linking modules, in one place: :mod:`omopfl.linking_images` (images, the
-lazy pixel cache), :mod:`omopfl.linking_omics` (expression profiles), :mod:`omopfl.linking_dicom`
+The public names of the linking modules, in one place: :mod:`omopfl.linking.images` (images, the
+lazy pixel cache), :mod:`omopfl.linking.omics` (expression profiles), :mod:`omopfl.linking.dicom`
 (DICOM header checks and decoding, the only linking module that imports pydicom) and
-:mod:`omopfl.linking_candidates` (the per-person candidate search both share).
+:mod:`omopfl.linking.candidates` (the per-person candidate search both share).
 
 Images
     :func:`link_images` finds, per person, the ``image_occurrence`` rows (OMOP imaging
@@ -32,8 +32,8 @@ shown off-site (mask small counts with :meth:`ImageLinks.masked_report`).
 
 from __future__ import annotations
 
-from omopfl.linking_images import IMAGE_REPORT_KEYS, NORMALIZATIONS, ImageLinks, LazyImages, link_images
-from omopfl.linking_omics import OMICS_REPORT_KEYS, OMICS_WINDOW, OmicsLinks, link_omics
+from omopfl.linking.images import IMAGE_REPORT_KEYS, NORMALIZATIONS, ImageLinks, LazyImages, link_images
+from omopfl.linking.omics import OMICS_REPORT_KEYS, OMICS_WINDOW, OmicsLinks, link_omics
 
 __all__ = [
     "IMAGE_REPORT_KEYS",

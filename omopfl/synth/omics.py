@@ -13,8 +13,8 @@ from typing import TextIO
 import numpy as np
 import pandas as pd
 
-from omopfl.synth_concepts import BLOOD_SPECIMEN, EHR
-from omopfl.synth_rows import ChunkContext
+from omopfl.synth.concepts import BLOOD_SPECIMEN, EHR
+from omopfl.synth.rows import ChunkContext
 
 __all__ = ["OMICS_GENES", "OMICS_SIGNAL", "OmicsFile", "specimens", "write_omics"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omopfl.synth_profiles import SiteProfile
+from omopfl.synth.profiles import SiteProfile
 
 __all__ = [
     "DATA_END",

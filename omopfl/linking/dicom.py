@@ -1,6 +1,6 @@
 """Reading the DICOM files a site links: header checks against the CDM, and pixel decoding.
 
-Besides the synthetic generator's :mod:`omopfl.synth_images`, the only module that imports pydicom.
+Besides the synthetic generator's :mod:`omopfl.synth.images`, the only module that imports pydicom.
 :func:`check_target` reads a file's *header* only (``stop_before_pixels``) and checks it against the
 CDM row: ``PatientID == str(person_id)``, ``StudyInstanceUID`` and ``SeriesInstanceUID`` equal to the
 row's UIDs, ``Modality`` one of the study's modalities, and the pixel data element present, complete
@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from omopfl.linking_candidates import clean_text
+from omopfl.linking.candidates import clean_text
 
 __all__ = ["MAX_SERIES_FILES", "Checked", "check_target", "decode_pixels"]
 

@@ -1,7 +1,7 @@
 """Synthetic MR slices: the ``image_occurrence`` rows of linked persons and the DICOM files they name.
 
 Part of the synthetic generator (:mod:`omopfl.synth`), and one of the two modules (with
-:mod:`omopfl.linking_dicom`) that import pydicom.  Each slice is a Gaussian blob on a noisy background;
+:mod:`omopfl.linking.dicom`) that import pydicom.  Each slice is a Gaussian blob on a noisy background;
 the latent image signal sets the blob's brightness and width.  UIDs are derived from the site, seed,
 person and row id, so the files are reproducible.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from omopfl.synth_concepts import MRI
-from omopfl.synth_rows import ChunkContext
+from omopfl.synth.concepts import MRI
+from omopfl.synth.rows import ChunkContext
 
 __all__ = ["IMAGE_SIZE", "ImageJob", "image_rows", "write_dicom"]
 
@@ -43,7 +43,7 @@ def image_rows(ctx: ChunkContext, site: str, seed: int, procedure_ids: np.ndarra
     """The ``image_occurrence`` rows of the persons with a linked image, and their files.
 
     ``procedure_ids`` and ``image_day`` are the MR procedures behind the images
-    (:func:`omopfl.synth_clinical.procedures`).
+    (:func:`omopfl.synth.clinical.procedures`).
     """
     rng, pp = ctx.rng, ctx.people
     pid, birth, male, u_image = pp.pid, pp.birth, pp.male, pp.u_image

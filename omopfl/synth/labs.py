@@ -1,7 +1,7 @@
 """Lab rows (``measurement``) of one chunk of synthetic persons, in each site's units, and their truth.
 
 Part of the synthetic generator (:mod:`omopfl.synth`).  Values are drawn around each person's latent
-level (:attr:`omopfl.synth_people.People.latent`) and stored in the site's units with the
+level (:attr:`omopfl.synth.people.People.latent`) and stored in the site's units with the
 conversions of :data:`omopfl.vocab.LABS`; some values are NULL, as the site profile says.
 """
 
@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 from omopfl import vocab
-from omopfl.synth_concepts import CONCEPT_CODES, LAB_TYPE
-from omopfl.synth_people import LAB_WINDOW_DAYS
-from omopfl.synth_rows import ChunkContext, RowBlocks
+from omopfl.synth.concepts import CONCEPT_CODES, LAB_TYPE
+from omopfl.synth.people import LAB_WINDOW_DAYS
+from omopfl.synth.rows import ChunkContext, RowBlocks
 
 __all__ = ["LabRows"]
 

@@ -3,7 +3,7 @@
 :func:`link_omics` finds, per person, the newest specimen dated in :data:`OMICS_WINDOW` (``[-365, 0]``
 days around index) whose file (``specimen_source_id`` under the site's ``omics_root``, or a manifest
 row) reads as a ``gene,value`` table, and returns one expression vector over the study's genes per
-person.  The candidate search is :mod:`omopfl.linking_candidates`'.
+person.  The candidate search is :mod:`omopfl.linking.candidates`'.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from omopfl.config import SiteConfig
 from omopfl.db import describe_driver_error, qualified
 from omopfl.errors import ConfigError, DatabaseError
-from omopfl.linking_candidates import (
+from omopfl.linking.candidates import (
     PERSON_BATCH,
     Candidate,
     as_day,

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from omopfl import synth_clinical as clinical
-from omopfl.synth_images import ImageJob, image_rows
-from omopfl.synth_labs import LabRows
-from omopfl.synth_omics import OmicsFile, specimens
-from omopfl.synth_people import draw_people
-from omopfl.synth_profiles import SiteProfile
-from omopfl.synth_rows import ChunkContext
+import omopfl.synth.clinical as clinical
+from omopfl.synth.images import ImageJob, image_rows
+from omopfl.synth.labs import LabRows
+from omopfl.synth.omics import OmicsFile, specimens
+from omopfl.synth.people import draw_people
+from omopfl.synth.profiles import SiteProfile
+from omopfl.synth.rows import ChunkContext
 
 __all__ = ["Chunk", "build_chunk"]
 

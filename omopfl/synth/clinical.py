@@ -1,7 +1,7 @@
 """The clinical CDM tables of one chunk of synthetic persons (everything but labs, specimens and images).
 
 Part of the synthetic generator (:mod:`omopfl.synth`).  Each function draws from the chunk's random
-stream (:class:`omopfl.synth_rows.ChunkContext`); :func:`omopfl.synth_chunk.build_chunk` calls them in
+stream (:class:`omopfl.synth.rows.ChunkContext`); :func:`omopfl.synth.chunk.build_chunk` calls them in
 a fixed order, which is part of what makes the rows reproducible.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from omopfl import vocab
-from omopfl.synth_concepts import (
+from omopfl.synth.concepts import (
     AMI,
     ATORVASTATIN,
     CHEST_XRAY,
@@ -42,8 +42,8 @@ from omopfl.synth_concepts import (
     TACHYCARDIA,
     source_codes,
 )
-from omopfl.synth_people import DATA_END, OUTCOME_WINDOW, sigmoid, uniform_days
-from omopfl.synth_rows import ChunkContext, RowBlocks
+from omopfl.synth.people import DATA_END, OUTCOME_WINDOW, sigmoid, uniform_days
+from omopfl.synth.rows import ChunkContext, RowBlocks
 
 __all__ = [
     "Visits",

@@ -25,15 +25,15 @@ written to ``<out_dir>/<site>/truth.json`` (counts and aggregates only, no rows)
 This module is the entry point (:func:`run_synth`: checks, one site after the other, adapters); the
 generator's parts live in modules of their own:
 
-* :mod:`omopfl.synth_profiles`: how sites differ, their names, persons per site;
-* :mod:`omopfl.synth_people`: the latent clinical story and the outcome model;
-* :mod:`omopfl.synth_concepts`: the concept ids written and their source values;
-* :mod:`omopfl.synth_rows`: row blocks, row ids and planted dirty rows of one chunk;
-* :mod:`omopfl.synth_clinical`, :mod:`omopfl.synth_labs`: the clinical tables and the lab rows;
-* :mod:`omopfl.synth_images`, :mod:`omopfl.synth_omics`: linked DICOM slices and expression files;
-* :mod:`omopfl.synth_chunk`: one chunk's rows and files in their fixed order;
-* :mod:`omopfl.synth_truth`: the ground truth (:class:`SiteSummary`);
-* :mod:`omopfl.synth_write`: writing one site to its database and folders.
+* :mod:`omopfl.synth.profiles`: how sites differ, their names, persons per site;
+* :mod:`omopfl.synth.people`: the latent clinical story and the outcome model;
+* :mod:`omopfl.synth.concepts`: the concept ids written and their source values;
+* :mod:`omopfl.synth.rows`: row blocks, row ids and planted dirty rows of one chunk;
+* :mod:`omopfl.synth.clinical`, :mod:`omopfl.synth.labs`: the clinical tables and the lab rows;
+* :mod:`omopfl.synth.images`, :mod:`omopfl.synth.omics`: linked DICOM slices and expression files;
+* :mod:`omopfl.synth.chunk`: one chunk's rows and files in their fixed order;
+* :mod:`omopfl.synth.truth`: the ground truth (:class:`SiteSummary`);
+* :mod:`omopfl.synth.write`: writing one site to its database and folders.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ import sqlalchemy as sa
 
 from omopfl.db import make_engine
 from omopfl.errors import ConfigError
-from omopfl.synth_omics import OMICS_GENES, OMICS_SIGNAL
-from omopfl.synth_profiles import PROFILES, SiteProfile, label_skew_profiles, site_names, split_persons
-from omopfl.synth_truth import SiteSummary, bayes_auc
-from omopfl.synth_write import Target, generate_site
+from omopfl.synth.omics import OMICS_GENES, OMICS_SIGNAL
+from omopfl.synth.profiles import PROFILES, SiteProfile, label_skew_profiles, site_names, split_persons
+from omopfl.synth.truth import SiteSummary, bayes_auc
+from omopfl.synth.write import Target, generate_site
 
 __all__ = [
     "SiteProfile",

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from omopfl.synth_people import People, uniform_days
-from omopfl.synth_profiles import SiteProfile
+from omopfl.synth.people import People, uniform_days
+from omopfl.synth.profiles import SiteProfile
 
 __all__ = ["DIRTY_TABLES", "ChunkContext", "RowBlocks"]
 
@@ -90,7 +90,7 @@ class ChunkContext:
     profile:
         The site's profile.
     people:
-        The chunk's persons (see :func:`omopfl.synth_people.draw_people`).
+        The chunk's persons (see :func:`omopfl.synth.people.draw_people`).
     first_person_id:
         ``person_id`` of the chunk's first person.
     ids:

@@ -2,8 +2,8 @@
 
 :func:`link_images` finds, per person, the ``image_occurrence`` rows (OMOP imaging extension) dated
 inside the study window around the person's index date, newest first, or the rows of a site-provided
-manifest CSV (:mod:`omopfl.linking_candidates`), and takes the first whose file passes the header
-checks of :func:`omopfl.linking_dicom.check_target`.  Pixels are decoded lazily by :class:`LazyImages`,
+manifest CSV (:mod:`omopfl.linking.candidates`), and takes the first whose file passes the header
+checks of :func:`omopfl.linking.dicom.check_target`.  Pixels are decoded lazily by :class:`LazyImages`,
 resized and normalized once, and cached on disk so later epochs never decode again.
 """
 
@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from omopfl.config import SiteConfig
 from omopfl.db import qualified
 from omopfl.errors import ConfigError, DataError
-from omopfl.linking_candidates import (
+from omopfl.linking.candidates import (
     Candidate,
     as_day,
     candidate_source,
@@ -36,7 +36,7 @@ from omopfl.linking_candidates import (
     require_table,
     window_rows,
 )
-from omopfl.linking_dicom import check_target, decode_pixels
+from omopfl.linking.dicom import check_target, decode_pixels
 from omopfl.study import StudyConfig
 
 __all__ = ["CACHE_VERSION", "IMAGE_REPORT_KEYS", "NORMALIZATIONS", "ImageLinks", "LazyImages", "link_images"]
@@ -77,7 +77,7 @@ class LazyImages:
     """Linked images, decoded on first access and cached on disk.
 
     ``get(i)`` returns a float32 ``size`` x ``size`` array.  A cache miss decodes the file
-    (:func:`omopfl.linking_dicom.decode_pixels`) and writes ``<cache_dir>/<sha256>.npy``, the key covering the
+    (:func:`omopfl.linking.dicom.decode_pixels`) and writes ``<cache_dir>/<sha256>.npy``, the key covering the
     file's absolute path, byte size and modification time (as seen when it was linked), the
     target size, the normalization and :data:`CACHE_VERSION`; any later access, in this
     process or a later one, loads the cached array instead.  A file that no longer decodes

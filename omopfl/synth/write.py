@@ -1,7 +1,7 @@
 """Write one synthetic site: its CDM into the database (one transaction), its images and omics files beside it.
 
 Part of the synthetic generator (:mod:`omopfl.synth`).  Persons are generated and written a chunk at a
-time (:func:`omopfl.synth_chunk.build_chunk`) with :func:`omopfl.cdm.bulk_insert`, so memory stays flat
+time (:func:`omopfl.synth.chunk.build_chunk`) with :func:`omopfl.cdm.bulk_insert`, so memory stays flat
 in the number of persons; primary keys are added once every row is in.
 """
 
@@ -21,12 +21,12 @@ from omopfl import vocab
 from omopfl.cdm import CDM_TABLES, bulk_insert, create_cdm, create_results, table_columns
 from omopfl.db import describe_driver_error, is_driver_error, make_engine, quote_identifier
 from omopfl.errors import DatabaseError
-from omopfl.synth_chunk import build_chunk
-from omopfl.synth_concepts import FEMALE, MALE
-from omopfl.synth_images import write_dicom
-from omopfl.synth_omics import write_omics
-from omopfl.synth_profiles import PERSON_ID_STRIDE, SiteProfile
-from omopfl.synth_truth import SiteSummary, SiteTruth
+from omopfl.synth.chunk import build_chunk
+from omopfl.synth.concepts import FEMALE, MALE
+from omopfl.synth.images import write_dicom
+from omopfl.synth.omics import write_omics
+from omopfl.synth.profiles import PERSON_ID_STRIDE, SiteProfile
+from omopfl.synth.truth import SiteSummary, SiteTruth
 
 __all__ = ["ID_TABLES", "Target", "generate_site", "health_system"]
 
