@@ -140,6 +140,8 @@ def visits(ctx: ChunkContext, care_site: np.ndarray) -> Visits:
 
 def conditions(ctx: ChunkContext, index_visit_id: np.ndarray, cases: np.ndarray, hf_day: np.ndarray,
                hf_visit_id: np.ndarray) -> pd.DataFrame:
+    """Diabetes (the index record and follow-ups), heart failure (outcomes, distractors, background),
+    comorbidities, and the planted outside-observation and unmapped rows."""
     rng, n, pp = ctx.rng, ctx.n, ctx.people
     obs_start, obs_end, t2dm, t1dm, index = pp.obs_start, pp.obs_end, pp.t2dm, pp.t1dm, pp.index
     outcome = pp.outcome
@@ -214,6 +216,7 @@ def conditions(ctx: ChunkContext, index_visit_id: np.ndarray, cases: np.ndarray,
 
 
 def drugs(ctx: ChunkContext) -> pd.DataFrame:
+    """Metformin, insulin, lisinopril and atorvastatin fills (some coded at ingredient level), and planted rows."""
     rng, p, n, pp = ctx.rng, ctx.profile, ctx.n, ctx.people
     obs_start, obs_end, index, htn_day, hl_day = pp.obs_start, pp.obs_end, pp.index, pp.htn_day, pp.hl_day
     rows = RowBlocks()
@@ -283,6 +286,7 @@ def procedures(ctx: ChunkContext, cases: np.ndarray, hf_day: np.ndarray,
 
 
 def observations(ctx: ChunkContext) -> pd.DataFrame:
+    """Current-smoker observations."""
     pp = ctx.people
     obs_start, obs_end = pp.obs_start, pp.obs_end
     rows = RowBlocks()
@@ -344,6 +348,7 @@ def add_domain_rows(ctx: ChunkContext, tables: dict[str, pd.DataFrame], stream: 
 
 
 def deaths(ctx: ChunkContext) -> pd.DataFrame:
+    """Deaths on the last observed day of persons whose observation ends before the data does."""
     rng, n, pp = ctx.rng, ctx.n, ctx.people
     obs_end = pp.obs_end
     dies = (obs_end < DATA_END) & (rng.random(n) < sigmoid(-3.2 + 0.06 * (pp.age_index - 60) + 1.0 * pp.outcome))

@@ -65,6 +65,7 @@ class LabRows:
         return value, unit
 
     def measurements(self) -> pd.DataFrame:
+        """Pre-index, follow-up and background values of every lab of :data:`omopfl.vocab.LABS`, and planted rows."""
         rng, p, n, pp = self.ctx.rng, self.ctx.profile, self.ctx.n, self.ctx.people
         obs_start, obs_end, t2dm, target, index, latent = (pp.obs_start, pp.obs_end, pp.t2dm, pp.target, pp.index,
                                                            pp.latent)
