@@ -26,11 +26,12 @@ import sqlalchemy as sa
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-import omopfl.linking as linking
+import omopfl.linking.images as linking_images
 from omopfl.config import SiteConfig, load_site
 from omopfl.db import make_engine, qualified
 from omopfl.errors import CdmError, ConfigError, DataError, OmopflError
 from omopfl.linking import IMAGE_REPORT_KEYS, OMICS_REPORT_KEYS, link_images, link_omics
+from omopfl.linking.candidates import mask_counts
 from omopfl.study import StudyConfig, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,13 +207,13 @@ def test_image_manifest(site: Site, tmp_path: Path) -> None:
 def test_lazy_pixels_are_decoded_once_and_cached(site: Site, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    decode = linking._decode_pixels
+    decode = linking_images.decode_pixels
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return decode(*args, **kwargs)
 
-    monkeypatch.setattr(linking, "_decode_pixels", counting)
+    monkeypatch.setattr(linking_images, "decode_pixels", counting)  # what LazyImages calls
     cache = tmp_path / "cache"
     with site.engine.connect() as conn:
         links = link_images(conn, site.config, STUDY, site.persons, cache)
@@ -531,5 +532,5 @@ def test_masked_report_and_empty_cohort(tmp_path: Path) -> None:
     manifest.write_text("person_id,path\n")
     links = link_images(None, config, STUDY, empty, tmp_path / "cache", manifest=manifest)
     assert len(links) == 0 and links.images.materialize().shape == (0, 32, 32)
-    masked = linking._mask({"a": 0, "b": 3, "c": 10, "d": {"g": 9}}, 10)
+    masked = mask_counts({"a": 0, "b": 3, "c": 10, "d": {"g": 9}}, 10)
     assert masked == {"a": 0, "b": "<10", "c": 10, "d": {"g": "<10"}}
