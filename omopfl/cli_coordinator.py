@@ -16,8 +16,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from omopfl.cli_output import StudyOption, console, emit_json, fmt, print_validation, quiet_flower
-from omopfl.config import load_site
+from omopfl.cli_output import StudyOption, console, emit_json, fmt, load_site, print_validation, quiet_flower
 from omopfl.errors import ConfigError, FederationError
 
 __all__ = ["covariates", "evaluate_federated", "print_stats", "print_training", "require_prepared", "server",

@@ -17,9 +17,8 @@ import typer
 from rich.table import Table
 
 from omopfl.cli_coordinator import print_stats
-from omopfl.cli_output import console, emit_json, fmt, quiet_flower, site_connection
+from omopfl.cli_output import console, emit_json, fmt, load_site, quiet_flower, site_connection
 from omopfl.cli_site import print_prepare_summary
-from omopfl.config import load_site
 from omopfl.errors import ConfigError
 
 __all__ = ["DEMO_MIN_CELL_COUNT", "demo", "eunomia", "examples", "print_synth", "synth"]

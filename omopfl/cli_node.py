@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omopfl.cli_output import console
-from omopfl.config import load_site
+from omopfl.cli_output import console, load_site
 from omopfl.errors import ConfigError
 
 __all__ = ["serve_site_node"]

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from omopfl.config import SiteConfig, load_site
-
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-__all__ = ["SiteOption", "StudyOption", "console", "emit_json", "fmt", "print_validation", "quiet_flower",
-           "site_connection"]
+    from omopfl.config import SiteConfig
+
+__all__ = ["SiteOption", "StudyOption", "console", "emit_json", "fmt", "load_site", "print_validation",
+           "quiet_flower", "site_connection"]
 
 console = Console()
 """The one rich console of the command line (it writes to whatever ``sys.stdout`` is at the time)."""
@@ -44,6 +44,17 @@ def fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return "" if value is None else str(value)
+
+
+def load_site(adapter: Path) -> SiteConfig:
+    """:func:`omopfl.config.load_site`, imported when a command runs.
+
+    The adapter parser brings the site policy and the model registry (numpy) with it; ``omopfl --help``
+    needs none of that, so no command module imports :mod:`omopfl.config` at module level.
+    """
+    from omopfl.config import load_site as parse_adapter
+
+    return parse_adapter(adapter)
 
 
 @contextlib.contextmanager

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from omopfl.cli_output import SiteOption, StudyOption, console, emit_json, site_connection
-from omopfl.config import SiteConfig, load_site
+from omopfl.cli_output import SiteOption, StudyOption, console, emit_json, load_site, site_connection
 from omopfl.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from omopfl.config import SiteConfig
 
 __all__ = ["cohort_app", "prepare", "print_prepare_summary", "sites_app", "validate"]
 

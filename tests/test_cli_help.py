@@ -142,9 +142,9 @@ def test_command_modules_do_not_import_the_root() -> None:
 
 
 def test_help_imports_no_heavy_module() -> None:
-    """``omopfl --help`` stays fast: torch, Flower, SQLAlchemy, DuckDB, pandas load inside commands only."""
+    """``omopfl --help`` stays fast: torch, Flower, SQLAlchemy, DuckDB, pandas, numpy load in commands only."""
     code = ("import sys\nfrom omopfl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = ('torch', 'flwr', 'sqlalchemy', 'duckdb', 'pandas', 'great_expectations', 'monai')\n"
+            "heavy = ('torch', 'flwr', 'sqlalchemy', 'duckdb', 'pandas', 'numpy', 'great_expectations', 'monai')\n"
             "sys.stderr.write(' '.join(m for m in heavy if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stderr.strip() == ""
