@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -20,6 +21,9 @@ from omopfl.cli_coordinator import print_stats
 from omopfl.cli_output import console, emit_json, fmt, load_site, quiet_flower, site_connection
 from omopfl.cli_site import print_prepare_summary
 from omopfl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omopfl.synth import SiteSummary
 
 __all__ = ["DEMO_MIN_CELL_COUNT", "demo", "eunomia", "examples", "print_synth", "synth"]
 
@@ -72,7 +76,7 @@ def synth(
     console.print(f"adapters written to {adapters or out / 'adapters'}")
 
 
-def print_synth(summaries: list) -> None:
+def print_synth(summaries: list[SiteSummary]) -> None:
     """Per-site counts, units and outcome rates of synthetic sites, one column per site."""
     rows = [s.to_dict() for s in summaries]
     table = Table(title="Synthetic OMOP sites (truth the pipeline must find)")
@@ -80,7 +84,7 @@ def print_synth(summaries: list) -> None:
     for row in rows:
         table.add_column(row["site"], justify="right")
 
-    def add(label: str, get) -> None:
+    def add(label: str, get: Callable[[dict], object]) -> None:
         table.add_row(label, *[fmt(get(r)) for r in rows])
 
     add("profile", lambda r: r.get("profile"))

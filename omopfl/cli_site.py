@@ -21,6 +21,7 @@ from omopfl.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from omopfl.config import SiteConfig
+    from omopfl.sites import SiteReport
 
 __all__ = ["cohort_app", "prepare", "print_prepare_summary", "sites_app", "validate"]
 
@@ -48,7 +49,7 @@ def sites_check(
         _print_site_report(report)
 
 
-def _print_site_report(report) -> None:
+def _print_site_report(report: SiteReport) -> None:
     console.rule(f"site {report.site}")
     console.print(
         f"backend {report.dialect}, OMOP CDM {report.cdm_version}, {report.persons} persons, "
