@@ -1,10 +1,12 @@
-"""``omopfl evaluate``: a trained run applied to one site's prepared data, at that site.
+"""``omopfl evaluate``: one command, two audiences; a trained run applied to sites' prepared data.
 
-The data engineer runs it at the site; the result folder holds only what the site's release rule
-allows (:mod:`omopfl.plp_metrics`), so it can be shared with the study's coordinator.  With
-``--federated`` the coordinator runs it instead: the model goes to every site that approved the
-study (:mod:`omopfl.federation.coordinator.validation`), each site computes the same result at the site,
-and the released results come back (``federated_validation.json``/``.md`` and one folder per site).
+The site's data engineer runs it at the site (this module does that part): the result folder holds only
+what the site's release rule allows (:mod:`omopfl.plp_metrics`), so it can be shared with the study's
+coordinator.  With ``--federated`` the coordinator runs it instead
+(:func:`omopfl.cli_coordinator.evaluate_federated`): the model goes to every site that approved the study
+(:mod:`omopfl.federation.coordinator.validation`), each site computes the same result at the site, and
+the released results come back (``federated_validation.json``/``.md`` and one folder per site).
+:mod:`omopfl.cli` registers :func:`evaluate` on the root app.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
+from omopfl.cli_coordinator import evaluate_federated
+from omopfl.cli_output import console, print_validation
+
+__all__ = ["evaluate"]
 
 
 def evaluate(
@@ -46,7 +50,7 @@ def evaluate(
     from omopfl.prepare import load_prepared
 
     if federated:
-        _federated(run, site or [], prepared, rows, out, simulate, superlink, timeout, as_json)
+        evaluate_federated(run, site or [], prepared, rows, out, simulate, superlink, timeout, as_json)
         return
     if simulate or superlink:
         raise ConfigError("--simulate and --superlink go with --federated")
@@ -61,54 +65,5 @@ def evaluate(
     if as_json:
         console.print_json(json.dumps(result))
         return
-    _print_site(config.name, result)
+    print_validation(config.name, result)
     console.print(f"validation.json, validation.md, roc.png and calibration.png in {folder}")
-
-
-def _print_site(name: str, result: dict) -> None:
-    if result.get("withheld"):
-        console.print(f"{name}: withheld ({result['reason']})")
-    else:
-        ci = result["auc_ci95"]
-        console.print(f"{name}: {result['n']} persons, AUC {result['auc']} (95% CI {ci[0]}-{ci[1]}), "
-                      f"AUPRC {result['auprc']}, Brier {result['brier']}, calibration slope "
-                      f"{result['calibration_slope']}")
-
-
-def _federated(run: Path, sites: list[Path], prepared: Path, rows: str, out: Path | None, simulate: bool,
-               superlink: str | None, timeout: float, as_json: bool) -> None:
-    """``--federated``: the coordinator sends the run's model; every approved site replies with its result."""
-    from omopfl.config import load_site
-    from omopfl.errors import ConfigError, FederationError
-    from omopfl.external_validation import write_validation, write_validation_report
-    from omopfl.federation import codec
-    from omopfl.federation.local import run_validation
-
-    if simulate == (superlink is not None):
-        raise ConfigError("omopfl evaluate --federated needs --simulate (with --site ADAPTER for each site) "
-                          "or --superlink CONNECTION")
-    for adapter in sites:
-        load_site(adapter)  # fail early, naming the file
-    folder = out or run / "validation"
-    result = run_validation(run, sites, prepared, out=folder / "federated_validation.json",
-                            mode="inprocess" if simulate else "deployment", superlink=superlink, rows=rows,
-                            timeout=timeout)
-    for name, site_result in sorted(result["sites"].items()):
-        write_validation(site_result, folder / name)
-    write_validation_report(result, folder / "federated_validation.md")
-    if as_json:
-        console.print_json(json.dumps(result))
-    else:
-        for name, site_result in sorted(result["sites"].items()):
-            _print_site(name, site_result)
-        if result["refused"]:
-            console.print(f"[yellow]not validated: {codec.refusal_summary(result['refused'])}")
-        console.print(f"federated_validation.json, federated_validation.md and one folder per site in {folder}")
-    if not result["sites"]:
-        raise FederationError("no site validated the model: " + (codec.refusal_summary(result["refused"])
-                                                                  or "no site connected"))
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``evaluate`` to the top-level commands."""
-    app.command("evaluate")(evaluate)

@@ -1,31 +1,245 @@
-"""``omopfl sites approve | studies | revoke | audit | identity``: a data engineer's commands for a site.
+"""The data engineer at a site: check the CDM, build cohorts, prepare and validate data, approve studies.
 
-They sit in the ``sites`` group beside ``sites check`` (:func:`register` adds them); each reads or
-writes only the site's state folder (:mod:`omopfl.policy`, :mod:`omopfl.audit`), never a database.
+``omopfl sites check | approve | studies | revoke | audit | identity``, ``omopfl cohort build | list |
+show``, ``omopfl prepare`` and ``omopfl validate``.  Each works on one site's own database or state folder
+(:mod:`omopfl.policy`, :mod:`omopfl.audit`); nothing here talks to other sites or a coordinator.  The two
+groups (:data:`sites_app`, :data:`cohort_app`) are built here; :mod:`omopfl.cli` adds them and
+:func:`prepare`/:func:`validate` to the root app.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from omopfl.cli_output import SiteOption, StudyOption, console, emit_json, load_site, site_connection
 from omopfl.errors import ConfigError, DataError
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from omopfl.config import SiteConfig
+    from omopfl.sites import SiteReport
 
-console = Console()
+__all__ = ["cohort_app", "prepare", "print_prepare_summary", "sites_app", "validate"]
+
+sites_app = typer.Typer(help="A site's own business: check its CDM, approve studies, see what left it.",
+                        no_args_is_help=True)
+cohort_app = typer.Typer(help="Build OHDSI cohorts inside a site's database and look at them.", no_args_is_help=True)
 
 
-def _emit_json(payload: object) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+# ---------------------------------------------------------------- sites check
+def sites_check(
+    adapters: Annotated[list[Path], typer.Argument(help="Site adapter TOML files.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Connect to each site, report its CDM version, row counts and what is missing or suspicious."""
+    from omopfl.sites import check_site
+
+    reports = []
+    for path in adapters:
+        with site_connection(path) as (site, conn):
+            reports.append(check_site(conn, site))
+    if as_json:
+        emit_json([r.to_dict() for r in reports])
+        return
+    for report in reports:
+        _print_site_report(report)
 
 
+def _print_site_report(report: SiteReport) -> None:
+    console.rule(f"site {report.site}")
+    console.print(
+        f"backend {report.dialect}, OMOP CDM {report.cdm_version}, {report.persons} persons, "
+        f"results schema {'ready' if report.results_schema_ready else 'absent'}"
+    )
+    counts = Table(title="rows per table", show_header=True)
+    counts.add_column("table")
+    counts.add_column("rows", justify="right")
+    for table, n in report.row_counts.items():
+        counts.add_row(table, f"{n:,}")
+    console.print(counts)
+    if report.findings:
+        findings = Table(title="findings")
+        for column in ("level", "check", "table", "rows", "hint"):
+            findings.add_column(column)
+        for f in report.findings:
+            findings.add_row(f.level, f.check, f.table, f"{f.rows:,}" if f.rows else "", f.hint)
+        console.print(findings)
+    else:
+        console.print("no findings")
+
+
+# ---------------------------------------------------------------- cohort
+def cohort_build(
+    files: Annotated[list[Path], typer.Argument(help="Cohort definitions: ATLAS/CIRCE JSON or omopfl YAML.")],
+    site: SiteOption,
+    cohort_id: Annotated[
+        int | None, typer.Option("--id", help="Cohort id (the next files get id+1, ...); default: from the file.")
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="Rebuild cohort ids that already exist.")] = False,
+    translator: Annotated[str, typer.Option(help="CIRCE translator: duckcdm or circepy.")] = "duckcdm",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Build cohorts in the site's results schema, in one transaction (a failure changes nothing)."""
+    from omopfl.cohort import assign_ids, build_cohorts, load_definition
+    from omopfl.db import site_engine
+
+    config = load_site(site)
+    requests = assign_ids([load_definition(f) for f in files], cohort_id)
+    engine = site_engine(config)
+    try:
+        results = build_cohorts(engine, config, requests, replace=replace, translator=translator,
+                                progress=not as_json)
+    finally:
+        engine.dispose()
+    k = config.min_cell_count
+    if as_json:
+        emit_json([r.to_dict(min_cell_count=k) for r in results])
+        return
+    table = Table(title=f"cohorts built at {config.name}")
+    for column in ("id", "name", "persons", "records", "seconds", "translator"):
+        table.add_column(column)
+    for r in results:
+        row = r.to_dict(min_cell_count=k)
+        table.add_row(str(r.cohort_id), r.name, str(row["person_count"]), str(row["record_count"]),
+                      f"{r.seconds:.2f}", r.translator)
+    console.print(table)
+    for r in results:
+        for warning in r.warnings:
+            console.print(f"[yellow]warning[/yellow] cohort {r.cohort_id}: {warning}")
+
+
+def cohort_list(
+    site: SiteOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Cohorts built at a site, with counts (below min_cell_count shown as <N)."""
+    from dataclasses import asdict
+
+    from omopfl.cohort import list_cohorts
+
+    with site_connection(site) as (config, conn):
+        cohorts = list_cohorts(conn, config)
+    if as_json:
+        emit_json([asdict(c) for c in cohorts])
+        return
+    table = Table(title=f"cohorts at {config.name}")
+    for column in ("id", "name", "persons", "records", "built", "translator", "hash"):
+        table.add_column(column)
+    for c in cohorts:
+        table.add_row(str(c.cohort_id), c.name, str(c.persons), str(c.records), c.built_at, c.translator,
+                      c.definition_hash)
+    console.print(table)
+
+
+def cohort_show(
+    cohort_id: Annotated[int, typer.Argument(help="Cohort id.")],
+    site: SiteOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Counts and inclusion-rule attrition of one cohort (below min_cell_count shown as <N)."""
+    from omopfl.cohort import show_cohort
+
+    with site_connection(site) as (config, conn):
+        detail = show_cohort(conn, config, cohort_id)
+    if as_json:
+        emit_json(detail.to_dict())
+        return
+    s = detail.summary
+    console.print(f"cohort {s.cohort_id}: {s.name}")
+    console.print(f"persons {s.persons}, records {s.records}, built {s.built_at} with {s.translator}, "
+                  f"definition {s.definition_hash}")
+    console.print(f"qualifying events {detail.base_count} -> final {detail.final_count} ({detail.mode})"
+                  + (f", censored {detail.censored}" if detail.censored is not None else ""))
+    if detail.rules:
+        table = Table(title="inclusion-rule attrition")
+        for column in ("#", "rule", "persons passing", "failing only this rule", "of total"):
+            table.add_column(column)
+        for rule in detail.rules:
+            table.add_row(str(rule.sequence), rule.name, str(rule.persons_passing),
+                          str(rule.failing_only_this), str(rule.total))
+        console.print(table)
+
+
+# ---------------------------------------------------------------- prepare / validate
+def prepare(
+    site: SiteOption,
+    study: StudyOption,
+    out: Annotated[Path, typer.Option(help="Folder for prepared site datasets.")] = Path("data/prepared"),
+    allow_fatal: Annotated[
+        bool, typer.Option(help="Write the dataset even when validation finds fatal problems (explicit override).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Prepare a site's dataset for a study: cohorts, features, harmonization, linked files, validation."""
+    from omopfl.db import site_engine
+    from omopfl.prepare import prepare_site
+    from omopfl.study import load_study
+
+    config = load_site(site)
+    spec = load_study(study)
+    engine = site_engine(config)
+    try:
+        folder, manifest = prepare_site(engine, config, spec, out, allow_fatal=allow_fatal, progress=not as_json)
+    finally:
+        engine.dispose()
+    if as_json:
+        emit_json(manifest)
+        return
+    print_prepare_summary(config, manifest)
+    console.print(f"prepared dataset written to {folder}")
+
+
+def validate(
+    site: SiteOption,
+    study: StudyOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Validate a site's data for a study (Great Expectations + CDM conformance) and print the report."""
+    from omopfl.db import site_engine
+    from omopfl.prepare import prepare_site
+    from omopfl.study import load_study
+
+    config = load_site(site)
+    spec = load_study(study)
+    engine = site_engine(config)
+    try:
+        _, manifest = prepare_site(engine, config, spec, Path("."), allow_fatal=True, write=False,
+                                   progress=not as_json)
+    finally:
+        engine.dispose()
+    if as_json:
+        emit_json(manifest["validation"])
+    else:
+        print_prepare_summary(config, manifest)
+    if manifest["validation"].get("fatal_count", 0):
+        raise typer.Exit(6)
+
+
+def print_prepare_summary(config: SiteConfig, manifest: dict) -> None:
+    """One site's prepared (or validated) dataset: counts masked below min_cell_count, linking, findings."""
+    from omopfl.cohort import mask_count
+
+    k = config.min_cell_count
+    console.rule(f"site {config.name}: study {manifest['study']}")
+    console.print(f"persons {mask_count(manifest['persons'], k)}, outcomes {mask_count(manifest['outcomes'], k)}, "
+                  f"{len(manifest['feature_names'])} features, CDM {manifest['cdm_version']}, "
+                  f"{manifest['seconds']:.1f} s")
+    linking = manifest.get("linking", {})
+    for kind in ("images", "omics"):
+        report = linking.get(kind) or {}
+        if report.get("enabled", True) is not False:
+            console.print(f"{kind}: " + ", ".join(f"{key} {value}" for key, value in report.items()
+                                                  if isinstance(value, int | float) and value))
+    summary = manifest.get("validation", {}).get("summary_text")
+    if summary:
+        console.print(summary)
+
+
+# ---------------------------------------------------------------- approvals and the audit log
 def _print_summary(summary: dict[str, Any], problems: list[str]) -> None:
     t = summary["training"]
     console.rule(f"study {summary['study']} at site {summary['site']}")
@@ -74,7 +288,6 @@ def sites_approve(
 ) -> None:
     """Show what a study computes and what will leave the site, then record its hash as approved."""
     from omopfl import policy
-    from omopfl.config import load_site
     from omopfl.study import load_study
 
     site = load_site(adapter)
@@ -94,7 +307,7 @@ def sites_approve(
             raise typer.Exit(1)
     entry = policy.approve(site, spec)
     if as_json:
-        _emit_json({"approved": entry.to_dict()})
+        emit_json({"approved": entry.to_dict()})
         return
     console.print(f"[green]approved[/green] study {entry.name} ({entry.hash}) for site {site.name} "
                   f"in {policy.state_dir(site)}; revoke with: omopfl sites revoke {adapter} {entry.hash[:12]}")
@@ -106,12 +319,11 @@ def sites_studies(
 ) -> None:
     """List the studies this site approved (and revoked)."""
     from omopfl import policy
-    from omopfl.config import load_site
 
     site = load_site(adapter)
     entries = policy.approved_studies(site)
     if as_json:
-        _emit_json({"site": site.name, "studies": [e.to_dict() for e in entries]})
+        emit_json({"site": site.name, "studies": [e.to_dict() for e in entries]})
         return
     table = Table(title=f"studies approved at site {site.name}")
     for column in ("hash", "study", "approved", "state", "model", "rounds"):
@@ -129,7 +341,6 @@ def sites_revoke(
 ) -> None:
     """Revoke a study's approval: the site refuses its next message."""
     from omopfl import policy
-    from omopfl.config import load_site
 
     site = load_site(adapter)
     entry = policy.revoke(site, study_hash.strip().lower())
@@ -157,7 +368,6 @@ def sites_audit(
 ) -> None:
     """Show what left this site, when and for which study (the site's own append-only log)."""
     from omopfl import audit
-    from omopfl.config import load_site
     from omopfl.federation.site.audit_trail import audit_path
 
     site = load_site(adapter)
@@ -165,7 +375,7 @@ def sites_audit(
     entries = audit.read(path, run_id=run)
     intact, lines = audit.verify(path)
     if as_json:
-        _emit_json({"site": site.name, "log": str(path), "chain_intact": intact, "lines": lines, "entries": entries})
+        emit_json({"site": site.name, "log": str(path), "chain_intact": intact, "lines": lines, "entries": entries})
     else:
         table = Table(title=f"what left site {site.name}" + (f" in run {run}" if run is not None else ""))
         for column in ("#", "time", "run", "study", "message", "round", "outcome", "bytes", "sha256", "released"):
@@ -194,17 +404,19 @@ def sites_identity(
     only against those sites, each key signed by its own site.  The private key stays in the site's state
     folder (made on first use).
     """
-    from omopfl.config import load_site
     from omopfl.federation.site.secure import identity_public_key
 
     site = load_site(adapter)
     sys.stdout.write(f'{site.name} = "{identity_public_key(site)}"\n')
 
 
-def register(group: typer.Typer) -> None:
-    """Add the site's own commands to the ``sites`` group."""
-    group.command("approve")(sites_approve)
-    group.command("studies")(sites_studies)
-    group.command("revoke")(sites_revoke)
-    group.command("audit")(sites_audit)
-    group.command("identity")(sites_identity)
+# ---------------------------------------------------------------- the groups, in the order --help lists them
+sites_app.command("check")(sites_check)
+sites_app.command("approve")(sites_approve)
+sites_app.command("studies")(sites_studies)
+sites_app.command("revoke")(sites_revoke)
+sites_app.command("audit")(sites_audit)
+sites_app.command("identity")(sites_identity)
+cohort_app.command("build")(cohort_build)
+cohort_app.command("list")(cohort_list)
+cohort_app.command("show")(cohort_show)
