@@ -43,7 +43,7 @@ Why written here and not taken from a library
 Evaluated in notes/secagg.md (2026-12): declearn 2.9.1 (Apache-2.0, masking and Joye-Libert) requires
 ``pandas<3.0`` and conflicts with omopfl's ``pandas==3.1.1``; its masks come from numpy's PCG64 (not a
 cryptographic generator) and it clips out-of-range values silently.  Fed-BioMed 6.4.1 (Apache-2.0, LOM and
-Joye-Libert) requires ``cryptography~=40.0`` (flwr 1.41 needs ``>=50``), ``declearn<2.9`` and torchvision, and
+Joye-Libert) requires ``cryptography~=40.0`` (flwr 1.41 and 1.42 need ``>=50``), ``declearn<2.9`` and torchvision, and
 its primitives import torch and its data directory.  Flower's SecAgg+ runs only in the legacy workflow and
 seeds its masks with a 32-bit ``numpy.random.RandomState`` seed.  So the cryptography is the
 ``cryptography`` package's (X25519, HKDF-SHA256, ChaCha20, Ed25519; already installed as a dependency of

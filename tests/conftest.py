@@ -296,14 +296,6 @@ def duckdb_backend(tmp_path: Path) -> Iterator[Backend]:
     engine.dispose()
 
 
-@pytest.fixture()
-def pg_backend(pg_admin_url: str) -> Iterator[Backend]:
-    url = _create_pg_database("db")
-    engine = make_engine(url)
-    yield Backend("postgresql", url, engine)
-    engine.dispose()
-
-
 _BACKEND_OUTCOMES: dict[str, dict[str, int]] = {}
 
 

@@ -36,7 +36,6 @@ from omopfl.study import StudyConfig, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = load_study(ROOT / "examples" / "t2dm_hf" / "study.toml")
-BACKENDS = ["duckdb", "postgresql"]
 COHORT_ID = 101
 IMAGE_FAILURES = [k for k in IMAGE_REPORT_KEYS
                   if k not in {"persons", "linked", "unlinked", "candidates", "files_checked", "cache_hits",
@@ -54,17 +53,17 @@ class Site:
     specimens: pd.DataFrame  # specimen rows of the cohort's persons
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def site(request, database_factory, tmp_path_factory) -> Iterator[Site]:
+@pytest.fixture(scope="module")
+def site(backend_name, database_factory, tmp_path_factory) -> Iterator[Site]:
     """One synthetic site with images and omics for most target persons, and its target cohort."""
     from omopfl.cohort import build_cohorts, load_definition
     from omopfl.synth import run_synth
 
-    url = database_factory(request.param, "linking")
+    url = database_factory(backend_name, "linking")
     out = tmp_path_factory.mktemp("linksynth")
     env = f"OMOPFL_TEST_{uuid.uuid4().hex[:8].upper()}_URL"
     os.environ[env] = url
-    pg = {"pg_url": url, "pg_url_env": env} if request.param == "postgresql" else {}
+    pg = {"pg_url": url, "pg_url_env": env} if backend_name == "postgresql" else {}
     (summary,) = run_synth(out, n_sites=1, persons=[500], seed=5, image_share=0.7, omics_share=0.7,
                            progress=False, **pg)
     config = load_site(out / "adapters" / "site_a.toml")
@@ -84,7 +83,7 @@ def site(request, database_factory, tmp_path_factory) -> Iterator[Site]:
             f"FROM {qualified(cdm, 'specimen')} ORDER BY person_id")).mappings().all()])
     images = images[images.person_id.isin(persons.person_id)].reset_index(drop=True)
     specimens = specimens[specimens.person_id.isin(persons.person_id)].reset_index(drop=True)
-    yield Site(request.param, config, engine, summary.truth_dict(), persons, images, specimens)
+    yield Site(backend_name, config, engine, summary.truth_dict(), persons, images, specimens)
     engine.dispose()
     os.environ.pop(env, None)
 

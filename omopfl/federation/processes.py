@@ -5,7 +5,7 @@ group) in a ``finally``; nothing is ever stopped by name.  Used by ``omopfl serv
 (:mod:`omopfl.federation.coordinator.command`), by the loopback runs of ``omopfl stats`` / ``omopfl train
 --simulate --mode deployment`` and by the tests and benches.
 
-Round-trip tuning (Flower 1.41)
+Round-trip tuning (Flower 1.41 and 1.42)
     * ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (Flower's own setting, default 1 s) is set to
       :data:`TASK_POLL_SECONDS` for the SuperNodes omopfl starts;
     * the SuperNode's idle sleep (hard-coded 3 s) and reply wait (0.5 s) are shortened by

@@ -8,7 +8,7 @@ The SuperNode is Flower's own (``flower-supernode``'s entry point, run in this p
 * TLS (``--root-certificates``) or ``--insecure``, and SuperNode authentication keys, passed through;
 * a Runtime API port of its own (a free local port unless given), so several sites can share a
   machine;
-* shorter polling (``poll_seconds``): Flower 1.41's SuperNode sleeps a hard-coded 3 s whenever the
+* shorter polling (``poll_seconds``): Flower's SuperNode (1.41, 1.42) sleeps a hard-coded 3 s whenever the
   SuperLink has no message for it and 0.5 s while it waits for its ClientApp's reply.  On the Flower
   version this was checked against (:data:`omopfl.federation.flower_internals.CHECKED_FLOWER_VERSIONS`)
   those sleeps are capped at ``poll_seconds``; on any other version the site does not serve at all

@@ -12,7 +12,7 @@ Two ways to start a task:
 
 ``--fork`` (the default of ``omopfl train --site``)
     in a fork of this process, which has already imported Flower, omopfl and (without the site
-    worker) torch: Flower 1.41 would start a fresh Python for every message, which costs one to
+    worker) torch: Flower (1.41, 1.42) would start a fresh Python for every message, which costs one to
     several seconds on a small machine.  Each message still gets its own process.
 ``--subprocess`` (``--poll-seconds 0``: Flower's stock polling)
     in a fresh ``python -I -m omopfl.federation.site.runtime``.

@@ -31,7 +31,7 @@ What a site does
     raises an exception whose text is a fixed code only (Flower turns it into an error reply).
 
 Long-lived worker
-    Flower 1.41 starts a new ``flwr-clientapp`` process for every message, which would import torch
+    Flower (1.41, 1.42) starts a new ``flwr-clientapp`` process for every message, which would import torch
     and load the dataset every time.  When the node config names a ``worker-socket`` (``omopfl
     train --site`` starts one, :mod:`omopfl.federation.site.worker`), the handler forwards the message
     content and the context state to that long-lived process, which runs the same functions

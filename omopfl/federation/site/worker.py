@@ -1,6 +1,6 @@
 """A site's long-lived ClientApp worker: the SuperNode's train/evaluate work without a process per message.
 
-Flower 1.41's SuperNode runs every message in a new ``flwr-clientapp`` process, which would pay for
+Flower's SuperNode (1.41, 1.42) runs every message in a new ``flwr-clientapp`` process, which would pay for
 starting Python, importing torch and loading the prepared dataset on every message (seconds each
 time).  ``omopfl train --site`` therefore starts this worker next to the SuperNode: a thread of the
 same long-lived process, listening on a Unix socket in a fresh folder only the site's user can
