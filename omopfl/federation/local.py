@@ -274,13 +274,13 @@ def _failure(run_dir: Path) -> str:
 def train_inprocess(adapters: list[Path], prepared: Path, run_config: dict[str, Any], *,
                    grid_class: Any = None) -> None:
     """The training ServerApp in process (:func:`omopfl.federation.local.run_inprocess`); its own failures
-    become one-line :class:`FederationError` (sites send fixed codes only)."""
-    from omopfl.errors import RoundsFailed
+    become one-line :class:`FederationError`, as a deployment's do (sites send fixed codes only)."""
+    from omopfl.errors import OmopflError
     from omopfl.federation.coordinator.training import train_app
 
     try:
         run_inprocess(train_app, adapters, prepared, run_config, grid_class=grid_class)
-    except (RoundsFailed, ValueError) as exc:
+    except (OmopflError, ValueError) as exc:  # RoundsFailed, the ServerApp's ConfigError/DataError, a CodecError
         raise FederationError(f"the run failed: {exc}") from None
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from omopfl.errors import ConfigError
 from omopfl.federation import codec
 from omopfl.federation.run_config import DISCOVERY_CONFIG
 
@@ -32,13 +33,16 @@ app = ServerApp()
 
 @dataclass(frozen=True)
 class DiscoverySettings:
+    """The discovery ServerApp's settings, read from the run config (:meth:`from_run_config`; the defaults
+    are :data:`omopfl.federation.run_config.DISCOVERY_CONFIG`'s)."""
+
     result_path: str
     study_hash: str
-    min_persons: int = 0
-    covariate_min_sites: int = 1
-    expected_sites: int = 0
-    wait_seconds: float = 120.0
-    timeout: float = 600.0
+    min_persons: int
+    covariate_min_sites: int
+    expected_sites: int
+    wait_seconds: float
+    timeout: float
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> DiscoverySettings:
@@ -109,5 +113,5 @@ def main(grid: Grid, context: Context) -> None:
 
     settings = DiscoverySettings.from_run_config(dict(context.run_config))
     if not settings.result_path:
-        raise ValueError("run config result-path is required")
+        raise ConfigError("run config result-path is required")
     write_json(settings.result_path, federated_discovery(grid, settings))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from omopfl.errors import RoundsFailed
+from omopfl.errors import ConfigError, RoundsFailed
 from omopfl.federation import codec
 from omopfl.federation.codec import EVALUATE_METRICS, WEIGHT_KEY
 from omopfl.federation.codec import TRAIN_ARRAYS as ARRAYS
@@ -92,7 +92,7 @@ def make_strategy(name: str, mu: float, options: Mapping[str, float] | None = No
     allowed = {"fedadam": {"eta", "eta_l", "beta_1", "beta_2", "tau"}, "fedyogi": {"eta", "eta_l", "beta_1", "beta_2",
                "tau"}, "fedadagrad": {"eta", "eta_l", "tau"}, "scaffold": {"eta"}}.get(name, set())
     if set(options) - allowed:
-        raise ValueError(f"strategy {name!r} takes no {', '.join(sorted(set(options) - allowed))}")
+        raise ConfigError(f"strategy {name!r} takes no {', '.join(sorted(set(options) - allowed))}")
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
@@ -107,7 +107,7 @@ def make_strategy(name: str, mu: float, options: Mapping[str, float] | None = No
         return FedNova(**common)
     if name == "scaffold":
         return Scaffold(**common, **options)
-    raise ValueError(f"unknown strategy {name!r}")
+    raise ConfigError(f"unknown strategy {name!r}")
 
 
 def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

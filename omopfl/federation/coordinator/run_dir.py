@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from omopfl.atomic import write_bytes, write_json
-from omopfl.errors import ConfigError
+from omopfl.errors import ConfigError, DataError
 from omopfl.federation.codec import EVALUATE_METRICS
 from omopfl.federation.coordinator import run_view
 
@@ -66,7 +66,7 @@ class Checkpoint:
         meta = json.loads((run_dir / CHECKPOINT_JSON).read_text())
         payload = (run_dir / CHECKPOINT_NPZ).read_bytes()
         if hashlib.sha256(payload).hexdigest() != meta["arrays_sha256"]:
-            raise ValueError(f"{run_dir / CHECKPOINT_NPZ} does not match {CHECKPOINT_JSON}")
+            raise DataError(f"{run_dir / CHECKPOINT_NPZ} does not match {CHECKPOINT_JSON}")
         with np.load(io.BytesIO(payload)) as saved:
             arrays = {k: saved[f"model/{k}"] for k in meta["array_names"]}
             state = {name: {k: saved[f"{name}/{k}"] for k in keys} for name, keys in meta["strategy_state"].items()}

@@ -39,6 +39,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from omopfl.atomic import write_json
+from omopfl.errors import ConfigError
 from omopfl.federation import codec
 from omopfl.federation.run_config import STATS_CONFIG
 from omopfl.moments import Scaler, finalize, merge_all
@@ -54,19 +55,20 @@ app = ServerApp()
 
 @dataclass(frozen=True)
 class Settings:
-    """The server's settings, read from the run config (see the module docstring)."""
+    """The server's settings, read from the run config (:meth:`from_run_config`; the defaults are
+    :data:`omopfl.federation.run_config.STATS_CONFIG`'s)."""
 
-    result_path: str = ""
-    audit_path: str = ""
-    study_hash: str = ""
-    min_sites: int = 1
-    expected_sites: int = 0
-    min_contributing: int = 1
-    wait_seconds: float = 120.0
-    timeout: float = 600.0
-    send_scaler: bool = True
-    dp: codec.DPRequest | None = None
-    secure_aggregation: bool = False
+    result_path: str
+    audit_path: str
+    study_hash: str
+    min_sites: int
+    expected_sites: int
+    min_contributing: int
+    wait_seconds: float
+    timeout: float
+    send_scaler: bool
+    dp: codec.DPRequest | None
+    secure_aggregation: bool
     poll_interval: float = field(default=0.5, repr=False)
 
     @classmethod
@@ -74,9 +76,9 @@ class Settings:
         def get(key: str, kind: type | tuple[type, ...]) -> Any:
             value = run_config.get(key, STATS_CONFIG[key])
             if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-                raise ValueError(f"run config {key} has the wrong type")
+                raise ConfigError(f"run config {key} has the wrong type")
             if not isinstance(value, kind):
-                raise ValueError(f"run config {key} has the wrong type")
+                raise ConfigError(f"run config {key} has the wrong type")
             return value
 
         epsilon = float(get("dp-epsilon", (int, float)))
@@ -85,9 +87,9 @@ class Settings:
             try:
                 raw = json.loads(get("dp-bounds", str) or "{}")
             except json.JSONDecodeError:
-                raise ValueError("run config dp-bounds must be a JSON object {feature: [low, high]}") from None
+                raise ConfigError("run config dp-bounds must be a JSON object {feature: [low, high]}") from None
             if not isinstance(raw, dict) or not raw:
-                raise ValueError("run config dp-bounds must be a JSON object {feature: [low, high]}")
+                raise ConfigError("run config dp-bounds must be a JSON object {feature: [low, high]}")
             bounds = {str(k): (float(v[0]), float(v[1])) for k, v in raw.items()}
             dp = codec.DPRequest(epsilon, float(get("dp-delta", (int, float))), bounds)
         settings = cls(
@@ -100,7 +102,7 @@ class Settings:
             dp=dp, secure_aggregation=bool(get("secure-aggregation", bool)),
         )
         if settings.min_sites < 1 or settings.min_contributing < 1:
-            raise ValueError("run config min-sites and min-contributing must be at least 1")
+            raise ConfigError("run config min-sites and min-contributing must be at least 1")
         return settings
 
 
@@ -298,5 +300,5 @@ def main(grid: Grid, context: Context) -> None:
     """Flower entry point: settings from the run config, result to ``result-path``."""
     settings = Settings.from_run_config(dict(context.run_config))
     if not settings.result_path:
-        raise ValueError("run config result-path is required")
+        raise ConfigError("run config result-path is required")
     federated_statistics(grid, settings)

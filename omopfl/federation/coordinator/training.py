@@ -33,7 +33,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from omopfl.errors import RoundsFailed
+from omopfl.errors import ConfigError, RoundsFailed
 from omopfl.federation import codec
 from omopfl.federation.coordinator import run_view
 from omopfl.federation.coordinator.grid import FastGrid
@@ -143,7 +143,7 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     started = time.monotonic()
     config = {**TRAIN_CONFIG, **dict(run_config)}
     if not str(config["run-dir"]):
-        raise ValueError("run config run-dir is required")
+        raise ConfigError("run config run-dir is required")
     run_dir = Path(str(config["run-dir"]))
     audit: list[dict[str, Any]] | None = [] if config["audit"] else None
     fast = FastGrid(grid, poll=float(config["poll-interval"]), audit=audit)
@@ -159,7 +159,7 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     previous = None
     if resume:
         if not (run_dir / CHECKPOINT_JSON).is_file():
-            raise ValueError(f"resume: no {CHECKPOINT_JSON} in the run directory")
+            raise ConfigError(f"resume: no {CHECKPOINT_JSON} in the run directory")
         previous = Checkpoint.load(run_dir)
     stats = federated_statistics(fast, settings)
     fast.observer.stats_done(stats)
@@ -181,10 +181,10 @@ def federated_training(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, A
     if previous is not None:
         if previous.identity != identity:
             which = [k for k in identity if previous.identity.get(k) != identity[k]]
-            raise ValueError(f"resume: the checkpoint's {' and '.join(which)} differ from this run's "
+            raise ConfigError(f"resume: the checkpoint's {' and '.join(which)} differ from this run's "
                              "(other study settings or other data): start a new run directory")
         if previous.round >= num_rounds:
-            raise ValueError(f"resume: the checkpoint already has round {previous.round} of {num_rounds}: "
+            raise ConfigError(f"resume: the checkpoint already has round {previous.round} of {num_rounds}: "
                              "pass more rounds to continue")
         gone = sorted(set(previous.sites) - set(sites))
         if gone:
