@@ -118,10 +118,6 @@ class CovariateSettings:
         start = -self.long_term_days if which == "long" else -self.short_term_days
         return start, self.end_days
 
-    def binary_ids(self) -> set[int]:
-        """Analysis ids whose covariates are 0/1."""
-        return {a for a in self.analyses if ANALYSES[a].binary}
-
 
 def parse_analyses(value: object, where: str) -> tuple[int, ...]:
     """``"default"`` or a list of analysis ids / names -> sorted analysis ids (ConfigError naming ``where``)."""
