@@ -279,11 +279,11 @@ def study_variant(federation: dict[str, Any], tag: str, text: str) -> StudyVaria
 def serve_at_site(content, context, message_type: str, *, run_id: int, message_id: str, node_id: int = 1):
     """What a coordinator receives when ``content`` reaches a site's trust boundary (``site_app.serve``) as a
     SuperNode delivers it: the one way the tests hand a crafted message to a site."""
-    from omopfl.federation import flower_internals as flower_runtime
+    from omopfl.federation import flower_internals
     from omopfl.federation.site import app as site_app
 
-    with flower_runtime.superlink_task_identity(run_id, node_id):
-        message = flower_runtime.delivered_message(content, dst_node_id=int(context.node_id),
+    with flower_internals.superlink_task_identity(run_id, node_id):
+        message = flower_internals.delivered_message(content, dst_node_id=int(context.node_id),
                                                    message_type=message_type, message_id=message_id, run_id=run_id)
         return site_app.serve(message, context)
 

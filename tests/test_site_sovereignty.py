@@ -406,7 +406,7 @@ def test_hostile_coordinator_with_omopfls_app_gets_only_refusals_then_a_legit_ru
 
 
 def test_site_node_refuses_to_start_on_an_unchecked_flower(monkeypatch) -> None:
-    from omopfl.federation import flower_internals as flower_runtime
+    from omopfl.federation import flower_internals
 
     monkeypatch.setattr("flwr.__version__", "9.9.9")
     from omopfl.errors import FlowerVersionError
@@ -414,6 +414,6 @@ def test_site_node_refuses_to_start_on_an_unchecked_flower(monkeypatch) -> None:
 
     with pytest.raises(FlowerVersionError, match=r"Flower 9\.9\.9"):
         require_checked_flower()
-    with pytest.raises(flower_runtime.UncheckedFlowerError, match=r"Flower 9\.9\.9"):
-        flower_runtime.site_executor(fork=True, run_task=lambda _args: None, module="omopfl.federation.site.runtime")
+    with pytest.raises(flower_internals.UncheckedFlowerError, match=r"Flower 9\.9\.9"):
+        flower_internals.site_executor(fork=True, run_task=lambda _args: None, module="omopfl.federation.site.runtime")
     assert os.environ.get("OMOPFL_TEST_ROLE") is None

@@ -69,7 +69,7 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
     max_wait_time:
         Give up after this many seconds without reaching the SuperLink (default: keep trying).
     """
-    from omopfl.federation import flower_internals as flower_runtime
+    from omopfl.federation import flower_internals
     from omopfl.federation.site.superexec import require_checked_flower
     from omopfl.federation.site.worker import SiteWorker
 
@@ -79,11 +79,11 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
         os.environ.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)  # Flower's default
     else:
         os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_SECONDS))
-    warm = poll_seconds is not None and flower_runtime.tune_supernode_polling(poll_seconds)
+    warm = poll_seconds is not None and flower_internals.tune_supernode_polling(poll_seconds)
     if poll_seconds is not None and not warm:
         _log.warning("Flower %s: SuperNode polling not tuned (checked against %s only)",
-                     flower_runtime.installed_version(),
-                     ", ".join(flower_runtime.CHECKED_FLOWER_VERSIONS))
+                     flower_internals.installed_version(),
+                     ", ".join(flower_internals.CHECKED_FLOWER_VERSIONS))
     site_worker = SiteWorker({"site-config": str(Path(adapter).resolve()),
                               "prepared-dir": str(Path(prepared_dir).resolve())}).start() if worker else None
     executor = None
@@ -107,7 +107,7 @@ def serve_site(adapter: Path, superlink: str, prepared_dir: Path, *, root_certif
                 args += ["--auth-supernode-public-key", str(auth_keys[1])]
         if max_wait_time is not None:
             args += ["--max-wait-time", str(float(max_wait_time))]
-        flower_runtime.run_supernode(args)
+        flower_internals.run_supernode(args)
     finally:
         if executor is not None and executor.poll() is None:  # our child, stopped by its PID
             executor.terminate()

@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preload-torch", action="store_true", help="also import torch (no site worker)")
     args = parser.parse_args(argv)
 
-    from omopfl.federation import flower_internals as flower_runtime
+    from omopfl.federation import flower_internals
     from omopfl.federation.site import runtime as site_runtime
 
     require_checked_flower()
     if args.fork:  # what every ClientApp message needs, imported once (the forks inherit it)
-        flower_runtime.preload_clientapp_runtime()
+        flower_internals.preload_clientapp_runtime()
         import omopfl.federation.site.app
         import omopfl.federation.site.runtime
         import omopfl.federation.site.training
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.preload_torch:  # the handlers run torch in the fork when there is no site worker
             import torch  # noqa: F401
 
-        flower_runtime.shorten_clientapp_pulls()
-    flower_runtime.run_site_superexec(args.runtime_api_address, insecure=args.insecure,
+        flower_internals.shorten_clientapp_pulls()
+    flower_internals.run_site_superexec(args.runtime_api_address, insecure=args.insecure,
                                       root_certificates=args.root_certificates, parent_pid=args.parent_pid,
                                       fork=args.fork, run_task=site_runtime.main,
                                       module="omopfl.federation.site.runtime")
