@@ -7,7 +7,9 @@
                    (statistics, training rounds, discovery, validation), strategies, ``omopfl server``,
                    the live run page; imports nothing that reads patient data
 Both
-``codec``          the wire format: the only module that knows record names and keys
+``codec``          the wire format of statistics and training: record names and keys
+``codec_secure_statistics``, ``codec_secure_rounds``, ``codec_validation``
+                   the wire formats of secure aggregation and federated validation
 ``run_config``     the run configuration schema of every app (and the apps' pyproject files)
 ``processes``      SuperLink, site nodes, ``flwr run``: started in their own sessions, stopped by PID
 ``flower_internals`` every Flower internal omopfl touches, behind one version gate
