@@ -4,8 +4,10 @@ The ``source="cdm"`` checks of validation (:func:`cdm_conformance`); only counts
 `omopfl sites check` (:mod:`omopfl.sites`) runs too are one ``sql/cdm_*.sql`` file each, read by both
 commands, so both count the same (issue 15): duplicate primary keys count the key values held by more
 than one row; rows with a NULL date or person_id count as outside observation / of absent persons;
-concept id 0 or NULL is unmapped; death before birth counts persons.  A per-table scan (row count and
-NULLs in required columns) is generated, because its parts depend on which columns exist.
+concept id 0 or NULL is unmapped; death before birth counts persons.  A per-table scan is generated,
+because its parts depend on which columns exist: the row count, NULLs in required columns, and the
+row-level shared checks (end before start, unmapped concept, value without unit) by their files' own
+conditions (:func:`omopfl.db.sql_row_condition`), so one read of each table serves them all.
 
 CDM (DQD check names where one applies), fatal:
 
@@ -52,7 +54,15 @@ import sqlalchemy as sa
 
 from omopfl.cdm import CLINICAL_TABLES, EVENT_TABLES, VOCABULARY_TABLES, table_columns
 from omopfl.config import SiteConfig
-from omopfl.db import describe_driver_error, detect_cdm_version, existing_tables, qualified, quote_identifier, sql_text
+from omopfl.db import (
+    describe_driver_error,
+    detect_cdm_version,
+    existing_tables,
+    qualified,
+    quote_identifier,
+    sql_row_condition,
+    sql_text,
+)
 from omopfl.errors import CdmError, DatabaseError
 from omopfl.study import StudyConfig
 from omopfl.validation_report import FATAL, WARNING, CheckResult
@@ -236,9 +246,10 @@ def check_cdm(
     period = qualified(cdm, "observation_period")
     totals: dict[str, int] = {}
 
-    # One scan per table: its row count and the NULLs in its required columns (generated: the parts
-    # depend on which columns exist).  Should the combined query fail (a column of an unexpected type),
-    # each part runs on its own.
+    # One scan per table: its row count, the NULLs in its required columns, and the row-level checks
+    # `omopfl sites check` runs too, each by its sql/ file's own condition (db.sql_row_condition).  The scan
+    # is generated: its parts depend on which columns exist.  Should the combined query fail (a column of
+    # an unexpected type), each part runs on its own.
     for table in checked:
         target = qualified(cdm, table)
         parts: list[tuple[str, str, str, str, str]] = []  # check, field, level, condition, description
@@ -246,6 +257,21 @@ def check_cdm(
             if spec.required and spec.name in usable[table]:
                 level = FATAL if (table, spec.name) in FATAL_REQUIRED_FIELDS else WARNING
                 parts.append(("isRequired", spec.name, level, f"{q(spec.name)} IS NULL", "NULL in a required column"))
+        start, end, concept = EVENT_TABLES.get(table, (None, None, None))
+        if table == "observation_period":
+            start, end = "observation_period_start_date", "observation_period_end_date"
+        if has(table, start, end):
+            parts.append(("plausibleStartBeforeEnd", start, WARNING,
+                          sql_row_condition("cdm_end_before_start", table=target, start=q(start), end=q(end)),
+                          f"{end} before {start}"))
+        if has(table, concept):
+            parts.append(("standardConceptRecordCompleteness", concept, WARNING,
+                          sql_row_condition("cdm_unmapped_concept", table=target, concept_column=q(concept)),
+                          f"{concept} is 0 or NULL (no standard concept)"))
+        if table == "measurement" and has(table, "value_as_number", "unit_concept_id"):
+            parts.append(("valueWithoutUnit", "unit_concept_id", WARNING,
+                          sql_row_condition("cdm_measurement_without_unit", measurement=target),
+                          "value_as_number without a unit"))
         sums = [f"sum(CASE WHEN {condition} THEN 1 ELSE 0 END)" for _, _, _, condition, _ in parts]
         row = sql.row(f"SELECT {', '.join(['count(*)', *sums])} FROM {target}")
         if isinstance(row, str):
@@ -284,25 +310,6 @@ def check_cdm(
             add(check, table, field, level, None, total, f"{description}: could not run ({row})", passed=False)
         else:
             add(check, table, field, level, row[0], total, description)
-
-    # The checks `omopfl sites check` runs too: one sql/ file each (omopfl.sites uses the same files).
-    for table in checked:
-        if table not in totals:
-            continue
-        target = qualified(cdm, table)
-        start, end, concept = EVENT_TABLES.get(table, (None, None, None))
-        if table == "observation_period":
-            start, end = "observation_period_start_date", "observation_period_end_date"
-        if has(table, start, end):
-            count("plausibleStartBeforeEnd", table, start, WARNING,
-                  sql_text("cdm_end_before_start", table=target, start=q(start), end=q(end)), f"{end} before {start}")
-        if has(table, concept):
-            count("standardConceptRecordCompleteness", table, concept, WARNING,
-                  sql_text("cdm_unmapped_concept", table=target, concept_column=q(concept)),
-                  f"{concept} is 0 or NULL (no standard concept)")
-        if table == "measurement" and has(table, "value_as_number", "unit_concept_id"):
-            count("valueWithoutUnit", table, "unit_concept_id", WARNING,
-                  sql_text("cdm_measurement_without_unit", measurement=target), "value_as_number without a unit")
 
     # Primary keys: the number of key values held by more than one row.
     for table in checked:

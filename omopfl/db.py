@@ -22,6 +22,7 @@ from omopfl.errors import CdmError, ConfigError, DatabaseError
 
 __all__ = [
     "make_engine",
+    "sql_row_condition",
     "site_engine",
     "connect",
     "quote_identifier",
@@ -58,6 +59,22 @@ def sql_text(name: str, **identifiers: str) -> str:
     """
     text = _sql_file(name)
     return text.format(**identifiers) if identifiers else text
+
+
+_ROW_COUNT = re.compile(r"SELECT count\(\*\) FROM (\S+) WHERE (.+)", re.S | re.I)
+
+
+def sql_row_condition(name: str, **identifiers: str) -> str:
+    """The row condition of a row-count check ``sql/<name>.sql`` (a file ``SELECT count(*) FROM <table>
+    WHERE <condition>``), in parentheses, its placeholders filled.
+
+    So a scan that counts several conditions of one table at once (``sum(CASE WHEN <condition> ...)``)
+    uses the check's one definition instead of a copy; a file of any other form is a ValueError.
+    """
+    match = _ROW_COUNT.fullmatch(" ".join(sql_text(name, **identifiers).split()))
+    if match is None:
+        raise ValueError(f"sql/{name}.sql is not a row-count check (SELECT count(*) FROM <table> WHERE ...)")
+    return f"({match.group(2)})"
 
 
 def quote_identifier(name: str) -> str:

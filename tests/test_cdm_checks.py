@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import sqlalchemy as sa
 
 from omopfl.cdm import bulk_insert, create_cdm
@@ -119,3 +120,17 @@ def test_sites_check_and_validate_count_each_defect_the_same(backend, tmp_path: 
     # a clean table: neither reports it
     assert ("duplicate_primary_key", "measurement") not in sites
     assert validate["isPrimaryKey", "measurement", "measurement_id"].violated == 0
+
+
+def test_row_conditions_come_from_the_check_files() -> None:
+    """validate's per-table scan counts the row-level checks by the condition of the same sql/ file `sites
+    check` runs; a file of another form is refused rather than half-read."""
+    from omopfl.db import sql_row_condition, sql_text
+
+    condition = sql_row_condition("cdm_unmapped_concept", table='"s"."t"', concept_column='"c"')
+    assert condition == '("c" = 0 OR "c" IS NULL)'
+    assert sql_text("cdm_unmapped_concept", table='"s"."t"', concept_column='"c"').endswith(condition[1:-1])
+    assert sql_row_condition("cdm_measurement_without_unit", measurement='"s"."m"') == (
+        "(value_as_number IS NOT NULL AND (unit_concept_id IS NULL OR unit_concept_id = 0))")
+    with pytest.raises(ValueError, match="not a row-count check"):
+        sql_row_condition("cdm_duplicate_primary_keys", table='"s"."t"', key='"k"')
