@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
@@ -89,8 +89,32 @@ _INTERRUPTED_MESSAGE = "interrupted; a cohort build or prepare that did not fini
 _interrupted: list[int] = []  # the signal number, once SIGINT arrived during a command
 
 
-def _on_sigint(signum: int, frame: object) -> None:
-    """Note the interrupt, then raise KeyboardInterrupt as Python's default handler does.
+_RETRY_SECONDS = 0.02
+
+
+def _importing(frame: Any) -> bool:
+    """Is the interrupted code running inside an import (a module's top level, a native extension's init)?"""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt_when_safe(frame: Any) -> None:
+    """Raise KeyboardInterrupt now, or, inside an import, a moment after it: an exception raised while a
+    native extension (DuckDB's nanobind binding) initialises aborts the whole process (SIGABRT, no message
+    of omopfl's).  SIGALRM re-checks every :data:`_RETRY_SECONDS` until the import is done."""
+    if _importing(frame):
+        signal.signal(signal.SIGALRM, lambda _signum, later: _interrupt_when_safe(later))
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_SECONDS)
+        return
+    raise KeyboardInterrupt
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Note the interrupt, then raise KeyboardInterrupt as Python's default handler does (once no import is
+    running, :func:`_interrupt_when_safe`).
 
     DuckDB turns the KeyboardInterrupt of a running query into ``RuntimeError: Query interrupted``;
     the note lets :func:`main` report an interrupt whatever exception it surfaces as.
@@ -98,7 +122,7 @@ def _on_sigint(signum: int, frame: object) -> None:
     if _interrupted:  # a second Ctrl-C while the first one unwinds (rollback, temp folder removal): let it finish
         return
     _interrupted.append(signum)
-    raise KeyboardInterrupt
+    _interrupt_when_safe(frame)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -117,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     import threading
 
     _interrupted.clear()
-    previous = None
+    previous = previous_alarm = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, _on_sigint)
+        previous_alarm = signal.getsignal(signal.SIGALRM)
     try:
         code = app(args=argv, standalone_mode=False)
     except OmopflError as exc:
@@ -150,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
               "(OMOPFL_DEBUG=1 shows the traceback)", 1)
     finally:
         if previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # a deferred interrupt still pending is reported below
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGALRM, previous_alarm)
     if _interrupted:
         _fail(_INTERRUPTED_MESSAGE, EXIT_INTERRUPTED)
     if isinstance(code, int) and code != 0:  # typer returns typer.Exit(code) with standalone_mode=False

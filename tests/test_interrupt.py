@@ -123,3 +123,19 @@ def test_cohort_build_interrupted(site: CliSite, sig: int) -> None:
     code, err, running = _run(site, args, sig, delay)
     _check_signal_outcome(sig, code, err, running, note)
     assert _cohort_state(site) == before, note
+
+
+def test_an_interrupt_during_an_import_waits_for_the_import(tmp_path: Path) -> None:
+    """Ctrl-C while a module is being imported (a native extension's init: DuckDB's nanobind binding aborts
+    the whole process if an exception is raised inside it) is raised just after the import, not inside it."""
+    module = tmp_path / "slow_module.py"
+    module.write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.2)\nDONE = True\n")
+    code = ("import signal, sys, time\nfrom omopfl import cli\nsignal.signal(signal.SIGINT, cli._on_sigint)\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "try:\n    import slow_module\n    print('imported', slow_module.DONE, flush=True)\n    time.sleep(5)\n"
+            "    print('never interrupted')\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted after the import' if 'slow_module' in sys.modules else 'inside the import')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["imported True", "interrupted after the import"], done.stdout
