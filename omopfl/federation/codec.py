@@ -49,6 +49,7 @@ from omopfl.moments import Scaler
 from omopfl.suppression import Released
 
 __all__ = [
+    "scaler_ack_code",
     "finite_list",
     "PROTOCOL",
     "STATS_QUERY",
@@ -457,6 +458,20 @@ def decode_site_reply(content: RecordDict) -> SiteReply:
     except ValueError:
         raise CodecError(f"record {_MOMENTS!r} does not hold valid released moments") from None
     return SiteReply(site, status, released=released, feature_names=names, dp=dp)
+
+
+def scaler_ack_code(reply: Any, site: str) -> str:
+    """``""`` if ``reply`` (a Message or None) is ``site``'s acknowledgement of the global scaler; otherwise why
+    not: ``no_reply``, ``flower_error_<code>``, ``malformed`` or the site's own refusal code."""
+    if reply is None:
+        return "no_reply"
+    if reply.has_error():
+        return f"flower_error_{int(reply.error.code)}"
+    try:
+        ack = decode_site_reply(reply.content)
+    except CodecError:
+        return "malformed"
+    return "" if ack.status == "ok" and ack.site == site else (ack.code or "malformed")
 
 
 # --------------------------------------------------------------------------------------------

@@ -202,14 +202,7 @@ def secure_statistics(grid: Any, settings: Any, nodes: list[int], audit: list[di
             if audit is not None:
                 audit.append(codec.audit_entry(reply, codec.SCALER_QUERY))
         for node, site in participants.items():
-            reply = acks.get(node)
-            code = "no_reply"
-            if reply is not None and not reply.has_error():
-                try:
-                    ack = codec.decode_site_reply(reply.content)
-                    code = "" if ack.status == "ok" and ack.site == site else (ack.code or "malformed")
-                except codec.CodecError:
-                    code = "malformed"
+            code = codec.scaler_ack_code(acks.get(node), site)
             if code:
                 _log.warning("omopfl stats: site %s did not take the global scaler: %s", site, code)
             else:

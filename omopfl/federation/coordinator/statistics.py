@@ -261,17 +261,8 @@ def federated_statistics(grid: Grid, settings: Settings) -> dict[str, Any]:
                 acks = _exchange(grid, targets, lambda _node: content, codec.SCALER_QUERY, settings.timeout, audit)
                 acknowledged = []
                 for node in targets:
-                    reply = acks.get(node)
                     site = decoded[node].site
-                    code = "no_reply"
-                    if reply is not None and not reply.has_error():
-                        try:
-                            ack = codec.decode_site_reply(reply.content)
-                            code = "" if ack.status == "ok" and ack.site == site else (ack.code or "malformed")
-                        except codec.CodecError:
-                            code = "malformed"
-                    elif reply is not None:
-                        code = f"flower_error_{int(reply.error.code)}"
+                    code = codec.scaler_ack_code(acks.get(node), site)
                     if code:
                         _log.warning("omopfl stats: site %s did not take the global scaler: %s", site, code)
                     else:
